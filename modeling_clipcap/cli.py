@@ -1,0 +1,53 @@
+"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate``.
+
+Each sub-command lives in the module that owns its concern and exposes two
+functions:
+
+* ``add_cli_arguments(parser: argparse.ArgumentParser) -> None``
+* ``cli_main(args: argparse.Namespace) -> int`` (the process exit status)
+
+This file only wires them together, so ``clipcap --help`` lists every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# sub-command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "caption": ("modeling_clipcap.captioning", "caption image files or folders with a ClipCap model"),
+    "convert": ("modeling_clipcap.convert_original", "convert an original ClipCap checkpoint to this format"),
+    "evaluate": ("modeling_clipcap.evaluation", "caption a dataset and score it (BLEU, METEOR, ROUGE-L, CIDEr, SPICE)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with one sub-parser per available command."""
+    parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap: CLIP prefix captioning on transformers.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:  # a command whose module is not part of this build
+            if err.name != module_name:
+                raise
+            continue
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_cli_arguments(sub)
+        sub.set_defaults(_cli_main=module.cli_main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``clipcap`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args._cli_main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
