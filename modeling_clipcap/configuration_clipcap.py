@@ -1,0 +1,141 @@
+"""Configuration of ClipCap: a CLIP vision tower, a mapping network and GPT-2.
+
+``ClipCapConfig`` is a transformers composite configuration:
+
+* ``vision_config``: a CLIP vision config (``model_type="clip_vision_model"``), or ``None`` for an
+  embeddings-only model that takes ``image_embeds`` of width ``image_embed_dim`` (features from any
+  encoder, e.g. the original RN50x4 checkpoints).
+* ``text_config``: a GPT-2 config (``model_type="gpt2"``).
+* the ClipCap fields below (mapping network, prefix and freezing).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+
+@strict
+class ClipCapConfig(PreTrainedConfig):
+    r"""Configuration of [`ClipCapForConditionalGeneration`].
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The CLIP vision tower. ``None`` together with ``image_embed_dim`` builds an embeddings-only model;
+            ``None`` without ``image_embed_dim`` builds the default CLIP ViT-B/32 tower.
+        text_config (`dict` or `GPT2Config`, *optional*):
+            The GPT-2 language model. Defaults to GPT-2 small.
+        mapping_type (`"mlp"` or `"transformer"`, defaults to `"mlp"`):
+            ``"mlp"``: Linear(D, E*K/2) -> Tanh -> Linear(E*K/2, E*K) (paper's "MLP + GPT-2 tuning").
+            ``"transformer"``: Linear(D, clip_length*E) plus a learned constant of K vectors through
+            ``mapping_num_layers`` pre-LN transformer layers; the output is the constant's K positions.
+        prefix_length (`int`, defaults to 10): K, the number of prefix vectors given to GPT-2.
+        clip_length (`int`, defaults to 10): number of vectors the CLIP embedding is expanded to (transformer only).
+        mapping_num_layers (`int`, defaults to 8): transformer mapper depth.
+        mapping_num_heads (`int`, defaults to 8): transformer mapper attention heads; must divide GPT-2's width.
+        mapping_mlp_ratio (`float`, defaults to 2.0): transformer mapper MLP hidden width / GPT-2 width.
+        mapping_hidden_size (`int`, *optional*): MLP mapper hidden width; defaults to E*K/2 as in the paper.
+        image_embed_dim (`int`, *optional*): D, width of the image embedding. Defaults to the vision tower's
+            ``projection_dim``; required when ``vision_config`` is ``None``.
+        normalize_prefix (`bool`, defaults to `False`): L2-normalise each image embedding before the mapper.
+        freeze_vision (`bool`, defaults to `True`): the CLIP tower gets no gradients and stays in eval mode.
+        freeze_language_model (`bool`, defaults to `False`): GPT-2 gets no weight gradients and stays in eval
+            mode (the paper's transformer recipe); gradients still reach the prefix through its activations.
+
+    Example:
+
+    ```python
+    >>> from transformers import CLIPVisionConfig, GPT2Config
+    >>> from modeling_clipcap import ClipCapConfig
+    >>> config = ClipCapConfig(
+    ...     vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                    num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16),
+    ...     text_config=GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100),
+    ...     prefix_length=4,
+    ... )
+    >>> config.image_embed_dim
+    16
+    ```
+    """
+
+    model_type = "clipcap"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="clip_vision_model", optional=True
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    mapping_type: Literal["mlp", "transformer"] = "mlp"
+    prefix_length: int = 10
+    clip_length: int = 10
+    mapping_num_layers: int = 8
+    mapping_num_heads: int = 8
+    mapping_mlp_ratio: float = 2.0
+    mapping_hidden_size: int | None = None
+    image_embed_dim: int | None = None
+    normalize_prefix: bool = False
+    freeze_vision: bool = True
+    freeze_language_model: bool = False
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.vision_config is None and self.image_embed_dim is None:
+            # Neither a vision tower nor an embedding width: the paper's CLIP ViT-B/32 tower.
+            self.vision_config = {"model_type": "clip_vision_model"}
+        super().__post_init__(**kwargs)
+        if self.vision_config is not None:
+            projection_dim = getattr(self.vision_config, "projection_dim", None)
+            if self.image_embed_dim is None:
+                self.image_embed_dim = projection_dim
+            elif projection_dim is not None and self.image_embed_dim != projection_dim:
+                raise ValueError(
+                    f"image_embed_dim={self.image_embed_dim} does not match the vision tower's "
+                    f"projection_dim={projection_dim}; leave image_embed_dim unset when a vision_config is given."
+                )
+        # Raise a plain ValueError at construction (the @strict validator below re-checks on assignment).
+        self.validate_clipcap_fields()
+
+    def validate_clipcap_fields(self) -> None:
+        """Reject values the model cannot be built with (runs as a ``@strict`` validator)."""
+        if self.mapping_type not in ("mlp", "transformer"):
+            raise ValueError(f"mapping_type must be 'mlp' or 'transformer', got {self.mapping_type!r}.")
+        for name in ("prefix_length", "clip_length", "mapping_num_layers", "mapping_num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.mapping_mlp_ratio <= 0:
+            raise ValueError(f"mapping_mlp_ratio must be > 0, got {self.mapping_mlp_ratio!r}.")
+        if self.mapping_hidden_size is not None and self.mapping_hidden_size < 1:
+            raise ValueError(
+                f"mapping_hidden_size must be a positive integer, got {self.mapping_hidden_size!r}."
+            )
+        if self.image_embed_dim is not None and self.image_embed_dim < 1:
+            raise ValueError(f"image_embed_dim must be a positive integer, got {self.image_embed_dim!r}.")
+        text = self.text_config
+        if text is not None and not isinstance(text, dict):
+            width = text.hidden_size
+            if self.mapping_type == "transformer" and width % self.mapping_num_heads != 0:
+                raise ValueError(
+                    f"mapping_num_heads={self.mapping_num_heads} must divide GPT-2's width n_embd={width} "
+                    "for the transformer mapper."
+                )
+            max_positions = getattr(text, "n_positions", None)
+            if max_positions is not None and self.prefix_length >= max_positions:
+                raise ValueError(
+                    f"prefix_length={self.prefix_length} leaves no room for a caption in GPT-2's "
+                    f"n_positions={max_positions}."
+                )
+
+    @property
+    def hidden_size(self) -> int:
+        """GPT-2's width E (the size of each prefix vector)."""
+        return self.text_config.hidden_size
+
+
+__all__ = ["ClipCapConfig"]

@@ -1,0 +1,84 @@
+"""ClipCapProcessor: the CLIP image processor and the GPT-2 tokenizer behind one object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import ProcessorMixin
+from transformers.feature_extraction_utils import BatchFeature
+
+
+class ClipCapProcessor(ProcessorMixin):
+    """Turns images into ``pixel_values`` (B, 3, H, W) and captions/prompts into token ids, and decodes
+    generated ids into clean caption strings.
+
+    Args:
+        image_processor: a CLIP image processor (``CLIPImageProcessor``).
+        tokenizer: a GPT-2 tokenizer. When it has no pad token, its eos token is used for padding.
+
+    Example:
+
+    ```python
+    >>> from modeling_clipcap import ClipCapProcessor
+    >>> processor = ClipCapProcessor.from_pretrained("path/to/clipcap-model")  # doctest: +SKIP
+    >>> inputs = processor(images=[image], return_tensors="pt")  # doctest: +SKIP
+    >>> captions = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+        if self.tokenizer is not None and self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        return_tensors: str | None = "pt",
+        padding_side: str = "left",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Process ``images`` (a PIL image, array, or a list of them) and/or ``text``.
+
+        Returns a ``BatchFeature`` with ``pixel_values`` (B, 3, H, W) for images, and ``input_ids`` /
+        ``attention_mask`` (B, L) for text. Text is a prompt for ``generate`` and is padded on the left by
+        default (``padding_side="right"`` for training inputs).
+        """
+        if images is None and text is None:
+            raise ValueError("ClipCapProcessor needs `images`, `text`, or both.")
+        data: dict[str, Any] = {}
+        if images is not None:
+            if isinstance(images, (list, tuple)) and len(images) == 0:
+                raise ValueError("`images` is an empty list; pass at least one image.")
+            image_kwargs = {
+                k: v for k, v in kwargs.items() if k not in ("padding", "truncation", "max_length")
+            }
+            data.update(self.image_processor(images, return_tensors=return_tensors, **image_kwargs))
+        if text is not None:
+            text_kwargs = {k: kwargs[k] for k in ("padding", "truncation", "max_length") if k in kwargs}
+            text_kwargs.setdefault("padding", True)
+            previous_side = self.tokenizer.padding_side
+            self.tokenizer.padding_side = padding_side
+            try:
+                encoded = self.tokenizer(text, return_tensors=return_tensors, **text_kwargs)
+            finally:
+                self.tokenizer.padding_side = previous_side
+            data.update(encoded)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = True, **kwargs: Any) -> list[str]:
+        """Decode generated ids (B, T) into captions, stripped of special tokens and surrounding spaces."""
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [t.strip() for t in texts]
+
+    def decode(self, sequence: Any, skip_special_tokens: bool = True, **kwargs: Any) -> str:
+        """Decode one generated sequence (T,) into a caption string."""
+        return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs).strip()
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+
+__all__ = ["ClipCapProcessor"]
