@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +93,79 @@ def shared_images() -> list[Path]:
     paths = sorted(p for p in SHARED_IMAGES.glob("*.jpg"))
     assert paths, f"no real images found under {SHARED_IMAGES}"
     return paths
+
+
+def tiny_clipcap_config(vocab_size: int, mapping_type: str = "mlp", with_vision: bool = True, **overrides):
+    """A ClipCap config small enough for unit tests (vision 32x32, GPT-2 width 32, K=4)."""
+    from modeling_clipcap import ClipCapConfig
+
+    kwargs = dict(
+        vision_config=tiny_vision_config() if with_vision else None,
+        image_embed_dim=None if with_vision else 24,
+        text_config=tiny_text_config(vocab_size),
+        mapping_type=mapping_type,
+        prefix_length=4,
+        clip_length=3,
+        mapping_num_layers=2,
+        mapping_num_heads=4,
+    )
+    kwargs.update(overrides)
+    return ClipCapConfig(**kwargs)
+
+
+def build_tiny_processor(tokenizer):
+    """A ClipCapProcessor with a 32x32 CLIP image processor and the given tokenizer."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from modeling_clipcap import ClipCapProcessor
+
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return ClipCapProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_tokenizer):
+    return tiny_clipcap_config(len(tiny_tokenizer))
+
+
+@pytest.fixture()
+def tiny_model(tiny_config):
+    from modeling_clipcap import ClipCapForConditionalGeneration
+
+    torch.manual_seed(0)
+    return ClipCapForConditionalGeneration(tiny_config).eval()
+
+
+@pytest.fixture()
+def tiny_processor(tiny_tokenizer):
+    import copy
+
+    return build_tiny_processor(copy.deepcopy(tiny_tokenizer))
+
+
+# --- hub emulator fixture ---
+# Tests of code that talks to the Hugging Face Hub run the real huggingface_hub client against a local
+# emulation of the Hub HTTP API (tests/hub_emulator.py) on 127.0.0.1. The client reads HF_ENDPOINT at
+# import time, so drive it in a subprocess: hub_server.run_python(code) or run_python(code, hub_server.env()).
+from hub_emulator import HubEmulator, run_python  # noqa: E402, F401  (run_python re-exported for tests)
+
+
+@pytest.fixture
+def hub_server(tmp_path_factory):
+    """A running :class:`hub_emulator.HubEmulator`, stopped when the test ends.
+
+    ``.endpoint`` ("http://127.0.0.1:PORT"), ``.env(extra=None, hf_home=None)`` (os.environ copy with
+    HF_ENDPOINT, fake HF_TOKEN, fresh HF_HOME, offline flags removed, HF_HUB_DISABLE_XET=1, telemetry off),
+    ``.run_python(code, extra_env=None, cwd=None, timeout=300)``, ``.token``, ``.user``, and for assertions
+    ``.files(repo_id, revision="main")``, ``.lfs_files(...)``, ``.history(...)``, ``.requests``,
+    ``.assert_all_handled()``.
+    """
+    hub = HubEmulator(home_root=tmp_path_factory.mktemp("hf_home"))
+    hub.start()
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+# --- end hub emulator fixture ---
