@@ -232,11 +232,20 @@ class HubEmulator:
             regular one (sent base64 inside the commit); ``"always"``: every non-empty file uses LFS.
         token: the token accepted for writes.
         user: the user name the token belongs to.
+        home_root: where :meth:`env` creates fresh ``HF_HOME`` folders (the system temporary folder if None).
     """
 
-    def __init__(self, *, lfs: str = "auto", token: str = FAKE_TOKEN, user: str = FAKE_USER) -> None:
+    def __init__(
+        self,
+        *,
+        lfs: str = "auto",
+        token: str = FAKE_TOKEN,
+        user: str = FAKE_USER,
+        home_root: str | os.PathLike | None = None,
+    ) -> None:
         if lfs not in ("auto", "never", "always"):
             raise ValueError(f"lfs must be 'auto', 'never' or 'always', got {lfs!r}")
+        self.home_root = home_root
         self.lfs_mode = lfs
         self.token = token
         self.user = user
@@ -316,7 +325,7 @@ class HubEmulator:
             ):
                 del env[name]
         if hf_home is None:
-            hf_home = tempfile.mkdtemp(prefix="hub-emulator-home-")
+            hf_home = tempfile.mkdtemp(prefix="hf-home-", dir=self.home_root)
         env.update(
             {
                 "HF_ENDPOINT": self.endpoint,
@@ -344,6 +353,10 @@ class HubEmulator:
     ) -> subprocess.CompletedProcess:
         """:func:`run_python` with :meth:`env` (a fresh ``HF_HOME`` per call unless ``extra_env`` sets one)."""
         return run_python(code, self.env(extra_env), cwd=cwd, timeout=timeout)
+
+    def assert_all_handled(self) -> None:
+        """Fail, listing them, if the client sent requests the emulator has no route for."""
+        assert not self.unhandled, f"requests the hub emulator does not emulate: {self.unhandled}"
 
     # ------------------------------------------------------------------ direct access for assertions
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
