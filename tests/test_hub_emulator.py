@@ -6,6 +6,7 @@ import json
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from hub_emulator import FAKE_USER, HubEmulator, iter_files, run_python
@@ -237,6 +238,7 @@ model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50
 """
 
 
+@pytest.mark.slow
 def test_transformers_upload_push_to_hub_and_from_pretrained(hub_server, tmp_path):
     saved = tmp_path / "saved"
     hub_server.run_python(
@@ -249,7 +251,10 @@ api.create_repo("org/tiny-gpt2")
 api.upload_folder(repo_id="org/tiny-gpt2", folder_path={str(saved)!r})
 model.push_to_hub("org/tiny-gpt2-pushed")
 model.push_to_hub("tiny-gpt2-user")  # no namespace: the token's user
-"""
+from conftest import build_tiny_tokenizer
+build_tiny_tokenizer().push_to_hub("org/tiny-gpt2-pushed")
+""",
+        cwd=Path(__file__).parent,  # for `import conftest`
     )
     assert "model.safetensors" in hub_server.lfs_files("org/tiny-gpt2-pushed")
     assert "README.md" in hub_server.files("org/tiny-gpt2-pushed")  # model card written by push_to_hub
@@ -273,10 +278,15 @@ model.push_to_hub("tiny-gpt2-user")  # no namespace: the token's user
                     "equal": all(torch.equal(state[k], v) for k, v in reference.items()),
                     "n_tensors": len(reference),
                 }}
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained("org/tiny-gpt2-pushed")
+            result["tokenizer"] = [type(tokenizer).__name__, tokenizer.convert_tokens_to_ids(".")]
             print(json.dumps(result))
             """
         )
     )
+    tokenizer_class, dot_id = out.pop("tokenizer")
+    assert tokenizer_class.startswith("GPT2Tokenizer") and dot_id == 13
     for repo, res in out.items():
         assert res == {
             "n_embd": 16,
@@ -315,6 +325,7 @@ class ToyModel(PreTrainedModel):
 """
 
 
+@pytest.mark.slow
 def test_trust_remote_code_model_downloads_its_code(hub_server, tmp_path):
     """The ClipCap use case: ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` without the package."""
     code_dir = tmp_path / "code"
