@@ -1,0 +1,711 @@
+"""Caption metrics as the field reports them, offline: pycocoevalcap and CLIPScore.
+
+Two families of metrics live here, shared by ``clipcap evaluate``, the
+``evaluate`` modules under ``metrics/`` and training's validation:
+
+* :func:`compute_caption_metrics`: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and
+  SPICE computed by ``pycocoevalcap`` after its PTB tokenizer, with
+  pycocoevalcap's key names (``Bleu_1`` .. ``Bleu_4``, ``METEOR``,
+  ``ROUGE_L``, ``CIDEr``, ``SPICE``). Scores are in [0, 1] (CIDEr in [0, 10]);
+  papers print them x100. Metrics that cannot run here are listed under
+  ``"skipped"`` with the reason and are never reported as 0.
+* CLIPScore (Hessel et al., 2021): ``CLIP-S = w * max(cos(image, caption), 0)``
+  with ``w = 2.5`` and the caption prefixed with ``"A photo depicts"``;
+  ``RefCLIP-S`` is the harmonic mean of CLIP-S and
+  ``max(max_r cos(caption, r), 0)`` over the references ``r``. Pure functions
+  on embeddings (:func:`clip_score_from_embeddings`,
+  :func:`ref_clip_score_from_embeddings`) and batched functions over a
+  transformers ``CLIPModel`` (:func:`compute_clip_score`).
+
+Nothing in this module touches the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CAPTION_METRIC_KEYS",
+    "CLIPSCORE_PROMPT",
+    "CLIPSCORE_W",
+    "clip_score_from_embeddings",
+    "compute_caption_metrics",
+    "compute_clip_score",
+    "encode_clip_images",
+    "encode_clip_texts",
+    "java_version",
+    "load_clip",
+    "max_reference_similarity",
+    "ref_clip_score_from_embeddings",
+    "simple_tokenize",
+    "spice_unavailable_reason",
+]
+
+# pycocoevalcap's names, in the order papers print them.
+CAPTION_METRIC_KEYS: tuple[str, ...] = (
+    "Bleu_1",
+    "Bleu_2",
+    "Bleu_3",
+    "Bleu_4",
+    "METEOR",
+    "ROUGE_L",
+    "CIDEr",
+    "SPICE",
+)
+
+# ----------------------------------------------------------------------------
+# Java and SPICE detection
+# ----------------------------------------------------------------------------
+
+
+def java_version() -> int | None:
+    """Major version of the ``java`` on ``PATH`` (8 for "1.8.0_x", 17 for "17.0.x"); None without java.
+
+    Returns 0 when java runs but its version string cannot be parsed.
+    """
+    java = shutil.which("java")
+    if java is None:
+        return None
+    try:
+        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', proc.stderr + proc.stdout)
+    if match is None:
+        return 0
+    major = int(match.group(1))
+    if major == 1 and match.group(2) is not None:  # "1.8.0_292" is Java 8
+        major = int(match.group(2))
+    return major
+
+
+def _pycocoevalcap_dir() -> Path:
+    import pycocoevalcap
+
+    # pycocoevalcap is a namespace package (no __init__.py): use __path__, not __file__.
+    return Path(next(iter(pycocoevalcap.__path__))).resolve()
+
+
+# SPICE 1.0 parses with Stanford CoreNLP 3.6.0; pycocoevalcap downloads these two jars on first use.
+_SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+_SPICE_MAX_JAVA = 11
+
+
+def spice_unavailable_reason() -> str | None:
+    """Why SPICE cannot run on this machine, or None when it can.
+
+    SPICE needs ``java`` <= 11 (its Kryo-based cache fails on Java 16+) and the
+    Stanford CoreNLP 3.6.0 jars in ``pycocoevalcap/spice/lib/``, which
+    pycocoevalcap downloads on first use. This module never downloads them.
+    """
+    try:
+        lib_dir = _pycocoevalcap_dir() / "spice" / "lib"
+    except ImportError:
+        return "pycocoevalcap is not installed (pip install 'modeling_clipcap[eval]')"
+    version = java_version()
+    if version is None:
+        return "java is not installed (SPICE needs Java <= 11 on PATH)"
+    if version == 0:
+        return "could not read the version of the java on PATH (SPICE needs Java <= 11)"
+    if version > _SPICE_MAX_JAVA:
+        return f"SPICE needs Java <= {_SPICE_MAX_JAVA}, but the java on PATH is version {version}"
+    missing = [jar for jar in _SPICE_CORENLP_JARS if not (lib_dir / jar).is_file()]
+    if missing:
+        return (
+            f"Stanford CoreNLP jars missing from {lib_dir} ({', '.join(missing)}); nothing here downloads "
+            "them: run `python -m pycocoevalcap.spice.get_stanford_models` once on a machine with network"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Quiet execution of pycocoevalcap (it prints, and its java children write to fd 2)
+# ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_fds() -> Iterator[Path]:
+    """Send file descriptors 1 and 2 (Python and child processes) to a temporary log file.
+
+    Yields the log's path so a failure can show what was printed. Not thread-safe:
+    descriptors are process-wide.
+    """
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="clipcap-eval-") as tmp:
+        log_path = Path(tmp) / "pycocoevalcap.log"
+        with open(log_path, "w+b") as log:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            saved = {fd: os.dup(fd) for fd in (1, 2)}
+            try:
+                for fd in (1, 2):
+                    os.dup2(log.fileno(), fd)
+                yield log_path
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                for fd, saved_fd in saved.items():
+                    os.dup2(saved_fd, fd)
+                    os.close(saved_fd)
+
+
+def _log_tail(log_path: Path, limit: int = 2000) -> str:
+    with contextlib.suppress(OSError):
+        return log_path.read_text(errors="replace")[-limit:].strip()
+    return ""
+
+
+# ----------------------------------------------------------------------------
+# Tokenization
+# ----------------------------------------------------------------------------
+
+# Tokens made only of these characters are dropped by the fallback tokenizer, as
+# pycocoevalcap drops its PUNCTUATIONS list after PTB tokenization.
+_PUNCTUATION_CHARS = set(".?!,:;-'`\"()[]{}")
+_SIMPLE_TOKEN = re.compile(r"\w+|[^\w\s]+")
+
+
+def simple_tokenize(text: str) -> str:
+    """Fallback tokenizer used only when ``java`` is missing (no PTB tokenizer).
+
+    Lowercases, splits words from punctuation (``\\w+`` runs and runs of other
+    non-space characters) and drops tokens made only of ``. ? ! , : ; - ' ` "``
+    and brackets, then joins with single spaces. It approximates the PTB
+    tokenizer + punctuation removal of pycocoevalcap but differs on clitics
+    ("dog's" stays "dog" "s" here, PTB gives "dog 's") and a few symbols, so
+    numbers computed with it are close to, not equal to, the published protocol.
+
+    >>> simple_tokenize("A Man, riding a HORSE!")
+    'a man riding a horse'
+    """
+    tokens = _SIMPLE_TOKEN.findall(text.lower())
+    return " ".join(tok for tok in tokens if not set(tok) <= _PUNCTUATION_CHARS)
+
+
+def _clean_line(caption: str) -> str:
+    # One caption must stay one line for the PTB tokenizer: Java also breaks lines on
+    # \r, \u2028, \u0085 ..., which would silently shift every later caption by one.
+    return " ".join(caption.split())
+
+
+def _tokenize(captions: Mapping[Hashable, list[str]], use_ptb: bool) -> dict[Hashable, list[str]]:
+    """{id: [caption, ...]} -> {id: [tokenized caption, ...]} with pycocoevalcap's PTB tokenizer or the fallback."""
+    if not use_ptb:
+        return {key: [simple_tokenize(c) for c in caps] for key, caps in captions.items()}
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ptb_input = {key: [{"caption": _clean_line(c)} for c in caps] for key, caps in captions.items()}
+    with _quiet_fds() as log_path:
+        try:
+            tokenized = PTBTokenizer().tokenize(ptb_input)
+        except Exception as err:
+            raise RuntimeError(
+                f"pycocoevalcap's PTB tokenizer (java) failed: {err}\n{_log_tail(log_path)}"
+            ) from err
+    for key, caps in captions.items():
+        if len(tokenized.get(key, [])) != len(caps):
+            raise RuntimeError(
+                f"the PTB tokenizer returned {len(tokenized.get(key, []))} captions for image {key!r} instead of "
+                f"{len(caps)}; the java tokenizer output is misaligned (see pycocoevalcap's tokenizer)"
+            )
+    return tokenized
+
+
+# ----------------------------------------------------------------------------
+# pycocoevalcap metrics
+# ----------------------------------------------------------------------------
+
+
+def _check_inputs(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+) -> tuple[dict[Hashable, list[str]], dict[Hashable, list[str]]]:
+    if not isinstance(predictions, Mapping) or not isinstance(references, Mapping):
+        raise TypeError(
+            "compute_caption_metrics expects predictions as {image_id: caption} and references as "
+            f"{{image_id: [caption, ...]}}, got {type(predictions).__name__} and {type(references).__name__}"
+        )
+    if not predictions:
+        raise ValueError("no predictions to score: predictions is empty")
+    missing_refs = [key for key in predictions if key not in references]
+    missing_preds = [key for key in references if key not in predictions]
+    if missing_refs or missing_preds:
+        raise ValueError(
+            "predictions and references must cover the same image ids: "
+            f"{len(missing_refs)} predicted id(s) without references (e.g. {missing_refs[:3]}), "
+            f"{len(missing_preds)} referenced id(s) without a prediction (e.g. {missing_preds[:3]})"
+        )
+    res: dict[Hashable, list[str]] = {}
+    gts: dict[Hashable, list[str]] = {}
+    for key, caption in predictions.items():
+        if not isinstance(caption, str):
+            raise TypeError(
+                f"prediction for image {key!r} must be one caption string, got {type(caption).__name__}"
+            )
+        refs = references[key]
+        if isinstance(refs, str):
+            refs = [refs]
+        refs = list(refs)
+        if not refs or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"image {key!r} needs a non-empty list of reference strings, got {refs!r}")
+        res[key] = [caption]
+        gts[key] = refs
+    return res, gts
+
+
+def _close_meteor(meteor: Any) -> None:
+    """Stop METEOR's java process now (pycocoevalcap only does it in ``__del__``)."""
+    proc = getattr(meteor, "meteor_p", None)
+    if proc is None:
+        return
+    with contextlib.suppress(Exception):
+        proc.stdin.close()
+    with contextlib.suppress(Exception):
+        proc.kill()
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=30)
+    for stream in (proc.stdout, proc.stderr):
+        with contextlib.suppress(Exception):
+            stream.close()
+
+
+def _meteor_score(gts: dict, res: dict) -> tuple[float, list[float]]:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = None
+    with _quiet_fds() as log_path:
+        try:
+            meteor = Meteor()
+            score, scores = meteor.compute_score(gts, res)
+        except Exception as err:
+            raise RuntimeError(f"METEOR (java) failed: {err!r}\n{_log_tail(log_path)}") from err
+        finally:
+            if meteor is not None:
+                _close_meteor(meteor)
+    return float(score), [float(s) for s in scores]
+
+
+def _spice_score(gts: dict, res: dict) -> tuple[float, list[float]]:
+    from pycocoevalcap.spice.spice import Spice
+
+    with _quiet_fds() as log_path:
+        try:
+            score, scores = Spice().compute_score(gts, res)
+        except Exception as err:
+            raise RuntimeError(f"SPICE (java) failed: {err!r}\n{_log_tail(log_path)}") from err
+    per_image = [float(s["All"]["f"]) for s in scores]
+    return float(score), per_image
+
+
+def compute_caption_metrics(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    spice: bool | None = None,
+    *,
+    meteor: bool = True,
+    per_image: bool = False,
+) -> dict[str, Any]:
+    """Score captions with pycocoevalcap after its PTB tokenizer, as COCO papers do.
+
+    Args:
+        predictions: ``{image_id: caption}``, one generated caption per image.
+        references: ``{image_id: [reference, ...]}``, any number (>= 1) of
+            references per image (COCO Karpathy test: 5). Ids must match
+            ``predictions`` exactly; raw (untokenized) text: the PTB tokenizer
+            lowercases and removes punctuation.
+        spice: ``None`` computes SPICE when it can run here and otherwise lists
+            it under ``"skipped"``; ``True`` requires it (raises when it cannot
+            run); ``False`` skips it.
+        meteor: ``False`` skips METEOR (its java start-up costs about 10 s;
+            useful for frequent validation). Listed under ``"skipped"`` then.
+        per_image: also return ``"per_image": {image_id: {metric: score}}``.
+
+    Returns:
+        A dict with the corpus scores under pycocoevalcap's keys (``Bleu_1`` ..
+        ``Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``, ``SPICE``; floats, 0-1,
+        CIDEr 0-10), plus ``"skipped"`` (``{metric: reason}`` for every metric
+        not computed, which is then absent, never 0), ``"tokenizer"`` (``"ptb"``,
+        or ``"simple"`` when java is missing and :func:`simple_tokenize` was used),
+        ``"num_images"`` and ``"num_references"``.
+
+    Without ``java`` the PTB tokenizer, METEOR and SPICE cannot run: BLEU,
+    ROUGE-L and CIDEr are still computed on :func:`simple_tokenize` output and
+    the result says so in ``"tokenizer"`` and ``"skipped"``.
+    """
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError as err:
+        raise ImportError(
+            "caption metrics need pycocoevalcap: pip install 'modeling_clipcap[eval]' (or pip install pycocoevalcap)"
+        ) from err
+
+    res_raw, gts_raw = _check_inputs(predictions, references)
+    has_java = shutil.which("java") is not None
+    skipped: dict[str, str] = {}
+
+    gts = _tokenize(gts_raw, use_ptb=has_java)
+    res = _tokenize(res_raw, use_ptb=has_java)
+
+    results: dict[str, Any] = {}
+    per: dict[str, list[float]] = {}
+    with _quiet_fds():
+        bleu, bleu_per = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        results[f"Bleu_{n + 1}"] = float(bleu[n])
+        per[f"Bleu_{n + 1}"] = [float(s) for s in bleu_per[n]]
+
+    if not meteor:
+        skipped["METEOR"] = "disabled (meteor=False)"
+    elif has_java:
+        results["METEOR"], per["METEOR"] = _meteor_score(gts, res)
+    else:
+        skipped["METEOR"] = "java is not installed: METEOR runs pycocoevalcap's meteor-1.5.jar"
+
+    rouge, rouge_per = Rouge().compute_score(gts, res)
+    results["ROUGE_L"], per["ROUGE_L"] = float(rouge), [float(s) for s in rouge_per]
+    cider, cider_per = Cider().compute_score(gts, res)
+    results["CIDEr"], per["CIDEr"] = float(cider), [float(s) for s in cider_per]
+
+    if spice is False:
+        skipped["SPICE"] = "disabled (spice=False)"
+    else:
+        reason = spice_unavailable_reason()
+        if reason is not None:
+            if spice:
+                raise RuntimeError(f"SPICE was requested but cannot run: {reason}")
+            skipped["SPICE"] = reason
+        else:
+            try:
+                results["SPICE"], per["SPICE"] = _spice_score(gts, res)
+            except RuntimeError as err:
+                if spice:
+                    raise
+                skipped["SPICE"] = str(err).splitlines()[0]
+
+    if not has_java:
+        skipped.setdefault(
+            "PTB tokenizer",
+            "java is not installed: BLEU/ROUGE-L/CIDEr use the simple fallback tokenizer "
+            "(lowercase, punctuation removed); close to but not exactly the published protocol",
+        )
+
+    out: dict[str, Any] = {key: results[key] for key in CAPTION_METRIC_KEYS if key in results}
+    out["skipped"] = skipped
+    out["tokenizer"] = "ptb" if has_java else "simple"
+    out["num_images"] = len(res)
+    out["num_references"] = sum(len(refs) for refs in gts.values())
+    if per_image:
+        ids = list(res)
+        out["per_image"] = {
+            key: {metric: per[metric][i] for metric in CAPTION_METRIC_KEYS if metric in per}
+            for i, key in enumerate(ids)
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------
+# CLIPScore (Hessel et al., 2021)
+# ----------------------------------------------------------------------------
+
+CLIPSCORE_W: float = 2.5
+CLIPSCORE_PROMPT: str = "A photo depicts"
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def clip_score_from_embeddings(
+    image_embeds: torch.Tensor, caption_embeds: torch.Tensor, w: float = CLIPSCORE_W
+) -> torch.Tensor:
+    """Per-pair CLIP-S = ``w * max(cos(image, caption), 0)``.
+
+    Args:
+        image_embeds: ``(N, D)`` CLIP image embeddings (normalised here).
+        caption_embeds: ``(N, D)`` CLIP text embeddings of the prompted captions.
+        w: the rescaling weight, 2.5 in the paper.
+
+    Returns:
+        ``(N,)`` float32 scores in ``[0, w]``.
+    """
+    if image_embeds.ndim != 2 or image_embeds.shape != caption_embeds.shape:
+        raise ValueError(
+            f"image_embeds and caption_embeds must both be (N, D), got {tuple(image_embeds.shape)} "
+            f"and {tuple(caption_embeds.shape)}"
+        )
+    cos = (_normalize(image_embeds) * _normalize(caption_embeds)).sum(-1)
+    return w * cos.clamp(min=0)
+
+
+def max_reference_similarity(
+    caption_embeds: torch.Tensor, reference_embeds: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``max(max_r cos(caption, r), 0)`` per caption.
+
+    Args:
+        caption_embeds: ``(N, D)`` CLIP text embeddings of the captions.
+        reference_embeds: N tensors, the i-th ``(R_i, D)`` with ``R_i >= 1``
+            embeddings of the i-th caption's references.
+
+    Returns:
+        ``(N,)`` float32 values in ``[0, 1]``.
+    """
+    if len(reference_embeds) != caption_embeds.shape[0]:
+        raise ValueError(
+            f"need one reference tensor per caption: {caption_embeds.shape[0]} captions, "
+            f"{len(reference_embeds)} reference tensors"
+        )
+    caps = _normalize(caption_embeds)
+    out = []
+    for i, refs in enumerate(reference_embeds):
+        if refs.ndim != 2 or refs.shape[0] == 0 or refs.shape[1] != caps.shape[1]:
+            raise ValueError(
+                f"references of caption {i} must be (R >= 1, {caps.shape[1]}), got {tuple(refs.shape)}"
+            )
+        out.append((_normalize(refs) @ caps[i]).max())
+    return torch.stack(out).clamp(min=0)
+
+
+def ref_clip_score_from_embeddings(
+    image_embeds: torch.Tensor,
+    caption_embeds: torch.Tensor,
+    reference_embeds: Sequence[torch.Tensor],
+    w: float = CLIPSCORE_W,
+) -> torch.Tensor:
+    """Per-pair RefCLIP-S = harmonic mean of CLIP-S and ``max(max_r cos(caption, r), 0)``.
+
+    Shapes as in :func:`clip_score_from_embeddings` and
+    :func:`max_reference_similarity`; returns ``(N,)`` (0 where both terms are 0).
+    """
+    clip_s = clip_score_from_embeddings(image_embeds, caption_embeds, w=w)
+    ref_s = max_reference_similarity(caption_embeds, reference_embeds)
+    denom = clip_s + ref_s
+    return torch.where(denom > 0, 2 * clip_s * ref_s / denom.clamp(min=1e-12), torch.zeros_like(denom))
+
+
+def _features(output: Any) -> torch.Tensor:
+    # transformers 5 returns a ModelOutput whose pooler_output is the projected embedding; 4.x a tensor.
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.pooler_output
+
+
+def _open_image(image: Any) -> Any:
+    from PIL import Image
+
+    from .image_io import load_image
+
+    if isinstance(image, (str, os.PathLike, bytes)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    return image  # arrays / tensors go to the image processor as they are
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_clip_images(
+    model: Any,
+    image_processor: Any,
+    images: Sequence[Any],
+    batch_size: int = 32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings, batched.
+
+    Args:
+        model: a transformers ``CLIPModel`` (anything with ``get_image_features``).
+        image_processor: its image processor (``CLIPImageProcessor``).
+        images: PIL images, or paths opened one batch at a time.
+        batch_size: images per forward pass.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``(N, D)`` float32 on CPU, unit norm.
+    """
+    from tqdm.auto import tqdm
+
+    device = _model_device(model)
+    dtype = next(model.parameters()).dtype
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="CLIP images", disable=not progress):
+        batch = [_open_image(img) for img in images[start : start + batch_size]]
+        pixel_values = image_processor(images=batch, return_tensors="pt")["pixel_values"]
+        feats = _features(model.get_image_features(pixel_values=pixel_values.to(device=device, dtype=dtype)))
+        chunks.append(_normalize(feats).cpu())
+    if not chunks:
+        return torch.empty(0, 0)
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def encode_clip_texts(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    prompt: str | None = CLIPSCORE_PROMPT,
+    progress: bool = False,
+) -> torch.Tensor:
+    """L2-normalised CLIP text embeddings of ``prompt + " " + text``, batched.
+
+    Texts longer than the text tower's context (77 tokens for OpenAI CLIP) are
+    truncated, as the reference implementation does.
+
+    Returns:
+        ``(N, D)`` float32 on CPU, unit norm.
+    """
+    from tqdm.auto import tqdm
+
+    if prompt:
+        prompt = prompt if prompt.endswith(" ") else prompt + " "
+        texts = [prompt + t for t in texts]
+    device = _model_device(model)
+    max_length = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", None)
+    chunks = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="CLIP texts", disable=not progress):
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=max_length is not None,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        feats = _features(
+            model.get_text_features(
+                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
+            )
+        )
+        chunks.append(_normalize(feats).cpu())
+    if not chunks:
+        return torch.empty(0, 0)
+    return torch.cat(chunks)
+
+
+def load_clip(path: str | os.PathLike, device: str | torch.device | None = None) -> tuple[Any, Any]:
+    """Load a ``CLIPModel`` and its processor from a local directory (never the network).
+
+    Returns:
+        ``(model, processor)`` with the model in eval mode on ``device``.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"CLIP model directory {str(path)!r} does not exist: pass a local folder holding a CLIPModel "
+            "saved with save_pretrained (e.g. a downloaded openai/clip-vit-base-patch32)"
+        )
+    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+    if device is not None:
+        model.to(device)
+    return model, processor
+
+
+def compute_clip_score(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    captions: Sequence[str],
+    references: Sequence[Sequence[str]] | None = None,
+    *,
+    batch_size: int = 32,
+    w: float = CLIPSCORE_W,
+    prompt: str | None = CLIPSCORE_PROMPT,
+    per_image: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """CLIP-S and (with references) RefCLIP-S of captions for images, batched.
+
+    Args:
+        model: a transformers ``CLIPModel``.
+        processor: a ``CLIPProcessor`` (or any object with ``image_processor``
+            and ``tokenizer`` attributes).
+        images: N PIL images or image paths.
+        captions: N candidate captions, ``captions[i]`` describing ``images[i]``.
+        references: optional N lists of reference captions (prompted like the
+            candidates, as in the reference implementation). Empty lists are
+            allowed only when all are empty (then RefCLIP-S is not computed).
+        w: CLIP-S weight (2.5).
+        prompt: text prefix (``"A photo depicts"``); None for none.
+        per_image: also return the per-pair scores as lists.
+
+    Returns:
+        ``{"CLIP-S": mean, "RefCLIP-S": mean (with references), "num_images": N}``
+        plus ``"CLIP-S_per_image"`` / ``"RefCLIP-S_per_image"`` lists when
+        ``per_image``. Scores are in [0, w]; papers print them x100.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"need one caption per image: {len(images)} images, {len(captions)} captions")
+    if not captions:
+        raise ValueError("no captions to score")
+    if references is not None:
+        if len(references) != len(captions):
+            raise ValueError(
+                f"need one reference list per caption: {len(captions)} captions, {len(references)} lists"
+            )
+        references = [[r] if isinstance(r, str) else list(r) for r in references]
+        if all(len(r) == 0 for r in references):
+            references = None
+        elif any(len(r) == 0 for r in references):
+            empty = [i for i, r in enumerate(references) if not r]
+            raise ValueError(f"RefCLIP-S needs references for every caption; none for items {empty[:5]}")
+    image_processor = getattr(processor, "image_processor", processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+
+    image_embeds = encode_clip_images(
+        model, image_processor, images, batch_size=batch_size, progress=progress
+    )
+    caption_embeds = encode_clip_texts(model, tokenizer, captions, batch_size=batch_size, prompt=prompt)
+    clip_s = clip_score_from_embeddings(image_embeds, caption_embeds, w=w)
+    out: dict[str, Any] = {"CLIP-S": float(clip_s.mean())}
+    ref_s = None
+    if references is not None:
+        flat = [r for refs in references for r in refs]
+        flat_embeds = encode_clip_texts(model, tokenizer, flat, batch_size=batch_size, prompt=prompt)
+        sizes = [len(refs) for refs in references]
+        ref_s = ref_clip_score_from_embeddings(
+            image_embeds, caption_embeds, list(flat_embeds.split(sizes)), w=w
+        )
+        out["RefCLIP-S"] = float(ref_s.mean())
+    out["num_images"] = len(captions)
+    if per_image:
+        out["CLIP-S_per_image"] = clip_s.tolist()
+        if ref_s is not None:
+            out["RefCLIP-S_per_image"] = ref_s.tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# `clipcap evaluate`
+# ----------------------------------------------------------------------------
+
+
+def add_cli_arguments(parser: Any) -> None:
+    """Arguments of ``clipcap evaluate`` (see :func:`cli_main`)."""
+    parser.add_argument("--model", required=True, help="ClipCap model directory (save_pretrained output)")
+    parser.add_argument("--data", required=True, help="caption data file (Karpathy JSON, JSONL or metadata)")
+
+
+def cli_main(args: Any) -> int:
+    """Run ``clipcap evaluate``; returns the process exit status."""
+    raise NotImplementedError("clipcap evaluate is not implemented yet")

@@ -1,0 +1,452 @@
+"""Caption metrics (pycocoevalcap after PTB), CLIPScore and the `evaluate` modules, offline."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_clipcap import evaluation as ev
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HAS_JAVA = shutil.which("java") is not None
+needs_java = pytest.mark.skipif(not HAS_JAVA, reason="pycocoevalcap's PTB tokenizer and METEOR need java")
+
+# Several images, several references each (different counts), case and punctuation that the PTB
+# tokenizer normalises, one prediction identical to one of its references.
+PREDICTIONS = {
+    101: "A man riding a horse on the beach.",
+    102: "two dogs playing in the park!",
+    103: "A plate of food, with broccoli and rice.",
+    104: "a cat sitting on a wooden table",
+    105: "People walking down a city street.",
+}
+REFERENCES = {
+    101: [
+        "A MAN RIDING A HORSE ON THE BEACH.",
+        "a person rides a horse near the ocean",
+        "Horse and rider, on sand.",
+    ],
+    102: [
+        "Two dogs play in a park.",
+        "dogs running on the grass",
+        "Two puppies playing together!",
+        "a pair of dogs",
+    ],
+    103: ["a plate with broccoli, rice and meat.", "Food on a white plate."],
+    104: ["A cat on a table.", "a grey cat sitting on a wooden table", "The cat sits; the table is wooden."],
+    105: [
+        "People walking down a busy city street.",
+        "pedestrians on a sidewalk",
+        "a crowd in the city",
+        "Men and women walk.",
+    ],
+}
+
+
+def _direct_pycocoevalcap(predictions: dict, references: dict) -> tuple[dict, dict]:
+    """The reference: pycocoevalcap's own classes, called as its COCOEvalCap does."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in references})
+    out, per = {}, {}
+    bleu, bleu_per = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        out[f"Bleu_{n + 1}"], per[f"Bleu_{n + 1}"] = bleu[n], bleu_per[n]
+    meteor = Meteor()
+    out["METEOR"], per["METEOR"] = meteor.compute_score(gts, res)
+    ev._close_meteor(meteor)
+    out["ROUGE_L"], per["ROUGE_L"] = Rouge().compute_score(gts, res)
+    out["CIDEr"], per["CIDEr"] = Cider().compute_score(gts, res)
+    return out, {k: {m: float(per[m][i]) for m in per} for i, k in enumerate(gts)}
+
+
+@pytest.fixture(scope="module")
+def library_and_direct():
+    if not HAS_JAVA:
+        pytest.skip("needs java")
+    ours = ev.compute_caption_metrics(PREDICTIONS, REFERENCES, per_image=True)
+    direct, direct_per = _direct_pycocoevalcap(PREDICTIONS, REFERENCES)
+    return ours, direct, direct_per
+
+
+def _java_children() -> list[str]:
+    """Command lines of this process's live child processes that run java (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+            except OSError:
+                continue
+            if "java" in cmd and state != "Z":
+                found.append(cmd)
+    return found
+
+
+# --------------------------------------------------------------------------- pycocoevalcap metrics
+
+
+@needs_java
+def test_metrics_equal_pycocoevalcap_called_directly(library_and_direct):
+    ours, direct, direct_per = library_and_direct
+    for key in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert key in ours, f"{key} missing from {sorted(ours)}"
+        assert abs(ours[key] - float(direct[key])) <= 1e-12, (key, ours[key], direct[key])
+    assert ours["tokenizer"] == "ptb"
+    assert ours["num_images"] == 5 and ours["num_references"] == sum(len(r) for r in REFERENCES.values())
+    assert set(ours["per_image"]) == set(PREDICTIONS)
+    for image_id, scores in direct_per.items():
+        for key, value in scores.items():
+            assert abs(ours["per_image"][image_id][key] - value) <= 1e-12, (image_id, key)
+    # scores are in pycocoevalcap's scale, not x100, and not degenerate on this fixture
+    assert 0 < ours["Bleu_4"] < 1 and 0 < ours["METEOR"] < 1 and 0 < ours["ROUGE_L"] < 1 and ours["CIDEr"] > 0
+
+
+@needs_java
+def test_identical_caption_scores_one_and_meteor_closed(library_and_direct):
+    ours, _, _ = library_and_direct
+    # image 101's prediction equals its first reference up to case and punctuation
+    per = ours["per_image"][101]
+    assert per["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
+    assert per["ROUGE_L"] == pytest.approx(1.0, abs=1e-12)
+    assert per["METEOR"] == pytest.approx(1.0, abs=1e-6)
+    assert _java_children() == [], "METEOR's java process was left running"
+
+
+@needs_java
+def test_single_reference_identical_candidate_bleu4_is_one():
+    out = ev.compute_caption_metrics(
+        {"x": "a dog runs across the green field."},
+        {"x": ["A dog runs across the green field"]},
+        meteor=False,
+    )
+    assert out["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
+    assert out["Bleu_1"] == pytest.approx(1.0, abs=1e-6)
+    assert out["ROUGE_L"] == pytest.approx(1.0, abs=1e-12)
+    # one image only: every n-gram has document frequency 1 = log(1) idf, so CIDEr-D is 0 by definition
+    assert out["CIDEr"] == 0.0
+    wrong = ev.compute_caption_metrics(
+        {"x": "a cat sleeps on a sofa"}, {"x": ["A dog runs across the green field"]}, meteor=False
+    )
+    assert wrong["Bleu_4"] < 1e-3
+
+
+@needs_java
+def test_ptb_normalises_case_and_punctuation_and_runs_quietly(capfd):
+    plain = {k: " ".join(ev.simple_tokenize(v).split()) for k, v in PREDICTIONS.items()}
+    noisy = {k: v.upper().replace(" ", " , ") + " !" for k, v in plain.items()}
+    capfd.readouterr()
+    a = ev.compute_caption_metrics(plain, REFERENCES, meteor=False, spice=False)
+    b = ev.compute_caption_metrics(noisy, REFERENCES, meteor=False, spice=False)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", f"pycocoevalcap printed: {captured}"
+    for key in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"):
+        assert a[key] == b[key], key
+
+
+@needs_java
+def test_line_breaks_inside_captions_do_not_shift_captions():
+    # Java's tokenizer breaks lines on \r and \u2028: each caption must still score against its own refs
+    preds = {1: "a red\rbus", 2: "a green\u2028tree", 3: "a blue car"}
+    refs = {1: ["a red bus"], 2: ["a green tree"], 3: ["a blue car"]}
+    out = ev.compute_caption_metrics(preds, refs, meteor=False, spice=False, per_image=True)
+    for key in refs:
+        assert out["per_image"][key]["ROUGE_L"] == pytest.approx(1.0), key
+
+
+def test_spice_unavailable_is_reported_as_skipped_never_zero(monkeypatch):
+    monkeypatch.setattr(ev, "java_version", lambda: 17)
+    reason = ev.spice_unavailable_reason()
+    assert reason is not None and "Java <= 11" in reason and "17" in reason
+    monkeypatch.setattr(ev, "java_version", lambda: None)
+    assert "java is not installed" in ev.spice_unavailable_reason()
+    monkeypatch.setattr(ev, "java_version", lambda: 8)
+    monkeypatch.setattr(ev, "_SPICE_CORENLP_JARS", ("no-such-corenlp.jar",))
+    assert "no-such-corenlp.jar" in ev.spice_unavailable_reason()
+
+    monkeypatch.setattr(
+        ev, "spice_unavailable_reason", lambda: "SPICE needs Java <= 11, but the java on PATH is version 17"
+    )
+    out = ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog", "a puppy"]}, meteor=False)
+    assert "SPICE" not in out
+    assert out["skipped"]["SPICE"].startswith("SPICE needs Java <= 11")
+    with pytest.raises(RuntimeError, match="SPICE was requested"):
+        ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=True, meteor=False)
+    off = ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=False, meteor=False)
+    assert "SPICE" not in off and "disabled" in off["skipped"]["SPICE"]
+
+
+@needs_java
+def test_spice_on_this_machine_is_computed_or_skipped_with_reason():
+    out = ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, meteor=False)
+    reason = ev.spice_unavailable_reason()
+    if reason is None:
+        assert "SPICE" in out and "SPICE" not in out["skipped"]
+    else:
+        assert "SPICE" not in out and out["skipped"]["SPICE"] == reason
+
+
+def test_without_java_falls_back_to_simple_tokenizer(monkeypatch):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    monkeypatch.setattr(ev.shutil, "which", lambda name, *a, **k: None)
+    out = ev.compute_caption_metrics(PREDICTIONS, REFERENCES)
+    assert out["tokenizer"] == "simple"
+    assert "METEOR" not in out and "java" in out["skipped"]["METEOR"]
+    assert "SPICE" not in out and "java" in out["skipped"]["SPICE"]
+    assert "PTB tokenizer" in out["skipped"]
+    gts = {k: [ev.simple_tokenize(r) for r in refs] for k, refs in REFERENCES.items()}
+    res = {k: [ev.simple_tokenize(PREDICTIONS[k])] for k in REFERENCES}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert out["Bleu_4"] == pytest.approx(bleu[3], abs=1e-12)
+    assert out["ROUGE_L"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
+    assert out["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+
+
+def test_simple_tokenize_known_answers():
+    assert ev.simple_tokenize("A Man, riding a HORSE!") == "a man riding a horse"
+    assert ev.simple_tokenize("  Two  dogs... (playing)  ") == "two dogs playing"
+    assert ev.simple_tokenize("") == ""
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="same image ids"):
+        ev.compute_caption_metrics({1: "a", 2: "b"}, {1: ["a"]})
+    with pytest.raises(TypeError, match="image 1"):
+        ev.compute_caption_metrics({1: ["a"]}, {1: ["a"]})
+    with pytest.raises(ValueError, match="non-empty list"):
+        ev.compute_caption_metrics({1: "a"}, {1: []})
+    with pytest.raises(ValueError, match="empty"):
+        ev.compute_caption_metrics({}, {})
+
+
+# --------------------------------------------------------------------------- CLIPScore on embeddings
+
+
+def test_clip_score_known_answers_on_hand_made_embeddings():
+    image = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 2.0]])
+    theta = 0.7
+    caption = torch.tensor(
+        [[1.0, 0.0, 0.0], [math.cos(theta), math.sin(theta), 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, -1.0]]
+    )
+    got = ev.clip_score_from_embeddings(image, caption)
+    expected = torch.tensor(
+        [2.5, 2.5 * math.cos(theta), 2.5, 0.0]
+    )  # identical -> 2.5*cos = 2.5; negative -> 0
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(ev.clip_score_from_embeddings(image, caption, w=1.0), expected / 2.5)
+    # identical random embeddings: 2.5 * cos(x, x) = 2.5
+    x = torch.randn(6, 16)
+    torch.testing.assert_close(ev.clip_score_from_embeddings(x, x.clone()), torch.full((6,), 2.5))
+
+
+def test_ref_clip_score_is_harmonic_mean_with_clipped_max_reference_cosine():
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    caption = torch.tensor([[0.6, 0.8], [0.6, 0.8], [-1.0, 0.0]])
+    refs = [
+        torch.tensor([[0.0, 1.0], [1.0, 0.0]]),  # cos 0.8 and 0.6 -> max 0.8
+        torch.tensor([[-0.6, -0.8]]),  # cos -1 -> clipped to 0
+        torch.tensor([[1.0, 0.0]]),  # caption opposite to image and ref: both terms 0
+    ]
+    clip_s = 2.5 * 0.6
+    expected = torch.tensor([2 * clip_s * 0.8 / (clip_s + 0.8), 0.0, 0.0])
+    torch.testing.assert_close(ev.max_reference_similarity(caption, refs), torch.tensor([0.8, 0.0, 0.0]))
+    torch.testing.assert_close(ev.ref_clip_score_from_embeddings(image, caption, refs), expected)
+    with pytest.raises(ValueError, match="one reference tensor per caption"):
+        ev.ref_clip_score_from_embeddings(image, caption, refs[:2])
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        ev.clip_score_from_embeddings(image, caption[:2])
+
+
+# --------------------------------------------------------------------------- CLIPScore with a tiny CLIPModel
+
+
+def _tiny_clip(tmp_dir: Path | None = None):
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({ch + "</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=96,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    if tmp_dir is not None:
+        model.save_pretrained(tmp_dir)
+        processor.save_pretrained(tmp_dir)
+    return model, processor
+
+
+def _images(n: int):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        size = (32 + 8 * (i % 3), 32 + 4 * (i % 2))
+        arr = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy()
+        out.append(Image.fromarray(arr, "RGB"))
+    return out
+
+
+CLIP_CAPTIONS = [
+    "a red circle",
+    "two dogs playing in the park",
+    "a cat",
+    "people walking down a street",
+    "food",
+]
+CLIP_REFS = [
+    ["a red round shape", "red circle"],
+    ["dogs in a park"],
+    ["a cat on a table", "a kitten", "cat"],
+    ["a street"],
+    ["a plate of food"],
+]
+
+
+@torch.no_grad()
+def _unbatched_clip_scores(model, processor, images, captions, references):
+    """One image / one text per forward pass, written independently of the library."""
+
+    def text_embed(text):
+        enc = processor.tokenizer(["A photo depicts " + text], return_tensors="pt")
+        out = model.get_text_features(**enc)
+        out = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return out[0] / out[0].norm()
+
+    clip_s, ref_s = [], []
+    for image, caption, refs in zip(images, captions, references):
+        pix = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        img = model.get_image_features(pixel_values=pix)
+        img = img if isinstance(img, torch.Tensor) else img.pooler_output
+        img = img[0] / img[0].norm()
+        cap = text_embed(caption)
+        c = 2.5 * max(float(img @ cap), 0.0)
+        r = max(max(float(text_embed(ref) @ cap) for ref in refs), 0.0)
+        clip_s.append(c)
+        ref_s.append(2 * c * r / (c + r) if c + r > 0 else 0.0)
+    return clip_s, ref_s
+
+
+def test_clip_score_batched_matches_unbatched_with_tiny_clip():
+    model, processor = _tiny_clip()
+    images = _images(len(CLIP_CAPTIONS))
+    out = ev.compute_clip_score(
+        model, processor, images, CLIP_CAPTIONS, CLIP_REFS, batch_size=2, per_image=True
+    )
+    clip_s, ref_s = _unbatched_clip_scores(model, processor, images, CLIP_CAPTIONS, CLIP_REFS)
+    assert out["num_images"] == 5
+    assert out["CLIP-S_per_image"] == pytest.approx(clip_s, abs=1e-5)
+    assert out["RefCLIP-S_per_image"] == pytest.approx(ref_s, abs=1e-5)
+    assert out["CLIP-S"] == pytest.approx(sum(clip_s) / 5, abs=1e-5)
+    assert out["RefCLIP-S"] == pytest.approx(sum(ref_s) / 5, abs=1e-5)
+    # the scores depend on the caption: a random tower gives different scores to different captions
+    assert len({round(s, 6) for s in out["CLIP-S_per_image"]}) > 1 or len({round(s, 6) for s in ref_s}) > 1
+    without_refs = ev.compute_clip_score(model, processor, images, CLIP_CAPTIONS, batch_size=3)
+    assert "RefCLIP-S" not in without_refs and without_refs["CLIP-S"] == pytest.approx(
+        out["CLIP-S"], abs=1e-6
+    )
+    with pytest.raises(ValueError, match="one caption per image"):
+        ev.compute_clip_score(model, processor, images[:2], CLIP_CAPTIONS)
+
+
+def test_clip_score_from_local_path_and_image_files(tmp_path):
+    model, processor = _tiny_clip(tmp_path / "clip")
+    images = _images(3)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(tmp_path / f"img{i}.png")
+        img.save(paths[-1])
+    loaded_model, loaded_processor = ev.load_clip(tmp_path / "clip")
+    from_files = ev.compute_clip_score(
+        loaded_model, loaded_processor, paths, CLIP_CAPTIONS[:3], CLIP_REFS[:3]
+    )
+    in_memory = ev.compute_clip_score(model, processor, images, CLIP_CAPTIONS[:3], CLIP_REFS[:3])
+    assert from_files["CLIP-S"] == pytest.approx(in_memory["CLIP-S"], abs=1e-6)
+    assert from_files["RefCLIP-S"] == pytest.approx(in_memory["RefCLIP-S"], abs=1e-6)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.load_clip(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- evaluate modules, offline
+
+
+def test_evaluate_load_coco_caption_offline_gives_library_numbers(monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    metric = evaluate.load(str(REPO_ROOT / "metrics" / "coco_caption"))
+    ids = list(PREDICTIONS)
+    got = metric.compute(
+        predictions=[PREDICTIONS[k] for k in ids],
+        references=[REFERENCES[k] for k in ids],
+        image_ids=ids,
+        meteor=False,
+    )
+    expected = ev.compute_caption_metrics(PREDICTIONS, REFERENCES, meteor=False)
+    assert got == expected
+    single = metric.compute(
+        predictions=["a man riding a horse"], references=["A man riding a horse."], meteor=False
+    )
+    assert single["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_evaluate_load_clipscore_offline_gives_library_numbers(tmp_path, monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = _tiny_clip(tmp_path / "clip")
+    images = _images(4)
+    metric = evaluate.load(str(REPO_ROOT / "metrics" / "clipscore"), clip_model=str(tmp_path / "clip"))
+    got = metric.compute(predictions=CLIP_CAPTIONS[:4], references=CLIP_REFS[:4], images=images, batch_size=3)
+    expected = ev.compute_clip_score(model, processor, images, CLIP_CAPTIONS[:4], CLIP_REFS[:4])
+    assert got.keys() == expected.keys()
+    for key in ("CLIP-S", "RefCLIP-S"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-6)
+    no_refs = metric.compute(predictions=CLIP_CAPTIONS[:4], references=[[]] * 4, images=images)
+    assert "RefCLIP-S" not in no_refs and no_refs["CLIP-S"] == pytest.approx(expected["CLIP-S"], abs=1e-6)
