@@ -20,13 +20,18 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("modeling_clipcap.captioning", "caption image files or folders with a ClipCap model"),
     "convert": ("modeling_clipcap.convert_original", "convert an original ClipCap checkpoint to this format"),
-    "evaluate": ("modeling_clipcap.evaluation", "caption a dataset and score it (BLEU, METEOR, ROUGE-L, CIDEr, SPICE)"),
+    "evaluate": (
+        "modeling_clipcap.evaluation",
+        "caption a dataset and score it (BLEU, METEOR, ROUGE-L, CIDEr, SPICE)",
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with one sub-parser per available command."""
-    parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap: CLIP prefix captioning on transformers.")
+    parser = argparse.ArgumentParser(
+        prog="clipcap", description="ClipCap: CLIP prefix captioning on transformers."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name, (module_name, help_text) in COMMANDS.items():
