@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
+
+
+def _prepare_images(images: Any) -> Any:
+    """Decode paths/bytes and convert PIL images of any mode to RGB through ``image_io.load_image``.
+
+    Arrays and tensors are passed to the image processor unchanged. Bad files raise ``ImageLoadError``
+    (a ``ValueError``) naming the file.
+    """
+    from PIL import Image
+
+    from .image_io import load_image
+
+    def convert(item: Any) -> Any:
+        if isinstance(item, (str, os.PathLike, bytes, bytearray, dict)) or (
+            isinstance(item, Image.Image) and item.mode != "RGB"
+        ):
+            return load_image(item)
+        return item
+
+    if isinstance(images, (list, tuple)):
+        return [convert(item) for item in images]
+    return convert(images)
 
 
 class ClipCapProcessor(ProcessorMixin):
@@ -39,7 +62,7 @@ class ClipCapProcessor(ProcessorMixin):
         padding_side: str = "left",
         **kwargs: Any,
     ) -> BatchFeature:
-        """Process ``images`` (a PIL image, array, or a list of them) and/or ``text``.
+        """Process ``images`` (PIL images, file paths, encoded bytes, arrays, or a list of them) and/or ``text``.
 
         Returns a ``BatchFeature`` with ``pixel_values`` (B, 3, H, W) for images, and ``input_ids`` /
         ``attention_mask`` (B, L) for text. Text is a prompt for ``generate`` and is padded on the left by
@@ -51,6 +74,7 @@ class ClipCapProcessor(ProcessorMixin):
         if images is not None:
             if isinstance(images, (list, tuple)) and len(images) == 0:
                 raise ValueError("`images` is an empty list; pass at least one image.")
+            images = _prepare_images(images)
             image_kwargs = {
                 k: v for k, v in kwargs.items() if k not in ("padding", "truncation", "max_length")
             }
