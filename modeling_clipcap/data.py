@@ -560,6 +560,7 @@ def load_hf_caption_dataset(
     verify_images: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     dataset: datasets.Dataset | datasets.DatasetDict | None = None,
+    cache_dir: str | None = None,
 ) -> tuple[datasets.Dataset, DataReport]:
     """Read any ``datasets`` dataset with an image and a caption column (see the module docstring).
 
@@ -572,7 +573,7 @@ def load_hf_caption_dataset(
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             ds = datasets.load_from_disk(str(local))
         else:
-            ds = datasets.load_dataset(source, config_name, split=split)
+            ds = datasets.load_dataset(source, config_name, split=split, cache_dir=cache_dir)
     if isinstance(ds, datasets.DatasetDict):
         if split is None or split not in ds:
             raise CaptionDataError(f"{source}: choose a split with split=...; available: {sorted(ds)}.")
@@ -609,7 +610,9 @@ def load_hf_caption_dataset(
             keep.append(first_row[image_id])
         else:
             report.images_without_captions_dropped += 1
-    images = ds.select_columns([image_column]).select(keep)
+    images = ds.select_columns([image_column])
+    if keep != list(range(ds.num_rows)):  # select only when rows are dropped (it copies on flatten)
+        images = images.select(keep)
     if image_column != "image":
         images = images.rename_column(image_column, "image")
     if verify_images or not isinstance(feature, datasets.Image):  # paths are always checked (cheap)
@@ -628,7 +631,11 @@ def load_hf_caption_dataset(
         ),
     )
     out = datasets.concatenate_datasets(
-        [meta.select_columns(["image_id"]), images.flatten_indices(), meta.select_columns(["captions"])],
+        [
+            meta.select_columns(["image_id"]),
+            images.flatten_indices() if images._indices is not None else images,
+            meta.select_columns(["captions"]),
+        ],
         axis=1,
     )
     report.num_images = out.num_rows
@@ -676,13 +683,16 @@ def load_caption_dataset(
     on_bad_image: str = "fail",
     verify_images: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    cache_dir: str | None = None,
 ) -> tuple[datasets.Dataset, DataReport]:
     """Read captions from any supported source into the image-level schema of this module.
 
-    Dispatch: a ``.json`` object file -> Karpathy (``"images"`` with ``"sentences"``) or COCO
+    Dispatch: a ``.json`` object file -> Karpathy (``"images"`` with ``"sentences"``; ``split``
+    defaults to ``"test"``) or COCO
     (``"annotations"``) format; ``.jsonl`` / ``.csv`` / JSON list -> :func:`load_caption_file`;
     a folder with ``metadata.jsonl|csv`` (or ``<split>/metadata.jsonl|csv``) -> the same; a
-    ``save_to_disk`` folder or anything else -> :func:`load_hf_caption_dataset`.
+    ``save_to_disk`` folder or anything else -> :func:`load_hf_caption_dataset` (``cache_dir`` is
+    passed to ``datasets.load_dataset``).
 
     Returns:
         ``(dataset, report)``: the image-level ``datasets.Dataset`` and a :class:`DataReport`.
@@ -731,6 +741,7 @@ def load_caption_dataset(
         image_column=image_column or "image",
         caption_column=caption_column or "caption",
         image_id_column=image_id_column,
+        cache_dir=cache_dir,
         **common,
     )
 

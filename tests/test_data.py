@@ -413,3 +413,17 @@ def test_end_to_end_exploded_data_through_collator(folder, tiny_tokenizer):
     batch = CaptionCollator(tiny_tokenizer, 4)([flat[0], flat[1]])
     assert batch["image_embeds"].tolist() == [[1.0, 2.0], [1.0, 2.0]]
     assert "truncated to 4 tokens" in report.summary() and report.truncated_captions >= 1
+
+
+def test_local_parquet_folder_through_load_dataset(tmp_path):
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.new("RGB", (4, 4), (9, 9, 9))] * 2, "caption": ["a.", "b."]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    (tmp_path / "pq" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "pq" / "data" / "train-00000.parquet"))
+    out, report = load_caption_dataset(tmp_path / "pq", split="train", cache_dir=str(tmp_path / "cache"))
+    assert out["image_id"] == ["0", "1"] and out["captions"] == [["a."], ["b."]]
+    assert isinstance(out.features["image"], datasets.Image) and out.features["image"].decode is False
+    assert load_example_image(out[0]["image"]).getpixel((1, 1)) == (9, 9, 9)
+    assert report.num_images == 2
