@@ -1,0 +1,430 @@
+"""Cache of CLIP image embeddings: each unique image is encoded once, then reused by later runs.
+
+With a frozen vision tower, training never needs to run CLIP twice on the same image. This module
+encodes a list of images in batches (decoding in ``DataLoader`` workers, progress bar, optional
+mixed-precision dtype), stores the projected CLIP embeddings (``image_embeds``, (N, D) float32) as
+an Arrow dataset with ``save_to_disk`` and finds them again next time by fingerprint.
+
+The fingerprint covers everything that changes the result:
+
+* the encoder: a SHA-256 of every tensor of the vision tower (weights and buffers), its config,
+  the image processor's settings and the compute dtype;
+* the data: the images' keys and identities (for files: resolved path, size and modification
+  time; for bytes and PIL images: a hash of the content);
+* the bad-image policy and the cache format version.
+
+Layout::
+
+    CACHE_DIR/clipcap-embeds-<fingerprint>/     a ``datasets.Dataset`` (``save_to_disk``) with columns
+        image_key (string), image_embeds (list of D float32); plus cache_info.json
+
+A cache folder is written to a temporary sibling and renamed into place, so an interrupted run
+never leaves a half-written cache that a later run would trust.
+
+Example::
+
+    cache = build_embedding_cache(model, processor.image_processor, images=paths, cache_dir="cache")
+    embeds = cache.embeddings()            # (N, D) float32, row i for cache.keys[i]
+    row = cache.index[key]                 # key -> row
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .image_io import ImageLoadError, describe_source, load_image
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "EmbeddingCache",
+    "build_embedding_cache",
+    "encode_images",
+    "encoder_fingerprint",
+    "image_identity",
+]
+
+#: Bumped whenever the stored layout or the way embeddings are computed changes.
+CACHE_FORMAT_VERSION = "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints
+# ----------------------------------------------------------------------------------------------
+
+
+def _hash_tensor(hasher: Any, tensor: torch.Tensor) -> None:
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    hasher.update(str(t.dtype).encode())
+    hasher.update(str(tuple(tensor.shape)).encode())
+    hasher.update(t.view(torch.uint8).numpy().tobytes())
+
+
+def encoder_fingerprint(model: Any, image_processor: Any = None, dtype: torch.dtype = torch.float32) -> str:
+    """SHA-256 (hex) of what determines the embeddings: the vision tower's tensors and config, the
+    image processor's settings and the compute dtype.
+
+    Args:
+        model: a ClipCap model (its ``vision_model`` is hashed) or any ``nn.Module`` encoder.
+        image_processor: the processor that turns images into ``pixel_values`` (its settings are hashed).
+        dtype: the dtype the encoder runs in.
+    """
+    encoder = getattr(model, "vision_model", None) or model
+    hasher = hashlib.sha256()
+    hasher.update(f"clipcap-embedding-cache/{CACHE_FORMAT_VERSION}/{dtype}".encode())
+    config = getattr(encoder, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        hasher.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        hasher.update(name.encode())
+        _hash_tensor(hasher, tensor)
+    if image_processor is not None:
+        settings = image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else ""
+        hasher.update(settings.encode())
+    return hasher.hexdigest()
+
+
+def image_identity(source: Any) -> str:
+    """A string that changes when the image changes, without decoding it.
+
+    Files: resolved path, size and modification time (nanoseconds). Bytes and ``datasets`` image
+    dicts with bytes: SHA-256 of the bytes. PIL images: SHA-256 of mode, size and pixels.
+    """
+    if isinstance(source, dict):
+        data, path = source.get("bytes"), source.get("path")
+        if data is not None:
+            return image_identity(bytes(data))
+        if path:
+            return image_identity(path)
+        return "empty-record"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "sha256:" + hashlib.sha256(bytes(source)).hexdigest()
+    if isinstance(source, Image.Image):
+        digest = hashlib.sha256(f"{source.mode}{source.size}".encode())
+        digest.update(source.tobytes())
+        return "pil:" + digest.hexdigest()
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).resolve()
+        try:
+            stat = path.stat()
+            return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            return f"file:{path}:missing"
+    return "object:" + describe_source(source)
+
+
+def _data_fingerprint(keys: Sequence[str], identities: Sequence[str], on_bad_image: str) -> str:
+    hasher = hashlib.sha256(f"policy={on_bad_image}".encode())
+    for key, ident in zip(keys, identities):
+        hasher.update(key.encode() + b"\0" + ident.encode() + b"\n")
+    return hasher.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------
+
+
+class _ImageList(torch.utils.data.Dataset):
+    """Loads image ``i`` (RGB PIL) or returns the load error message; runs in DataLoader workers."""
+
+    def __init__(self, sources: Sequence[Any], names: Sequence[str]):
+        self.sources = sources
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+        try:
+            return i, load_image(self.sources[i], name=self.names[i]), None
+        except ImageLoadError as err:
+            return i, None, str(err)
+
+
+class _ProcessBatch:
+    """Collate: runs the image processor on the good images of a batch (in the worker)."""
+
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+
+    def __call__(self, items: list[tuple[int, Any, str | None]]) -> dict[str, Any]:
+        good = [(i, img) for i, img, err in items if err is None]
+        bad = [(i, err) for i, _, err in items if err is not None]
+        pixel_values = None
+        if good:
+            pixel_values = self.image_processor([img for _, img in good], return_tensors="pt")["pixel_values"]
+        return {"indices": [i for i, _ in good], "pixel_values": pixel_values, "bad": bad}
+
+
+@torch.no_grad()
+def encode_images(
+    model: Any,
+    image_processor: Any,
+    images: Sequence[Any],
+    *,
+    names: Sequence[str] | None = None,
+    batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    on_bad_image: str = "fail",
+    show_progress: bool = True,
+    desc: str = "Encoding images",
+) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+    """Encode images with the model's CLIP tower in batches.
+
+    Args:
+        model: a ClipCap model with a vision tower (``get_image_features``).
+        image_processor: turns a list of PIL images into ``pixel_values`` (B, 3, H, W).
+        images: anything :func:`modeling_clipcap.image_io.load_image` reads (paths, bytes, PIL, dicts).
+        names: names for error messages (default: described from the sources).
+        batch_size: images per encoder call.
+        dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or ``None``/float32 for fp32.
+        device: where to run (default: the model's device).
+        num_workers: ``DataLoader`` workers decoding and preprocessing images.
+        on_bad_image: ``"fail"`` raises on the first unreadable image; ``"skip"`` leaves it out and reports it.
+        show_progress: show a tqdm bar.
+
+    Returns:
+        ``(embeds, rows, skipped)``: ``embeds`` (M, D) float32 on CPU for the M readable images,
+        ``rows`` their positions in ``images`` (ascending), ``skipped`` ``(name, reason)`` per bad image.
+    """
+    from tqdm.auto import tqdm
+
+    if on_bad_image not in ("fail", "skip"):
+        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if getattr(model, "vision_model", None) is None:
+        raise ValueError(
+            "The model has no vision tower (vision_config=None), so there is nothing to encode: "
+            "provide precomputed image_embeds instead."
+        )
+    names = list(names) if names is not None else [describe_source(s) for s in images]
+    if device is None:
+        device = next(model.vision_model.parameters()).device
+    loader = torch.utils.data.DataLoader(
+        _ImageList(images, names),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_ProcessBatch(image_processor),
+    )
+    device = torch.device(device)
+    use_autocast = dtype is not None and dtype != torch.float32
+    was_training = model.training
+    model.eval()
+    chunks: list[torch.Tensor] = []
+    rows: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    try:
+        with tqdm(total=len(images), desc=desc, unit="img", disable=not show_progress) as bar:
+            for batch in loader:
+                for i, reason in batch["bad"]:
+                    if on_bad_image == "fail":
+                        raise ImageLoadError(
+                            reason + " (use --on_bad_image skip to leave bad images out and list them)",
+                            source=names[i],
+                        )
+                    skipped.append((names[i], reason))
+                if batch["pixel_values"] is not None:
+                    pixel_values = batch["pixel_values"].to(device)
+                    with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
+                        embeds = model.get_image_features(pixel_values)
+                    chunks.append(embeds.float().cpu())
+                    rows.extend(batch["indices"])
+                bar.update(len(batch["indices"]) + len(batch["bad"]))
+    finally:
+        model.train(was_training)
+    dim = model.config.image_embed_dim
+    embeds = torch.cat(chunks) if chunks else torch.empty(0, dim)
+    return embeds, rows, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingCache:
+    """Image embeddings stored as an Arrow dataset.
+
+    Attributes:
+        dataset: ``datasets.Dataset`` with ``image_key`` (str) and ``image_embeds`` (D float32) columns.
+        path: the folder it lives in (``None`` when not saved).
+        fingerprint: the cache key (encoder + data).
+        num_encoded: images encoded by this call (0 when everything came from disk).
+        num_reused: images read from an existing cache.
+        skipped: ``(name, reason)`` of images that could not be read (``on_bad_image="skip"``).
+    """
+
+    dataset: Any
+    path: Path | None
+    fingerprint: str
+    num_encoded: int
+    num_reused: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def keys(self) -> list[str]:
+        """Image keys, row order."""
+        return list(self.dataset["image_key"])
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Image key -> row of :meth:`embeddings`."""
+        return {key: i for i, key in enumerate(self.dataset["image_key"])}
+
+    def embeddings(self) -> torch.Tensor:
+        """All embeddings, (N, D) float32, row ``i`` for ``keys[i]``."""
+        column = self.dataset.with_format("torch")["image_embeds"]
+        if len(self.dataset) == 0:
+            return torch.empty(0, 0)
+        return column.to(torch.float32) if torch.is_tensor(column) else torch.stack(list(column)).float()
+
+
+def _save_atomically(dataset: Any, target: Path, info: dict[str, Any]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        dataset.save_to_disk(str(tmp / "data"))
+        (tmp / "cache_info.json").write_text(json.dumps(info, indent=2))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if (target / "cache_info.json").exists():  # another process won the race: theirs is as good
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_embedding_cache(
+    model: Any,
+    image_processor: Any,
+    images: Sequence[Any],
+    keys: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    on_bad_image: str = "fail",
+    show_progress: bool = True,
+    desc: str = "Encoding images",
+    encoder_hash: str | None = None,
+) -> EmbeddingCache:
+    """Embeddings of ``images`` from the cache when present, else encode each unique image once and store them.
+
+    Args:
+        model: a ClipCap model with a (frozen) vision tower.
+        image_processor: the processor used to make ``pixel_values``.
+        images: image sources (paths, bytes, PIL images, ``datasets`` image dicts).
+        keys: one key per image (default: :func:`image_identity`). Duplicate keys are encoded once (the
+            first source with that key is used).
+        cache_dir: folder of caches; ``None`` computes without storing.
+        batch_size, dtype, device, num_workers, on_bad_image, show_progress: see :func:`encode_images`.
+        encoder_hash: a precomputed :func:`encoder_fingerprint` (saves re-hashing the weights).
+
+    Returns:
+        An :class:`EmbeddingCache`. With ``on_bad_image="skip"`` the unreadable images have no row.
+    """
+    import datasets
+
+    if keys is None:
+        keys = [image_identity(s) for s in images]
+    elif len(keys) != len(images):
+        raise ValueError(f"got {len(keys)} keys for {len(images)} images; pass one key per image.")
+    unique_keys: list[str] = []
+    unique_sources: list[Any] = []
+    seen: set[str] = set()
+    for key, source in zip(keys, images):
+        if key not in seen:
+            seen.add(key)
+            unique_keys.append(str(key))
+            unique_sources.append(source)
+
+    compute_dtype = dtype or torch.float32
+    enc_fp = encoder_hash or encoder_fingerprint(model, image_processor, compute_dtype)
+    data_fp = _data_fingerprint(unique_keys, [image_identity(s) for s in unique_sources], on_bad_image)
+    fingerprint = hashlib.sha256((enc_fp + data_fp).encode()).hexdigest()[:32]
+
+    target = Path(cache_dir) / f"clipcap-embeds-{fingerprint}" if cache_dir is not None else None
+    if target is not None and (target / "cache_info.json").exists():
+        info = json.loads((target / "cache_info.json").read_text())
+        dataset = datasets.load_from_disk(str(target / "data"))
+        return EmbeddingCache(
+            dataset=dataset,
+            path=target,
+            fingerprint=fingerprint,
+            num_encoded=0,
+            num_reused=len(dataset),
+            skipped=[tuple(s) for s in info.get("skipped", [])],
+        )
+
+    start = time.perf_counter()
+    embeds, rows, skipped = encode_images(
+        model,
+        image_processor,
+        unique_sources,
+        names=[
+            describe_source(s) if not isinstance(s, dict) else str(s.get("path") or k)
+            for s, k in zip(unique_sources, unique_keys)
+        ],
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        num_workers=num_workers,
+        on_bad_image=on_bad_image,
+        show_progress=show_progress,
+        desc=desc,
+    )
+    dim = int(embeds.shape[1]) if embeds.ndim == 2 else int(model.config.image_embed_dim)
+    features = datasets.Features(
+        {
+            "image_key": datasets.Value("string"),
+            "image_embeds": datasets.List(datasets.Value("float32"), length=dim),
+        }
+    )
+    dataset = datasets.Dataset.from_dict(
+        {"image_key": [unique_keys[r] for r in rows], "image_embeds": embeds.numpy()}, features=features
+    )
+    info = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "encoder_fingerprint": enc_fp,
+        "data_fingerprint": data_fp,
+        "dtype": str(compute_dtype),
+        "num_images": len(unique_keys),
+        "num_embeddings": len(rows),
+        "image_embed_dim": dim,
+        "skipped": [list(s) for s in skipped],
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if target is not None:
+        _save_atomically(dataset, target, info)
+        dataset = datasets.load_from_disk(str(target / "data"))  # memory-mapped from the cache
+    return EmbeddingCache(
+        dataset=dataset,
+        path=target,
+        fingerprint=fingerprint,
+        num_encoded=len(rows),
+        num_reused=0,
+        skipped=skipped,
+    )
