@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -450,3 +451,189 @@ def test_evaluate_load_clipscore_offline_gives_library_numbers(tmp_path, monkeyp
         assert got[key] == pytest.approx(expected[key], abs=1e-6)
     no_refs = metric.compute(predictions=CLIP_CAPTIONS[:4], references=[[]] * 4, images=images)
     assert "RefCLIP-S" not in no_refs and no_refs["CLIP-S"] == pytest.approx(expected["CLIP-S"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- clipcap evaluate
+
+
+def _write_karpathy_dataset(root: Path, extra_refs: dict[int, str] | None = None) -> Path:
+    """Six tiny PNGs in root/val2014 and a Karpathy-style JSON (4 test images, 2 train).
+
+    ``extra_refs`` adds a reference to image i (e.g. the model's own caption, for non-zero scores).
+    """
+    from PIL import Image
+
+    (root / "val2014").mkdir(parents=True, exist_ok=True)
+    captions = [
+        ["A red circle.", "a red round shape", "Red circle on white!", "a circle", "a red disc"],
+        ["two dogs playing in the park", "Dogs play.", "Two dogs, in a park."],
+        ["a cat sitting on a wooden table", "A cat on a table."],
+        ["people walking down a city street", "A busy street."],
+        ["a train image", "train"],
+        ["another train image"],
+    ]
+    for i, extra in (extra_refs or {}).items():
+        captions[i] = [extra, *captions[i]]
+    images = []
+    for i, caps in enumerate(captions):
+        name = f"COCO_val2014_{i:012d}.png"
+        Image.new("RGB", (20 + 5 * i, 24), (40 * i % 256, 200 - 30 * i, 90)).save(root / "val2014" / name)
+        images.append(
+            {
+                "filepath": "val2014",
+                "filename": name,
+                "cocoid": 1000 + i,
+                "split": "test" if i < 4 else "train",
+                "sentences": [{"raw": c, "tokens": c.lower().split()} for c in caps],
+            }
+        )
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return path
+
+
+@pytest.fixture()
+def saved_tiny_model(tmp_path, tiny_model, tiny_processor):
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_processor.save_pretrained(model_dir)
+    return model_dir
+
+
+@needs_java
+@pytest.mark.slow
+def test_clipcap_evaluate_command_writes_consistent_outputs_equal_to_pycocoevalcap(
+    tmp_path, saved_tiny_model
+):
+    from transformers import AutoModel, AutoProcessor
+
+    from modeling_clipcap.cli import main
+    from modeling_clipcap.data import load_caption_dataset
+
+    # what the model says for images 0 and 2 becomes one of their references, so scores are not all 0
+    data = _write_karpathy_dataset(tmp_path / "coco")
+    model = AutoModel.from_pretrained(saved_tiny_model, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(saved_tiny_model, local_files_only=True)
+    rows = list(load_caption_dataset(data, split="test")[0])
+    said, _ = ev.generate_captions(
+        model, processor, rows, batch_size=3, num_beams=2, max_new_tokens=8, progress=False
+    )
+    data = _write_karpathy_dataset(
+        tmp_path / "coco", {0: said[0]["caption"] + ".", 2: said[2]["caption"].upper()}
+    )
+    (saved_tiny_model / "README.md").write_text("# tiny model\n\nSome text.\n")
+    out_dir = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(saved_tiny_model), "--data", str(data), "--split", "test"]
+    argv += ["--output_dir", str(out_dir), "--batch_size", "3", "--num_beams", "2", "--max_new_tokens", "8"]
+    assert main(argv + ["--update_model_card", "--no_progress"]) == 0
+
+    predictions = json.loads((out_dir / "predictions.json").read_text())
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    table = (out_dir / "metrics.md").read_text()
+    # COCO results format: one entry per unique test image, integer COCO ids, string captions
+    assert sorted(p["image_id"] for p in predictions) == [1000, 1001, 1002, 1003]
+    assert all(set(p) == {"image_id", "caption"} and isinstance(p["caption"], str) for p in predictions)
+    assert [p["caption"] for p in predictions] == [p["caption"] for p in said]
+    assert metrics["num_images"] == 4 and metrics["num_references"] == 14
+    assert metrics["config"]["num_beams"] == 2 and metrics["data_report"]["num_images"] == 4
+
+    # metrics.json == pycocoevalcap's own numbers on predictions.json and the data's references
+    refs = json.loads(data.read_text())["images"][:4]
+    references = {img["cocoid"]: [s["raw"] for s in img["sentences"]] for img in refs}
+    direct, _ = _direct_pycocoevalcap({p["image_id"]: p["caption"] for p in predictions}, references)
+    for key in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert abs(metrics[key] - float(direct[key])) <= 1e-9, key
+    assert metrics["Bleu_1"] > 0 and metrics["ROUGE_L"] > 0 and metrics["METEOR"] > 0
+    assert "SPICE" in metrics or "SPICE" in metrics["skipped"]
+
+    # the table shows the same numbers x100
+    assert table == ev.render_metrics_table(metrics, title=table.splitlines()[0])
+    header, _, row = [line for line in table.splitlines() if line.startswith("|")]
+    cells = dict(
+        zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")])
+    )
+    assert (
+        cells["BLEU-4"] == f"{100 * metrics['Bleu_4']:.2f}"
+        and cells["CIDEr"] == f"{100 * metrics['CIDEr']:.2f}"
+    )
+    assert cells["SPICE"] == ("–" if "SPICE" not in metrics else f"{100 * metrics['SPICE']:.2f}")
+    # the model card got the table, between markers, after the existing text; a second run replaces it
+    card = (saved_tiny_model / "README.md").read_text()
+    assert card.startswith("# tiny model") and ev.MODEL_CARD_START in card and row in card
+    assert main(argv + ["--update_model_card", "--no_progress", "--no_meteor"]) == 0
+    card2 = (saved_tiny_model / "README.md").read_text()
+    assert card2.count(ev.MODEL_CARD_START) == 1 and "METEOR skipped" in card2
+
+
+def test_evaluate_model_batched_equals_one_by_one_and_uses_image_embeds(tmp_path, tiny_model, tiny_processor):
+    from modeling_clipcap.data import load_caption_dataset
+
+    data = _write_karpathy_dataset(tmp_path / "coco")
+    dataset, _ = load_caption_dataset(data, split="test")
+    kwargs = dict(num_beams=2, max_new_tokens=6, meteor=False, spice=False, progress=False)
+    preds_batched, metrics = ev.evaluate_model(tiny_model, tiny_processor, dataset, batch_size=3, **kwargs)
+    preds_single, metrics_single = ev.evaluate_model(
+        tiny_model, tiny_processor, list(dataset), batch_size=1, **kwargs
+    )
+    assert preds_batched == preds_single and metrics == metrics_single
+    # duplicate records of one image are merged into one prediction with pooled references
+    rows = list(dataset)
+    dup = dict(rows[0], captions=["an extra reference"])
+    preds_dup, metrics_dup = ev.evaluate_model(
+        tiny_model, tiny_processor, rows + [dup], batch_size=2, **kwargs
+    )
+    assert len(preds_dup) == 4 and metrics_dup["num_references"] == metrics["num_references"] + 1
+    # precomputed image embeddings give the same captions as pixel values
+    from modeling_clipcap.image_io import load_image
+
+    with torch.no_grad():
+        pix = tiny_processor(images=[load_image(r["image"]) for r in rows], return_tensors="pt")[
+            "pixel_values"
+        ]
+        embeds = (
+            tiny_model.get_image_features(pixel_values=pix)
+            if hasattr(tiny_model, "get_image_features")
+            else None
+        )
+    if embeds is not None:
+        embeds = embeds if isinstance(embeds, torch.Tensor) else embeds.pooler_output
+        emb_rows = [
+            {"image_id": r["image_id"], "image_embeds": e, "captions": r["captions"]}
+            for r, e in zip(rows, embeds)
+        ]
+        preds_emb, _ = ev.evaluate_model(tiny_model, tiny_processor, emb_rows, batch_size=4, **kwargs)
+        assert preds_emb == preds_batched
+
+
+def test_evaluate_command_reports_bad_input_clearly(tmp_path, saved_tiny_model, capsys):
+    from modeling_clipcap.cli import main
+
+    status = main(
+        ["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "x.json"), "--no_progress"]
+    )
+    assert status == 2 and "not a local model directory" in capsys.readouterr().err
+    status = main(["evaluate", "--model", str(saved_tiny_model), "--data", str(tmp_path / "missing.json")])
+    assert status == 2 and "missing.json" in capsys.readouterr().err
+
+
+def test_render_metrics_table_prints_x100_and_skips():
+    metrics = {
+        "Bleu_1": 0.71234,
+        "Bleu_2": 0.5,
+        "Bleu_3": 0.4,
+        "Bleu_4": 0.3353,
+        "METEOR": 0.27449,
+        "ROUGE_L": 0.55,
+        "CIDEr": 1.1308,
+        "skipped": {"SPICE": "needs Java <= 11"},
+        "num_images": 5000,
+        "num_references": 25010,
+        "tokenizer": "ptb",
+    }
+    table = ev.render_metrics_table(metrics)
+    lines = table.splitlines()
+    assert lines[0] == "| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr | SPICE |"
+    assert lines[2] == "| 71.23 | 50.00 | 40.00 | 33.53 | 27.45 | 55.00 | 113.08 | – |"
+    assert "SPICE skipped: needs Java <= 11" in table and "5000 images, 25010 references" in table
+    with_clip = ev.render_metrics_table({**metrics, "CLIP-S": 0.7712})
+    assert with_clip.splitlines()[0].endswith("| CLIP-S |") and "| 77.12 |" in with_clip
