@@ -427,3 +427,24 @@ def test_local_parquet_folder_through_load_dataset(tmp_path):
     assert isinstance(out.features["image"], datasets.Image) and out.features["image"].decode is False
     assert load_example_image(out[0]["image"]).getpixel((1, 1)) == (9, 9, 9)
     assert report.num_images == 2
+
+
+def test_explode_keeps_features_and_respects_selection(tmp_path):
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": [Image.new("RGB", (2, 2), (i, i, i)) for i in range(3)],
+            "caption": [["a.", "b."], ["c."], ["d.", "e.", "f."]],
+        },
+        features=datasets.Features(
+            {"image": datasets.Image(), "caption": datasets.List(datasets.Value("string"))}
+        ),
+    )
+    out, _ = load_hf_caption_dataset("mem", dataset=ds)
+    picked = out.select([2, 0])  # an indices mapping, not a copy
+    flat = explode_captions(picked)
+    assert flat["image_id"] == ["2", "2", "2", "0", "0"] and flat["caption"] == ["d.", "e.", "f.", "a.", "b."]
+    assert isinstance(flat.features["image"], datasets.Image) and flat.features["image"].decode is False
+    assert load_example_image(flat[3]["image"]).getpixel((0, 0)) == (0, 0, 0)
+    assert load_example_image(flat[0]["image"]).getpixel((0, 0)) == (2, 2, 2)
+    with pytest.raises(ValueError, match="'captions' column"):
+        explode_captions(flat)

@@ -190,3 +190,12 @@ def test_generation_speed():
     elapsed = time.perf_counter() - start
     # 20k images must take well under a minute: 1000 in < 2.5 s leaves ample margin on a slow core
     assert elapsed < 2.5, f"1000 images took {elapsed:.2f}s"
+
+
+def test_dataset_dict_feeds_the_data_readers():
+    from modeling_clipcap.data import explode_captions, load_hf_caption_dataset
+
+    dd = syn.build_dataset_dict({"train": 4, "test": 2}, seed=0)
+    ds, report = load_hf_caption_dataset("synthetic", "train", dataset=dd, caption_column="captions")
+    assert ds.num_rows == 4 and report.num_captions == sum(len(c) for c in dd["train"]["captions"])
+    assert explode_captions(ds).num_rows == report.num_captions
