@@ -535,6 +535,53 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 f"{n_positions} positions; lower max_new_tokens."
             )
 
+    def _shared_prefill_expand_size(self, kwargs: dict[str, Any]) -> int:
+        """How many copies of each image's sequence ``generate`` will decode (beams or returned sequences).
+
+        Returns 1 (no shared prefill) whenever the caller controls the cache or asks for per-position outputs
+        that a shared prefill would not produce (hidden states / attentions of the prompt positions).
+        """
+        config = kwargs.get("generation_config") or self.generation_config
+        if any(kwargs.get(k) is not None for k in ("past_key_values", "assistant_model", "custom_generate")):
+            return 1
+        for name in ("cache_implementation", "prefill_chunk_size", "prompt_lookup_num_tokens"):
+            if kwargs.get(name, getattr(config, name, None)) is not None:
+                return 1
+        for name in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(name, getattr(config, name, False)):
+                return 1
+        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        num_return = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+        return max(int(num_beams), int(num_return))
+
+    def _prefill_shared_prefix(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, expand_size: int
+    ) -> Any:
+        """Run GPT-2 once per image over all but the last position of ``[prefix ; prompt]`` and copy the cache.
+
+        Args:
+            inputs_embeds: (B, S, E) left-padded ``[pad ; prefix ; prompt]`` embeddings.
+            attention_mask: (B, S) their mask.
+            expand_size: number of beams / returned sequences per image.
+
+        Returns:
+            A ``DynamicCache`` of S - 1 positions for B * expand_size rows (each image's rows adjacent, as
+            ``generate`` expands its inputs). ``generate`` then sees the cache and feeds only the last
+            position of each row (with the output layer on it alone); positions and masking match what
+            ``generate`` would have computed itself (positions from the mask's cumulative sum).
+        """
+        prefill_mask = attention_mask[:, :-1]
+        position_ids = (prefill_mask.cumsum(-1) - 1).clamp_min(0)
+        outputs = self.language_model.transformer(
+            inputs_embeds=inputs_embeds[:, :-1],
+            attention_mask=None if bool(prefill_mask.all()) else prefill_mask,
+            position_ids=position_ids,
+            use_cache=True,
+        )
+        cache = outputs.past_key_values
+        cache.batch_repeat_interleave(expand_size)
+        return cache
+
     @torch.no_grad()
     def generate(
         self,
@@ -570,6 +617,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             # keep returned prompt ids aligned with their (left-padded) rows
             order = torch.sort(attention_mask.to(torch.long), dim=1, stable=True).indices
             input_ids = torch.gather(input_ids, 1, order)
+        expand_size = self._shared_prefill_expand_size(generate_kwargs)
+        if expand_size > 1 and inputs_embeds.shape[1] > 1:
+            # Beams / returned sequences of one image share [prefix ; prompt]: run it once per image.
+            generate_kwargs["past_key_values"] = self._prefill_shared_prefix(
+                inputs_embeds, full_mask, expand_size
+            )
         return super().generate(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
