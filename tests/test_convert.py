@@ -68,12 +68,16 @@ def original_gpt_state_dict(text_config, seed: int) -> dict[str, torch.Tensor]:
     sd["gpt.lm_head.weight"] = sd["gpt.transformer.wte.weight"]  # tied, as in GPT2LMHeadModel
     p = text_config.n_positions
     for i in range(text_config.n_layer):
-        sd[f"gpt.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(p, p, dtype=torch.uint8)).view(1, 1, p, p)
+        sd[f"gpt.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(p, p, dtype=torch.uint8)).view(
+            1, 1, p, p
+        )
         sd[f"gpt.transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     return sd
 
 
-def original_mlp_state_dict(text_config, image_dim: int, prefix_length: int, seed: int) -> dict[str, torch.Tensor]:
+def original_mlp_state_dict(
+    text_config, image_dim: int, prefix_length: int, seed: int
+) -> dict[str, torch.Tensor]:
     sd = original_gpt_state_dict(text_config, seed)
     g = torch.Generator().manual_seed(seed + 1)
     e = text_config.n_embd
@@ -147,7 +151,9 @@ def ref_transformer_prefix(
 ):
     const = sd["clip_project.prefix_const"]
     k, e = const.shape
-    tokens = (x @ sd["clip_project.linear.weight"].T + sd["clip_project.linear.bias"]).view(x.shape[0], clip_length, -1)
+    tokens = (x @ sd["clip_project.linear.weight"].T + sd["clip_project.linear.bias"]).view(
+        x.shape[0], clip_length, -1
+    )
     const = const.unsqueeze(0).expand(x.shape[0], k, e)
     h = torch.cat((const, tokens) if const_first else (tokens, const), dim=1)
     for i in range(num_layers):
@@ -221,11 +227,22 @@ def clip_dir(tmp_path_factory):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     path = tmp_path_factory.mktemp("clip")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    text = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100
+    )
     torch.manual_seed(3)
     CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)).save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        path
+    )
     return path
 
 
@@ -292,7 +309,9 @@ def test_transformer_matches_original(tmp_path, text_config, text_dir, normalize
     assert (prefix[:, :clip_length] - wrong).abs().max() > 1e-3
     # The mapper has no positional encoding, so only WHICH outputs are kept matters, not where the constant
     # sits in the concatenation: [constant ; clip tokens] gives the same constant outputs.
-    assert (prefix - ref_transformer_prefix(sd, x_in, clip_length, layers, const_first=True)).abs().max() <= 1e-5
+    assert (
+        prefix - ref_transformer_prefix(sd, x_in, clip_length, layers, const_first=True)
+    ).abs().max() <= 1e-5
     x_other = x if normalize else x / x.norm(2, -1, keepdim=True)
     assert (prefix - ref_transformer_prefix(sd, x_other, clip_length, layers)).abs().max() > 1e-3
     # keys are the first E rows of to_keys_values, values the last E
@@ -330,3 +349,426 @@ def check_logits_and_greedy(model, sd, text_config, x, expected_prefix, max_new_
     refs = [ref_greedy(gpt, p, max_new_tokens, {STOP}) for p in expected_prefix]
     for row, ref in zip(generated.tolist(), refs):
         assert row[: len(ref)] == ref
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mlp_kwargs(text_dir):
+    return dict(preset="coco-mlp", image_embed_dim=24, text_model=text_dir, verify=False)
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda sd: sd.pop("clip_project.model.2.bias"), ["missing", "clip_project.model.2.bias"]),
+        (
+            lambda sd: sd.pop("gpt.transformer.h.1.mlp.c_fc.weight"),
+            ["missing", "gpt.transformer.h.1.mlp.c_fc.weight"],
+        ),
+        (
+            lambda sd: sd.__setitem__("clip_project.extra.weight", torch.zeros(3)),
+            ["unexpected", "clip_project.extra.weight"],
+        ),
+        (
+            lambda sd: sd.__setitem__("gpt.transformer.h.2.ln_1.weight", torch.ones(32)),
+            ["unexpected", "gpt.transformer.h.2.ln_1.weight"],
+        ),
+        (
+            lambda sd: sd.__setitem__("clip_project.model.0.weight", torch.zeros(160, 25)),
+            ["mis-shaped", "clip_project.model.0.weight", "(160, 25)", "(160, 24)"],
+        ),
+    ],
+    ids=["missing-mapper", "missing-gpt", "extra-mapper", "extra-gpt-layer", "wrong-shape"],
+)
+def test_malformed_checkpoints_are_refused(tmp_path, text_config, text_dir, edit, named):
+    sd = original_mlp_state_dict(text_config, 24, 10, seed=1)
+    edit(sd)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError) as err:
+        convert_original_checkpoint(save(sd, tmp_path / "bad.pt"), out, **_mlp_kwargs(text_dir))
+    for word in named:
+        assert word in str(err.value)
+    assert not out.exists(), "nothing is written for a refused checkpoint"
+
+
+def test_wrong_settings_are_refused_with_a_hint(tmp_path, text_config, text_dir):
+    sd = original_transformer_state_dict(text_config, 24, 5, 3, 2, seed=1)
+    path = save(sd, tmp_path / "transformer_weights.pt")
+    with pytest.raises(ConversionError) as err:  # an MLP conversion of a transformer checkpoint
+        convert_original_checkpoint(path, **_mlp_kwargs(text_dir))
+    message = str(err.value)
+    assert "clip_project.prefix_const" in message and "clip_project.model.0.weight" in message
+    assert "'mapping_type': 'transformer'" in message  # what the checkpoint looks like
+    with pytest.raises(ConversionError, match="clip_project.transformer.layers.1"):  # one layer too few
+        convert_original_checkpoint(
+            path,
+            mapping_type="transformer",
+            prefix_length=5,
+            clip_length=3,
+            num_layers=1,
+            image_embed_dim=24,
+            text_model=text_dir,
+        )
+    assert describe_checkpoint(sd) == {
+        "vocab_size": text_config.vocab_size,
+        "n_embd": 32,
+        "n_positions": 128,
+        "n_layer": 2,
+        "mapping_type": "transformer",
+        "image_embed_dim": 24,
+        "clip_length": 3,
+        "prefix_length": 5,
+        "mapping_num_layers": 2,
+    }
+
+
+def test_untied_lm_head_is_refused(tmp_path, text_config, text_dir):
+    sd = original_mlp_state_dict(text_config, 24, 10, seed=1)
+    sd["gpt.lm_head.weight"] = sd["gpt.lm_head.weight"] + 1
+    with pytest.raises(ConversionError, match="gpt.lm_head.weight differs"):
+        convert_original_checkpoint(save(sd, tmp_path / "untied.pt"), **_mlp_kwargs(text_dir))
+
+
+class _WritesMarker:
+    """Unpickling this runs ``open(path, "w")``: the kind of payload a malicious .pt file carries."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_that_runs_code_is_refused_not_run(tmp_path, text_config, text_dir):
+    sd = original_mlp_state_dict(text_config, 24, 10, seed=1)
+    marker = tmp_path / "pwned"
+    torch.save({**sd, "payload": _WritesMarker(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ConversionError, match="never unpickles"):
+        convert_original_checkpoint(tmp_path / "evil.pt", tmp_path / "out", **_mlp_kwargs(text_dir))
+    with pytest.raises(ConversionError):
+        load_original_state_dict(tmp_path / "evil.pt")
+    assert not marker.exists(), "the converter executed code from the pickle"
+    # the payload is real: a full unpickle (which the converter never does) would have run it
+    control = tmp_path / "control"
+    torch.save({"payload": _WritesMarker(control)}, tmp_path / "control.pt")
+    torch.load(tmp_path / "control.pt", weights_only=False)
+    assert control.exists()
+
+
+def test_not_a_state_dict_is_refused(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(ConversionError, match="not a state dict"):
+        load_original_state_dict(tmp_path / "list.pt")
+    with pytest.raises(ConversionError, match="does not exist"):
+        load_original_state_dict(tmp_path / "absent.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConversionError, match="Refusing to load"):
+        load_original_state_dict(tmp_path / "garbage.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A complete model directory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def random_images(n, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def converted_mlp(tmp_path_factory, text_config, text_dir, clip_dir):
+    """coco-mlp preset conversion with a full CLIP folder and a GPT-2 folder: (out dir, state dict, ckpt path)."""
+    tmp = tmp_path_factory.mktemp("converted")
+    sd = original_mlp_state_dict(text_config, 24, 10, seed=1)
+    checkpoint = save(sd, tmp / "coco_weights.pt")
+    out = tmp / "clipcap-coco-mlp"
+    convert_original_checkpoint(
+        checkpoint, out, preset="coco-mlp", vision_model=clip_dir, text_model=text_dir
+    )
+    return out, sd, checkpoint
+
+
+def test_output_directory_is_a_complete_model(converted_mlp, clip_dir, text_config):
+    import hashlib
+
+    from transformers import AutoProcessor, CLIPModel
+
+    out, sd, checkpoint = converted_mlp
+    files = {p.name for p in out.iterdir()}
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "modeling_clipcap.py",
+        "configuration_clipcap.py",
+        "README.md",
+        "conversion_info.json",
+    ):
+        assert name in files, (name, files)
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config["model_type"] == "clipcap"
+        and config["mapping_type"] == "mlp"
+        and config["prefix_length"] == 10
+    )
+    assert {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"} <= set(config["auto_map"])
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [STOP, text_config.eos_token_id]
+    assert generation["num_beams"] == 5 and generation["max_new_tokens"] == 67
+    assert generation["pad_token_id"] == text_config.eos_token_id
+
+    card = (out / "README.md").read_text()
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert sha in card and "coco_weights.pt" in card and "108.35" in card and "MLP" in card
+    assert "${" not in card
+    info = json.loads((out / "conversion_info.json").read_text())
+    assert info["source_sha256"] == sha and info["preset"] == "coco-mlp"
+    assert info["num_original_keys"] == len(sd)
+
+    # Loaded through the Auto classes, with pixels in: the caption of the original formulation.
+    model = AutoModel.from_pretrained(out).eval()
+    assert isinstance(model, modeling_clipcap.ClipCapForConditionalGeneration)
+    processor = AutoProcessor.from_pretrained(out)
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    for name, tensor in clip.vision_model.state_dict().items():
+        assert torch.equal(model.vision_model.vision_model.state_dict()[name], tensor), name
+    assert torch.equal(model.vision_model.visual_projection.weight, clip.visual_projection.weight)
+
+    inputs = processor(images=random_images(3), return_tensors="pt")
+    with torch.no_grad():
+        clip_embeds = clip.get_image_features(pixel_values=inputs["pixel_values"])
+        clip_embeds = getattr(clip_embeds, "pooler_output", clip_embeds)
+    prefix = ref_mlp_prefix(sd, clip_embeds, 10, text_config.n_embd)
+    gpt = ref_gpt(sd, text_config)
+    refs = [ref_greedy(gpt, p, 10, {STOP, text_config.eos_token_id}) for p in prefix]
+    ids = model.generate(**inputs, num_beams=1, max_new_tokens=10)
+    assert_generated_equal(ids, refs, text_config.eos_token_id, 10)
+    captions = processor.batch_decode(model.generate(**inputs))  # the saved defaults: beam 5, stop at "."
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+def test_clip_vision_only_folder(tmp_path, text_config, text_dir, clip_dir):
+    from conftest import tiny_vision_config
+    from transformers import CLIPVisionModelWithProjection
+
+    torch.manual_seed(5)
+    tower = CLIPVisionModelWithProjection(tiny_vision_config())
+    vision_dir = tmp_path / "clip-vision"
+    tower.save_pretrained(vision_dir)  # no preprocessor_config.json: CLIP's standard one is built
+    sd = original_mlp_state_dict(text_config, 24, 10, seed=1)
+    out = tmp_path / "out"
+    model = convert_original_checkpoint(
+        save(sd, tmp_path / "c.pt"), out, preset="coco-mlp", vision_model=vision_dir, text_model=text_dir
+    )
+    assert torch.equal(model.vision_model.visual_projection.weight, tower.visual_projection.weight)
+    assert json.loads((out / "processor_config.json").read_text())["image_processor"]["crop_size"] == {
+        "height": 32,
+        "width": 32,
+    }
+    with pytest.raises(ConversionError, match="contradicts"):
+        convert_original_checkpoint(
+            tmp_path / "c.pt",
+            preset="coco-mlp",
+            vision_model=vision_dir,
+            text_model=text_dir,
+            image_embed_dim=512,
+        )
+
+
+BLOCKER = textwrap.dedent(
+    """
+    # This interpreter must not be able to import the package: the editable install's finder (a .pth in
+    # site-packages) and the repository folder are hidden by a meta-path finder placed before every other.
+    import importlib.abc, sys
+    class _HidePackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "modeling_clipcap" or name.startswith("modeling_clipcap."):
+                raise ModuleNotFoundError("modeling_clipcap is hidden in this test", name=name)
+            return None
+    sys.meta_path.insert(0, _HidePackage())
+    try:
+        import modeling_clipcap  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit("modeling_clipcap is importable: the remote-code test would prove nothing")
+    """
+)
+
+
+def isolated_env(base=None) -> dict:
+    env = dict(base if base is not None else os.environ)
+    env.pop("PYTHONPATH", None)
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+def test_trust_remote_code_without_the_package(converted_mlp, tmp_path):
+    """A fresh interpreter that cannot import modeling_clipcap loads the folder with trust_remote_code."""
+    out, _, _ = converted_mlp
+    model = AutoModel.from_pretrained(out).eval()
+    torch.manual_seed(0)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    expected = model.generate(pixel_values=pixel_values, num_beams=2, max_new_tokens=8).tolist()
+    code = BLOCKER + textwrap.dedent(
+        f"""
+        import json, torch
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        processor = AutoProcessor.from_pretrained({str(out)!r}, trust_remote_code=True)
+        ids = model.generate(pixel_values=torch.load({str(tmp_path / "pixels.pt")!r}), num_beams=2, max_new_tokens=8)
+        print(json.dumps(ids.tolist()))
+        print(json.dumps(processor.batch_decode(ids)))
+        """
+    )
+    env = isolated_env()
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[-2]) == expected
+    assert len(json.loads(lines[-1])) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line and Hub
+# ---------------------------------------------------------------------------------------------------------
+
+
+def clipcap_script() -> str:
+    script = Path(sys.executable).parent / "clipcap"
+    assert script.exists(), f"console script {script} missing: pip install -e ."
+    return str(script)
+
+
+def test_cli_convert_transformer_preset_end_to_end(tmp_path, text_config, text_dir):
+    """`clipcap convert --preset coco-transformer` with the released shapes (D=640, K=40, clip 40, 8 layers)."""
+    sd = original_transformer_state_dict(text_config, 640, 40, 40, 8, seed=4)
+    checkpoint = save(sd, tmp_path / "transformer_weights.pt")
+    out = tmp_path / "clipcap-coco-transformer"
+    proc = subprocess.run(
+        [
+            clipcap_script(),
+            "convert",
+            "--preset",
+            "coco-transformer",
+            "--checkpoint",
+            str(checkpoint),
+            "--text_model",
+            str(text_dir),
+            "--output_dir",
+            str(out),
+            "--max_new_tokens",
+            "20",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Converted" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"] is None and config["image_embed_dim"] == 640
+    assert (
+        config["mapping_type"] == "transformer"
+        and config["prefix_length"] == 40
+        and config["clip_length"] == 40
+    )
+    assert config["mapping_num_layers"] == 8 and config["normalize_prefix"] is True
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 20
+    assert "113.08" in (out / "README.md").read_text()
+    assert (out / "tokenizer.json").exists() and not (out / "preprocessor_config.json").exists()
+
+    model = AutoModel.from_pretrained(out).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 640)
+    prefix, _ = model.get_prefix(image_embeds=x)
+    expected = ref_transformer_prefix(sd, x / x.norm(2, -1, keepdim=True), 40, 8)
+    assert (prefix - expected).abs().max() <= 1e-5
+    assert model.generate(image_embeds=x, num_beams=2).shape[0] == 2
+
+    # a refused checkpoint: exit status 2 and the offending key named
+    del sd["clip_project.transformer.layers.7.mlp.fc2.bias"]
+    save(sd, checkpoint)
+    from modeling_clipcap.cli import main
+
+    status = main(
+        [
+            "convert",
+            "--preset",
+            "coco-transformer",
+            "--checkpoint",
+            str(checkpoint),
+            "--text_model",
+            str(text_dir),
+            "--output_dir",
+            str(tmp_path / "refused"),
+        ]
+    )
+    assert status == 2 and not (tmp_path / "refused").exists()
+
+
+def test_push_to_hub_and_load_back_with_remote_code(hub_server, tmp_path, text_config, text_dir, clip_dir):
+    sd = original_mlp_state_dict(text_config, 24, 10, seed=1)
+    checkpoint = save(sd, tmp_path / "coco_weights.pt")
+    repo_id = f"{hub_server.user}/clipcap-coco-mlp"
+    out = tmp_path / "converted"
+    hub_server.run_python(
+        f"""
+        from modeling_clipcap.cli import main
+        status = main(["convert", "--preset", "coco-mlp", "--checkpoint", {str(checkpoint)!r},
+                       "--vision_model", {str(clip_dir)!r}, "--text_model", {str(text_dir)!r},
+                       "--output_dir", {str(out)!r}, "--push_to_hub", "--hub_model_id", {repo_id!r}])
+        assert status == 0, status
+        """
+    )
+    hub_server.assert_all_handled()
+    files = hub_server.files(repo_id)
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "modeling_clipcap.py",
+        "configuration_clipcap.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "README.md",
+    ):
+        assert name in files, (name, sorted(files))
+    assert repo_id in files["README.md"].decode()  # the card's usage names the repository
+
+    local = AutoModel.from_pretrained(out).eval()
+    torch.manual_seed(0)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    expected = local.generate(pixel_values=pixel_values, max_new_tokens=8).tolist()  # saved defaults: beam 5
+    proc = hub_server.run_python(
+        BLOCKER
+        + textwrap.dedent(
+            f"""
+            import json, torch
+            from transformers import AutoModel
+            model = AutoModel.from_pretrained({repo_id!r}, trust_remote_code=True).eval()
+            ids = model.generate(pixel_values=torch.load({str(tmp_path / "pixels.pt")!r}), max_new_tokens=8)
+            print(json.dumps(ids.tolist()))
+            """
+        ),
+        extra_env={"PYTHONPATH": "", "PYTHONNOUSERSITE": "1"},
+        cwd=tmp_path,
+    )
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
