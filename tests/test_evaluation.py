@@ -49,6 +49,16 @@ REFERENCES = {
 }
 
 
+_REFERENCE_METEOR: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_reference_meteor():
+    yield
+    while _REFERENCE_METEOR:
+        ev._close_meteor(_REFERENCE_METEOR.pop())
+
+
 def _direct_pycocoevalcap(predictions: dict, references: dict) -> tuple[dict, dict]:
     """The reference: pycocoevalcap's own classes, called as its COCOEvalCap does."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -64,9 +74,9 @@ def _direct_pycocoevalcap(predictions: dict, references: dict) -> tuple[dict, di
     bleu, bleu_per = Bleu(4).compute_score(gts, res, verbose=0)
     for n in range(4):
         out[f"Bleu_{n + 1}"], per[f"Bleu_{n + 1}"] = bleu[n], bleu_per[n]
-    meteor = Meteor()
-    out["METEOR"], per["METEOR"] = meteor.compute_score(gts, res)
-    ev._close_meteor(meteor)
+    if not _REFERENCE_METEOR:  # one reference METEOR server for the module (its start-up takes ~10 s)
+        _REFERENCE_METEOR.append(Meteor())
+    out["METEOR"], per["METEOR"] = _REFERENCE_METEOR[0].compute_score(gts, res)
     out["ROUGE_L"], per["ROUGE_L"] = Rouge().compute_score(gts, res)
     out["CIDEr"], per["CIDEr"] = Cider().compute_score(gts, res)
     return out, {k: {m: float(per[m][i]) for m in per} for i, k in enumerate(gts)}
@@ -95,7 +105,8 @@ def _java_children() -> list[str]:
                 state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
             except OSError:
                 continue
-            if "java" in cmd and state != "Z":
+            reference = {m.meteor_p.pid for m in _REFERENCE_METEOR}
+            if "java" in cmd and state != "Z" and int(pid) not in reference:
                 found.append(cmd)
     return found
 
