@@ -221,6 +221,7 @@ def encode_images(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_ProcessBatch(image_processor),
+        generator=torch.Generator(),  # iterating must not consume the global RNG (training reproducibility)
     )
     device = torch.device(device)
     use_autocast = dtype is not None and dtype != torch.float32

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import string
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
@@ -893,6 +895,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -------------------------------------------------------------- validation
     def evaluate() -> dict[str, Any]:
+        """Validation with the RNG states put back afterwards, so runs with and without it (or resumed
+        around it) draw the same dropout masks."""
+        states = (random.getstate(), np.random.get_state())
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+            metrics = run_validation()
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        return metrics
+
+    def run_validation() -> dict[str, Any]:
         """Validation loss over all captions and caption metrics of generated captions."""
         metrics: dict[str, Any] = {}
         unwrapped = accelerator.unwrap_model(model)
@@ -981,6 +993,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         desc="Training",
         initial=completed_steps,
     )
+    # Data preparation may have used the global RNG (how much depends on what was cached): start the
+    # loop from a known state. A resumed run gets its saved states back from load_state above.
+    if completed_steps == 0:
+        set_seed(args.seed)
     model.train()
     last_loss, last_metrics, stopped_early = None, {}, False
     losses_window: list[float] = []
@@ -1111,6 +1127,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "samples": last_metrics.get("eval_samples", []),
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "optimized_modules": sorted(
+            {
+                name.split(".")[0]
+                for name in optimizer_parameter_names(accelerator.unwrap_model(model), optimizer)
+            }
+        ),
         "num_processes": accelerator.num_processes,
         "total_batch_size": total_batch_size,
         "mixed_precision": accelerator.mixed_precision,
