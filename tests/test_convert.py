@@ -613,6 +613,7 @@ def isolated_env(base=None) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_trust_remote_code_without_the_package(converted_mlp, tmp_path):
     """A fresh interpreter that cannot import modeling_clipcap loads the folder with trust_remote_code."""
     out, _, _ = converted_mlp
@@ -655,6 +656,7 @@ def clipcap_script() -> str:
     return str(script)
 
 
+@pytest.mark.slow
 def test_cli_convert_transformer_preset_end_to_end(tmp_path, text_config, text_dir):
     """`clipcap convert --preset coco-transformer` with the released shapes (D=640, K=40, clip 40, 8 layers)."""
     sd = original_transformer_state_dict(text_config, 640, 40, 40, 8, seed=4)
@@ -723,6 +725,7 @@ def test_cli_convert_transformer_preset_end_to_end(tmp_path, text_config, text_d
     assert status == 2 and not (tmp_path / "refused").exists()
 
 
+@pytest.mark.slow
 def test_push_to_hub_and_load_back_with_remote_code(hub_server, tmp_path, text_config, text_dir, clip_dir):
     sd = original_mlp_state_dict(text_config, 24, 10, seed=1)
     checkpoint = save(sd, tmp_path / "coco_weights.pt")
