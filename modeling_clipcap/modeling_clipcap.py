@@ -18,7 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionModelWithProjection, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    CLIPVisionModelWithProjection,
+    GenerationMixin,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 
@@ -696,7 +702,18 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         load_kwargs = {k: config_kwargs.pop(k) for k in load_keys if k in config_kwargs}
         vision = None
         if vision_model_name_or_path is not None:
-            vision = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path, **load_kwargs)
+            vision_config = AutoConfig.from_pretrained(
+                vision_model_name_or_path,
+                **{k: v for k, v in load_kwargs.items() if k not in ("dtype", "torch_dtype")},
+            )
+            if getattr(vision_config, "vision_config", None) is not None:
+                # A full CLIP checkpoint: its projection width lives on the top-level config.
+                projection_dim = vision_config.projection_dim
+                vision_config = vision_config.vision_config
+                vision_config.projection_dim = projection_dim
+            vision = CLIPVisionModelWithProjection.from_pretrained(
+                vision_model_name_or_path, config=vision_config, **load_kwargs
+            )
             if vision.visual_projection is None:
                 raise ValueError(
                     f"{vision_model_name_or_path} has no visual projection; ClipCap needs CLIP's image_embeds."
