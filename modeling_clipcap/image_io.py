@@ -393,7 +393,9 @@ def list_image_files(
 
     Returns:
         Paths (``folder / relative``), sorted by their relative POSIX path. Files are not opened:
-        a bad file is reported when :func:`load_image` reads it.
+        a bad file is reported when :func:`load_image` reads it. An entry with an image extension
+        that is not a regular file (a directory named ``x.jpg``, a broken symbolic link) is listed
+        too, so the caller reports it instead of dropping it without a word.
 
     Raises:
         ImageLoadError: ``folder`` does not exist or is not a directory.
@@ -410,7 +412,7 @@ def list_image_files(
         rel = path.relative_to(root)
         if not include_hidden and any(part.startswith(".") for part in rel.parts):
             continue
-        if path.suffix.lower() in wanted and path.is_file():
+        if path.suffix.lower() in wanted:
             found.append((rel.as_posix(), path))
     found.sort(key=lambda item: item[0])
     return [p for _, p in found]

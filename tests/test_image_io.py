@@ -263,12 +263,13 @@ def test_list_image_files(tmp_path):
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x")
-    (tmp_path / "dir.jpg").mkdir()
-    assert [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)] == ["a.png", "b.JPG"]
+    (tmp_path / "dir.jpg").mkdir()  # listed, so that load_image reports it instead of it vanishing
+    listed = [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)]
+    assert listed == ["a.png", "b.JPG", "dir.jpg"]
     rec = [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path, recursive=True)]
-    assert rec == ["a.png", "b.JPG", "sub/c.webp", "sub/d.jpeg"]
+    assert rec == ["a.png", "b.JPG", "dir.jpg", "sub/c.webp", "sub/d.jpeg"]
     hidden = list_image_files(tmp_path, include_hidden=True)
-    assert {p.name for p in hidden} == {"a.png", "b.JPG", ".hidden.jpg", "._a.jpg"}
+    assert {p.name for p in hidden} == {"a.png", "b.JPG", "dir.jpg", ".hidden.jpg", "._a.jpg"}
     with pytest.raises(ImageLoadError, match="does not exist"):
         list_image_files(tmp_path / "nope")
     with pytest.raises(ImageLoadError, match="not a folder"):
