@@ -1,0 +1,324 @@
+"""Captioning throughput: this package's batched, KV-cached ``generate`` vs the original ClipCap decoding.
+
+Real-size model with random weights (CLIP ViT-B/32 + projection, GPT-2 124M, MLP mapper K=10; optionally
+the transformer mapper K=40). Every variant generates exactly 20 tokens per caption
+(``min_new_tokens = max_new_tokens = 20``) so all do the same work.
+
+Baseline ("original"): the algorithm of the original repository's ``generate2`` (greedy) and
+``generate_beam`` (beam search), re-written here: one image per call (CLIP at batch 1), and at every step a
+full GPT-2 forward over the whole growing sequence with the output layer on every position, no KV cache;
+beam search expands the beams after the first step and ranks by length-normalised scores.
+
+Ours: ``model.generate(pixel_values=batch, ...)``: batched CLIP, prefix computed once per image, one GPT-2
+pass over the prefix per image shared by its beams, KV cache, output layer only where a token is chosen.
+
+Reported per row: images/s end to end (CLIP included) and decode-only (CLIP time measured separately and
+subtracted), the speed-up over the baseline measured in the same run at the same thread count, the
+"necessary" GFLOP/s (CLIP + mapper + GPT-2 over the prefix once per image + beams x 20 generated tokens)
+and its fraction of the measured matmul limit of the dtype, and the peak RSS.
+
+    python benchmarks/caption_throughput.py            # full run (a few minutes per thread count)
+    python benchmarks/caption_throughput.py --quick    # batch 1 and 8, one baseline image
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    CAPTION_TOKENS,
+    PAD_TOKEN_ID,
+    bf16_is_fast,
+    build_model,
+    make_pixel_values,
+    matmul_gflops,
+    measure,
+    necessary_caption_gflops,
+    parse_int_list,
+    print_table,
+    set_threads,
+    write_json,
+)
+
+# --------------------------------------------------------------------------------------------- baseline
+
+
+@torch.no_grad()
+def original_greedy(model: Any, image_embeds: torch.Tensor, top_p: float = 0.8) -> torch.Tensor:
+    """Greedy decoding as the original ``generate2``: (1, D) -> (1, 20) token ids.
+
+    Each step runs GPT-2 over the whole sequence so far (no cache), keeps the last position's logits, applies
+    the original's nucleus filter (sort + cumulative softmax, which cannot change the arg-max) and takes the
+    arg-max. Stopping at "." is left out so that every caption has 20 tokens.
+    """
+    prefix, _ = model.get_prefix(image_embeds=image_embeds)  # (1, K, E)
+    gpt = model.language_model
+    embeds, tokens = prefix, []
+    for _ in range(CAPTION_TOKENS):
+        logits = gpt(inputs_embeds=embeds, use_cache=False).logits[:, -1, :]  # full logits (1, S, V) computed
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative > top_p
+        drop[..., 1:] = drop[..., :-1].clone()
+        drop[..., 0] = False
+        logits[:, sorted_idx[drop]] = float("-inf")
+        token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+        tokens.append(token)
+        embeds = torch.cat([embeds, gpt.transformer.wte(token)], dim=1)
+    return torch.cat(tokens, dim=1)
+
+
+@torch.no_grad()
+def original_beam(model: Any, image_embeds: torch.Tensor, num_beams: int = 5) -> torch.Tensor:
+    """Beam search as the original ``generate_beam``: (1, D) -> (20,) token ids of the best beam.
+
+    First step on the single prefix, then ``num_beams`` sequences re-run in full at every step; candidates are
+    ranked by score / length (length-normalised), beams and their embeddings are gathered from their parents.
+    """
+    prefix, _ = model.get_prefix(image_embeds=image_embeds)  # (1, K, E)
+    gpt = model.language_model
+    wte = gpt.transformer.wte
+    embeds, scores, tokens = prefix, None, None
+    lengths = torch.ones(num_beams)
+    for _ in range(CAPTION_TOKENS):
+        logits = gpt(inputs_embeds=embeds, use_cache=False).logits[:, -1, :]
+        log_probs = logits.softmax(dim=-1).log()
+        if scores is None:
+            scores, next_tokens = log_probs.topk(num_beams, dim=-1)  # (1, beams)
+            scores, next_tokens = scores.squeeze(0), next_tokens.transpose(0, 1)  # (beams,), (beams, 1)
+            embeds = embeds.expand(num_beams, -1, -1)
+            tokens = next_tokens
+        else:
+            vocab = log_probs.shape[-1]
+            lengths = lengths + 1
+            averaged = (scores[:, None] + log_probs) / lengths[:, None]
+            averaged, flat = averaged.view(-1).topk(num_beams)
+            parent = torch.div(flat, vocab, rounding_mode="floor")
+            next_tokens = (flat % vocab).unsqueeze(1)
+            lengths = lengths[parent]
+            tokens = torch.cat([tokens[parent], next_tokens], dim=1)
+            embeds = embeds[parent]
+            scores = averaged * lengths
+        embeds = torch.cat([embeds, wte(next_tokens)], dim=1)
+    best = (scores / lengths).argmax()
+    return tokens[best]
+
+
+def run_original(model: Any, pixel_values: torch.Tensor, num_beams: int) -> list[torch.Tensor]:
+    """The original pipeline: per image, CLIP at batch 1, then its decoder."""
+    out = []
+    for i in range(pixel_values.shape[0]):
+        with torch.no_grad():
+            embeds = model.get_image_features(pixel_values[i : i + 1])
+        if num_beams == 1:
+            out.append(original_greedy(model, embeds))
+        else:
+            out.append(original_beam(model, embeds, num_beams))
+    return out
+
+
+def run_clip_batch1(model: Any, pixel_values: torch.Tensor) -> None:
+    with torch.no_grad():
+        for i in range(pixel_values.shape[0]):
+            model.get_image_features(pixel_values[i : i + 1])
+
+
+# --------------------------------------------------------------------------------------------- ours
+
+
+def run_ours(model: Any, pixel_values: torch.Tensor, num_beams: int) -> torch.Tensor:
+    return model.generate(
+        pixel_values=pixel_values,
+        num_beams=num_beams,
+        do_sample=False,
+        min_new_tokens=CAPTION_TOKENS,
+        max_new_tokens=CAPTION_TOKENS,
+        pad_token_id=PAD_TOKEN_ID,
+    )
+
+
+def run_clip(model: Any, pixel_values: torch.Tensor) -> None:
+    with torch.no_grad():
+        model.get_image_features(pixel_values)
+
+
+class _NoSharedPrefill:
+    """Context manager: ``generate`` without the shared beam prefill (each beam prefills the prefix itself)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.model._shared_prefill_expand_size = lambda kwargs: 1
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.model._shared_prefill_expand_size
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def bench_row(
+    model: Any,
+    label: str,
+    dtype_name: str,
+    mode: str,
+    num_beams: int,
+    batch: int,
+    run: Any,
+    clip_run: Any,
+    limit: float,
+    threads: int,
+    mapper: str,
+) -> dict[str, Any]:
+    pixel_values = make_pixel_values(batch, seed=batch)
+    total = measure(lambda: run(model, pixel_values, num_beams))
+    clip = measure(lambda: clip_run(model, pixel_values))
+    work = necessary_caption_gflops(model, num_beams) * batch
+    decode_s = max(total["seconds"] - clip["seconds"], 1e-9)
+    row = {
+        "threads": threads,
+        "mapper": mapper,
+        "dtype": dtype_name,
+        "mode": mode,
+        "method": label,
+        "batch": batch if label != "original" else 1,
+        "images": batch,
+        "seconds": total["seconds"],
+        "img/s": batch / total["seconds"],
+        "decode img/s": batch / decode_s,
+        "clip s": clip["seconds"],
+        "GFLOP/s": work / total["seconds"],
+        "% limit": 100 * work / total["seconds"] / limit,
+        "peak MiB": total["peak_rss_mb"],
+        "growth MiB": total["peak_growth_mb"],
+    }
+    print(
+        f"  [{threads}t {mapper} {dtype_name} {mode} {label} b{row['batch']}] "
+        f"{row['img/s']:.3f} img/s ({total['seconds']:.1f}s), {row['% limit']:.0f}% of limit",
+        flush=True,
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", default="1,2", help="torch thread counts to run, e.g. 1,2")
+    parser.add_argument("--batches", default="1,8,32", help="batch sizes of the batched generate")
+    parser.add_argument(
+        "--baseline-images", type=int, default=2, help="images the original-style loop captions"
+    )
+    parser.add_argument("--beams", type=int, default=5)
+    parser.add_argument(
+        "--mappers", default="mlp,transformer", help="mlp (all batches), transformer (largest batch only)"
+    )
+    parser.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bf16 rows: auto = only where bf16 matmuls are faster than fp32 on this CPU",
+    )
+    parser.add_argument("--no-ablation", action="store_true", help="skip the no-shared-prefill row")
+    parser.add_argument(
+        "--quick", action="store_true", help="batches 1,8; 1 baseline image; mlp only; 1 thread"
+    )
+    parser.add_argument(
+        "--name", default="caption_throughput", help="JSON file name under benchmarks/results/"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.baseline_images, args.mappers, args.threads = "1,8", 1, "mlp", "1"
+        args.name = args.name + "_quick" if args.name == "caption_throughput" else args.name
+    thread_counts = parse_int_list(args.threads)
+    batches = parse_int_list(args.batches)
+    mappers = [m for m in args.mappers.split(",") if m]
+    modes = [("greedy", 1), (f"beam{args.beams}", args.beams)]
+
+    started = time.time()
+    models = {m: build_model(m) for m in mappers}
+    rows: list[dict[str, Any]] = []
+    limits: dict[str, Any] = {}
+    notes: list[str] = []
+    bf16_models: dict[str, Any] = {}
+    for threads in thread_counts:
+        set_threads(threads)
+        fp32_limit = matmul_gflops(torch.float32)
+        bf16_limit = matmul_gflops(torch.bfloat16, sizes=(256,), seconds=0.3)
+        limits[str(threads)] = {"fp32_gflops": fp32_limit, "bf16_gflops": bf16_limit}
+        print(f"\n{threads} thread(s): matmul fp32 {fp32_limit:.1f} GFLOP/s, bf16 {bf16_limit:.1f} GFLOP/s")
+        use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bf16_is_fast(fp32_limit, bf16_limit))
+        if args.bf16 == "auto" and not use_bf16:
+            notes.append(
+                f"{threads} thread(s): bf16 rows skipped: bf16 matmul {bf16_limit:.1f} GFLOP/s < fp32 "
+                f"{fp32_limit:.1f} GFLOP/s (no native bf16 on this CPU); use --bf16 on to force."
+            )
+        for mapper, model in models.items():
+            mapper_batches = batches if mapper == "mlp" else [max(batches)]
+            # warm-up: allocator, thread pool, first-call overheads
+            run_ours(model, make_pixel_values(1), 1)
+            original_greedy(model, model.get_image_features(make_pixel_values(1)).detach())
+            for mode, beams in modes:
+                base = bench_row(
+                    model, "original", "fp32", mode, beams, args.baseline_images,
+                    run_original, run_clip_batch1, fp32_limit, threads, mapper,
+                )  # fmt: skip
+                rows.append(base)
+                for batch in mapper_batches:
+                    row = bench_row(
+                        model, "ours", "fp32", mode, beams, batch, run_ours, run_clip,
+                        fp32_limit, threads, mapper,
+                    )  # fmt: skip
+                    row["speedup"] = row["img/s"] / base["img/s"]
+                    row["decode speedup"] = row["decode img/s"] / base["decode img/s"]
+                    rows.append(row)
+                if beams > 1 and not args.no_ablation and mapper == "mlp":
+                    with _NoSharedPrefill(model):
+                        row = bench_row(
+                            model, "ours, no shared prefill", "fp32", mode, beams, max(batches),
+                            run_ours, run_clip, fp32_limit, threads, mapper,
+                        )  # fmt: skip
+                    row["speedup"] = row["img/s"] / base["img/s"]
+                    rows.append(row)
+                if use_bf16:
+                    model_bf16 = bf16_models.setdefault(mapper, build_model(mapper, dtype=torch.bfloat16))
+                    for batch in mapper_batches:
+                        row = bench_row(
+                            model_bf16, "ours", "bf16", mode, beams, batch, run_ours, run_clip,
+                            bf16_limit, threads, mapper,
+                        )  # fmt: skip
+                        row["speedup"] = row["img/s"] / base["img/s"]
+                        rows.append(row)
+    columns = [
+        "threads", "mapper", "dtype", "mode", "method", "batch", "img/s", "decode img/s", "speedup",
+        "decode speedup", "GFLOP/s", "% limit", "peak MiB",
+    ]  # fmt: skip
+    print_table(rows, columns, title="Captioning throughput (20 tokens per caption)")
+    for threads, lim in limits.items():
+        print(
+            f"matmul limit at {threads} thread(s): fp32 {lim['fp32_gflops']:.1f}, bf16 {lim['bf16_gflops']:.1f} GFLOP/s"
+        )
+    for note in notes:
+        print("note:", note)
+    write_json(
+        args.name,
+        {
+            "args": vars(args),
+            "caption_tokens": CAPTION_TOKENS,
+            "matmul_limits": limits,
+            "rows": rows,
+            "notes": notes,
+            "wall_seconds": time.time() - started,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
