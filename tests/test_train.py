@@ -256,6 +256,62 @@ def test_bad_images_fail_by_default_and_are_reported_with_skip(setup, tmp_path):
     assert summary["embedding_cache"]["Encoding train images"]["encoded"] == 11
 
 
+def test_unfrozen_vision_trains_from_pixels_without_a_cache(setup, tmp_path):
+    preset = tmp_path / "preset_vision"
+    import shutil
+
+    shutil.copytree(setup["preset"], preset)
+    config = json.loads((preset / "config.json").read_text())
+    config["freeze_vision"] = False
+    (preset / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "vision"
+    argv = ["--config", str(preset), "--train_file", str(setup["data"]), "--output_dir", str(out)]
+    summary = train.main(argv + ["--embedding_cache_dir", str(tmp_path / "cache"), "--max_train_steps", "2"])
+    assert summary["embedding_cache"] == {}  # nothing cached: CLIP runs inside the training step
+    assert "vision_model" in summary["optimized_modules"]
+    assert "eval_loss" in summary["final_metrics"] and "eval_CIDEr" in summary["final_metrics"]
+
+
+@pytest.mark.parametrize("name", ["clipcap-coco-mlp", "clipcap-coco-transformer"])
+def test_paper_presets(name):
+    """The two paper recipes: every training argument is known, and the model fields build a model."""
+    from conftest import tiny_text_config, tiny_vision_config
+    from transformers import GenerationConfig
+
+    from modeling_clipcap import ClipCapConfig, ClipCapForConditionalGeneration
+
+    args = train.parse_args(["--config", name, "--train_file", "unused.json"])
+    assert args.learning_rate == 2e-5 and args.num_warmup_steps == 5000
+    assert args.per_device_train_batch_size == 40 and args.num_train_epochs == 10
+    assert args.vision_model_name_or_path and args.text_model_name_or_path
+    fields = json.loads((args.preset / "config.json").read_text())
+    fields.pop("model_type")
+    config = ClipCapConfig(
+        vision_config=tiny_vision_config(), text_config=tiny_text_config(300, n_embd=64), **fields
+    )
+    model = ClipCapForConditionalGeneration(config)
+    prefix, _ = model.get_prefix(image_embeds=torch.randn(2, 24))
+    expected = {
+        "clipcap-coco-mlp": (10, "mlp", False),
+        "clipcap-coco-transformer": (40, "transformer", True),
+    }[name]
+    assert (prefix.shape[1], config.mapping_type, config.freeze_language_model) == expected
+    assert GenerationConfig.from_pretrained(args.preset).num_beams == 5
+    assert "$hyperparameters" in (args.preset / "model_card.md").read_text()
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = REPO_ROOT / "hub_configs" / "accelerate"
+    kinds = {p.stem: str(load_config_from_file(str(p)).distributed_type) for p in folder.glob("*.yaml")}
+    assert kinds == {
+        "single_gpu": "DistributedType.NO",
+        "multi_gpu": "DistributedType.MULTI_GPU",
+        "deepspeed_zero2": "DistributedType.DEEPSPEED",
+    }
+
+
 # ------------------------------------------------------------------------------------------------ slow
 
 

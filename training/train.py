@@ -62,6 +62,7 @@ import modeling_clipcap  # noqa: F401  (registers the Auto classes)
 from modeling_clipcap import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapProcessor
 from modeling_clipcap.data import CaptionCollator, explode_captions, load_caption_dataset
 from modeling_clipcap.embedding_cache import build_embedding_cache, encoder_fingerprint
+from modeling_clipcap.image_io import load_image
 
 logger = get_logger(__name__)
 
@@ -307,16 +308,27 @@ class CachedCaptionDataset(torch.utils.data.Dataset):
 
 
 class EvalImageDataset(torch.utils.data.Dataset):
-    """Validation images: row ``i`` -> ``{"image_embeds": (D,), "index": i}``."""
+    """Validation images: row ``i`` -> ``{"image_embeds": (D,), "index": i}`` from cached embeddings,
+    or ``{"pixel_values": (3, H, W), "index": i}`` from the images (vision tower not frozen)."""
 
-    def __init__(self, embeds: torch.Tensor):
+    def __init__(
+        self, embeds: torch.Tensor | None = None, images: list[Any] | None = None, image_processor: Any = None
+    ):
         self.embeds = embeds
+        self.images = images
+        self.image_processor = image_processor
 
     def __len__(self) -> int:
-        return self.embeds.shape[0]
+        return self.embeds.shape[0] if self.embeds is not None else len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image_embeds": self.embeds[i], "index": i}
+        if self.embeds is not None:
+            return {"image_embeds": self.embeds[i], "index": i}
+        image = load_image(self.images[i])
+        return {
+            "pixel_values": self.image_processor([image], return_tensors="pt")["pixel_values"][0],
+            "index": i,
+        }
 
 
 def build_model_and_processor(
@@ -600,6 +612,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+        raise ValueError(
+            f"--gradient_accumulation_steps={args.gradient_accumulation_steps} but the launch configuration "
+            f"(e.g. the DeepSpeed config) uses {accelerator.gradient_accumulation_steps}; make them equal."
+        )
     logger.info(accelerator.state, main_process_only=False)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -823,23 +840,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
-    eval_dataloader = None
-    if val_embeds is not None:
-        eval_dataloader = accelerator.prepare(
-            torch.utils.data.DataLoader(
-                EvalImageDataset(val_embeds), batch_size=args.per_device_eval_batch_size, shuffle=False
+    eval_dataloader, val_loss_dataloader = None, None
+    if val_references is not None:
+        # Own generators: iterating these loaders must not move the global RNG (exact resume).
+        eval_kwargs = {
+            "batch_size": args.per_device_eval_batch_size,
+            "shuffle": False,
+            "generator": torch.Generator(),
+        }
+        if val_embeds is not None:
+            eval_images = EvalImageDataset(embeds=val_embeds)
+            flat_val = explode_captions(val_images.add_column("embed_row", list(range(len(val_images)))))
+            val_captions = CachedCaptionDataset(val_embeds, flat_val["embed_row"], flat_val["caption"])
+        else:
+            eval_images = EvalImageDataset(
+                images=val_images["image"], image_processor=processor.image_processor
             )
-        )
-    val_loss_dataloader = None
-    if val_embeds is not None:
-        flat_val = explode_captions(val_images.add_column("embed_row", list(range(len(val_images)))))
+            val_captions = explode_captions(val_images).select_columns(["image", "caption"])
+        eval_dataloader = accelerator.prepare(torch.utils.data.DataLoader(eval_images, **eval_kwargs))
         val_loss_dataloader = accelerator.prepare(
-            torch.utils.data.DataLoader(
-                CachedCaptionDataset(val_embeds, flat_val["embed_row"], flat_val["caption"]),
-                batch_size=args.per_device_eval_batch_size,
-                shuffle=False,
-                collate_fn=collator,
-            )
+            torch.utils.data.DataLoader(val_captions, collate_fn=collator, **eval_kwargs)
         )
 
     if args.report_to != "none":
@@ -930,7 +950,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     leave=False,
                 ):
                     ids = unwrapped.generate(
-                        image_embeds=batch["image_embeds"], generation_config=unwrapped.generation_config
+                        image_embeds=batch.get("image_embeds"),
+                        pixel_values=batch.get("pixel_values"),
+                        generation_config=unwrapped.generation_config,
                     )
                     ids = accelerator.pad_across_processes(ids, dim=1, pad_index=pad)
                     ids, index = accelerator.gather_for_metrics((ids, batch["index"]))
