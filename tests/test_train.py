@@ -272,6 +272,16 @@ def test_unfrozen_vision_trains_from_pixels_without_a_cache(setup, tmp_path):
     assert "eval_loss" in summary["final_metrics"] and "eval_CIDEr" in summary["final_metrics"]
 
 
+def test_streaming_reads_a_dataset_lazily_and_encodes_on_the_fly(setup, tmp_path):
+    out = tmp_path / "stream"
+    argv = ["--config", str(setup["preset"]), "--dataset_name", str(setup["data"]), "--streaming"]
+    argv += ["--caption_column", "captions", "--max_train_steps", "3", "--output_dir", str(out)]
+    summary = train.main(argv + ["--embedding_cache_dir", str(tmp_path / "cache")])
+    assert summary["completed_steps"] == 3 and "streaming" in summary["training_data"]
+    assert "Encoding train images" not in summary["embedding_cache"]  # no up-front pass over the stream
+    assert (out / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("name", ["clipcap-coco-mlp", "clipcap-coco-transformer"])
 def test_paper_presets(name):
     """The two paper recipes: every training argument is known, and the model fields build a model."""
