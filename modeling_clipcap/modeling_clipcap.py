@@ -323,6 +323,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                     f"`pixel_values` must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), got "
                     f"{tuple(pixel_values.shape)}; use the model's processor to resize and normalise images."
                 )
+            if not torch.isfinite(pixel_values).all():
+                raise ValueError(
+                    "`pixel_values` contains NaN or infinite values; use the model's processor on the images "
+                    "(it gives finite, normalised values)."
+                )
             batch = pixel_values.shape[0]
         else:
             if not torch.is_tensor(image_embeds) or not image_embeds.is_floating_point():

@@ -10,8 +10,11 @@ from transformers.feature_extraction_utils import BatchFeature
 
 
 def _prepare_images(images: Any) -> Any:
-    """Decode paths/bytes and convert PIL images of any mode to RGB through ``image_io.load_image``.
+    """Decode paths/bytes and PIL images of any mode to upright RGB through ``image_io.load_image``.
 
+    PIL images go through it too (RGB ones included): a lazily opened ``Image.open(...)`` of a
+    truncated file then fails with ``ImageLoadError`` instead of an ``OSError`` deep inside the image
+    processor, and a photo's EXIF orientation is applied exactly as when its path is passed.
     Arrays and tensors are passed to the image processor unchanged. Bad files raise ``ImageLoadError``
     (a ``ValueError``) naming the file.
     """
@@ -20,9 +23,7 @@ def _prepare_images(images: Any) -> Any:
     from .image_io import load_image
 
     def convert(item: Any) -> Any:
-        if isinstance(item, (str, os.PathLike, bytes, bytearray, dict)) or (
-            isinstance(item, Image.Image) and item.mode != "RGB"
-        ):
+        if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview, dict, Image.Image)):
             return load_image(item)
         return item
 
