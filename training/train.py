@@ -503,14 +503,11 @@ def render_model_card(
 ) -> str:
     """The preset's ``model_card.md`` (a ``string.Template``) filled in, or a generic card."""
     template_path = args.preset / "model_card.md" if args.preset is not None else None
-    if template_path is not None and template_path.is_file():
-        template = template_path.read_text()
-    else:
-        template = (
-            (REPO_ROOT / "hub_configs" / "model_card_template.md").read_text()
-            if (REPO_ROOT / "hub_configs" / "model_card_template.md").is_file()
-            else DEFAULT_MODEL_CARD
-        )
+    template = (
+        template_path.read_text()
+        if template_path is not None and template_path.is_file()
+        else DEFAULT_MODEL_CARD
+    )
     hyper = {
         k: summary["hyperparameters"][k]
         for k in sorted(summary["hyperparameters"])
