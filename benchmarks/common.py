@@ -78,6 +78,9 @@ def build_model(
     model = ClipCapForConditionalGeneration.from_pretrained(
         path, dtype=dtype, freeze_language_model=freeze_language_model
     )
+    # from_pretrained (transformers 5.23) hands back every parameter with requires_grad=True, whatever the
+    # config freezes; re-apply the config's freezing (reported to the model's owner).
+    model._apply_freezing()
     return model.eval()
 
 
