@@ -1,0 +1,558 @@
+#!/usr/bin/env python
+"""The offline end-to-end demo: synthetic data -> (tiny CLIP) -> ClipCap training -> evaluation -> report.
+
+    python training/demo.py --output_dir demo_output          # what `bash scripts/demo.sh` runs
+
+Every stage is the command a user would run, started as a subprocess:
+
+1. ``training/synthetic_data.py`` writes the synthetic shapes data set (train / validation / test /
+   test_novel image folders with ``metadata.jsonl``) to ``OUT/data``.
+2. A byte-level BPE tokenizer (GPT-2 style: ``<|endoftext|>`` is bos = eos, "." is id 13) is trained on
+   the training captions with the ``tokenizers`` library -> ``OUT/tokenizer``.
+3. Recipe ``clip`` (the default, see docs/demo.md for why): ``training/pretrain_clip.py`` trains the
+   preset's tiny CLIP contrastively (``CLIPModel(return_loss=True)``) -> ``OUT/clip``; a randomly
+   initialised tiny GPT-2 is written to ``OUT/gpt2``; ``training/train.py`` then trains the mapping
+   network and GPT-2 on the frozen CLIP's cached image embeddings. Recipes ``random`` (frozen random
+   vision tower) and ``end2end`` (``freeze_vision=False``, the vision tower trained by the captioning loss)
+   are the alternatives measured in docs/demo.md.
+4. ``clipcap evaluate`` on ``test`` and ``test_novel`` (BLEU, METEOR, ROUGE-L, CIDEr-D with pycocoevalcap).
+5. ``clipcap caption`` on sample test images.
+6. ``OUT/report/``: ``report.md``, ``metrics.json`` (both splits, exact-match rates by object count) and
+   ``samples.png`` (sample images with predicted and reference captions).
+
+Settings come from ``hub_configs/clipcap-synthetic-tiny`` (``config.json``, ``training_args.json``,
+``clip_pretraining.json``, ``demo.json``); flags override them (``--quick`` shrinks everything for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESET = REPO_ROOT / "hub_configs" / "clipcap-synthetic-tiny"
+TRAINING_DIR = REPO_ROOT / "training"
+
+#: shrunken settings for the end-to-end test (`--quick`)
+QUICK: dict[str, Any] = {
+    "train_size": 600,
+    "validation_size": 20,
+    "test_size": 60,
+    "test_novel_size": 30,
+    "clip_steps": 15,
+    "train_steps": 40,
+    "num_samples": 6,
+}
+
+
+def log(message: str) -> None:
+    print(f"\n=== {message}", flush=True)
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """Run a stage as a subprocess (its progress bars go straight to the terminal); stop on failure."""
+    print("$ " + " ".join(cmd), flush=True)
+    result = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: the command above failed with exit status {result.returncode}.")
+
+
+def load_settings(preset: Path) -> dict[str, Any]:
+    """The demo's defaults from the preset's ``demo.json``."""
+    path = preset / "demo.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    settings.pop("_comment", None)
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def make_data(out: Path, sizes: dict[str, int], seed: int) -> Path:
+    """Generate the synthetic data set with its CLI, unless ``out`` already holds the same one."""
+    info_path = out / "synthetic_info.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("seed") == seed and info.get("sizes") == sizes:
+            print(f"reusing the data set in {out} (same seed and sizes)")
+            return out
+    cmd = [
+        sys.executable,
+        str(TRAINING_DIR / "synthetic_data.py"),
+        "--output_dir",
+        str(out),
+        "--seed",
+        str(seed),
+    ]
+    for split, n in sizes.items():
+        cmd += [f"--{split}_size", str(n)]
+    run(cmd)
+    return out
+
+
+def read_captions(metadata: Path) -> list[dict[str, Any]]:
+    with open(metadata, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_tokenizer(captions: list[str], out: Path, vocab_size: int) -> Any:
+    """A GPT-2 style byte-level BPE trained on ``captions``: "." -> 13, ``<|endoftext|>`` = bos = eos = unk."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, show_progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tokenizer.json")
+        bpe.save(path)
+        tokenizer = GPT2TokenizerFast(tokenizer_file=path)
+    tokenizer.add_special_tokens(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    )
+    if tokenizer.convert_tokens_to_ids(".") != 13:
+        raise RuntimeError("the caption tokenizer must map '.' to 13 like GPT-2")
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def write_random_gpt2(text_config: dict[str, Any], tokenizer: Any, out: Path, seed: int) -> None:
+    """A randomly initialised tiny GPT-2 (the preset's ``text_config``) with the demo tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fields = {k: v for k, v in text_config.items() if k not in ("model_type", "transformers_version")}
+    fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if len(tokenizer) > fields.get("vocab_size", 0):
+        fields["vocab_size"] = len(tokenizer)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(**fields)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def normalize_caption(text: str) -> str:
+    """Lower case, single spaces, no final "." (for exact-match comparison)."""
+    return " ".join(text.lower().replace(".", " ").split())
+
+
+def exact_match_rates(predictions: dict[str, str], rows: list[dict[str, Any]], key) -> dict[str, Any]:
+    """Exact-match rate (prediction equals one of the references, ignoring case and the final ".")
+    overall and by number of objects."""
+    hits: dict[str, list[int]] = {"all": [], "1": [], "2": []}
+    for row in rows:
+        prediction = predictions.get(key(row))
+        if prediction is None:
+            continue
+        ok = int(normalize_caption(prediction) in {normalize_caption(c) for c in row["captions"]})
+        hits["all"].append(ok)
+        hits.setdefault(str(row["num_objects"]), []).append(ok)
+    return {group: {"rate": (sum(v) / len(v)) if v else None, "count": len(v)} for group, v in hits.items()}
+
+
+def prediction_map(predictions_path: Path) -> dict[str, str]:
+    items = json.loads(predictions_path.read_text())
+    return {str(p["image_id"]): p["caption"] for p in items}
+
+
+def match_key(predictions: dict[str, str], rows: list[dict[str, Any]], split_dir: Path):
+    """How prediction ids name the rows of a split (file name, relative or absolute path)."""
+    candidates = [
+        lambda row: row["file_name"],
+        lambda row: Path(row["file_name"]).stem,
+        lambda row: str(split_dir / row["file_name"]),
+        lambda row: f"{split_dir.name}/{row['file_name']}",
+        lambda row: str((split_dir / row["file_name"]).resolve()),
+    ]
+    for key in candidates:
+        if rows and key(rows[0]) in predictions:
+            return key
+    raise RuntimeError(
+        f"cannot match clipcap evaluate's image ids (e.g. {next(iter(predictions), None)!r}) to "
+        f"{split_dir}/metadata.jsonl file names"
+    )
+
+
+def draw_grid(samples: list[dict[str, Any]], path: Path) -> None:
+    """A PNG grid: each sample image with its predicted caption (green if exact, red if not) and a reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    cols = 4
+    rows = (len(samples) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.4, rows * 3.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, sample in zip(axes.flat, samples):
+        with Image.open(sample["path"]) as image:
+            ax.imshow(image.convert("RGB"), interpolation="nearest")
+        colour = "darkgreen" if sample["exact"] else "firebrick"
+        ax.set_title(_wrap("pred: " + sample["prediction"]), fontsize=8, color=colour, loc="left")
+        ax.text(0, -0.04, _wrap("ref: " + sample["reference"]), fontsize=7, transform=ax.transAxes, va="top")
+    fig.suptitle("ClipCap demo: test images, predicted (green = exact) and reference captions", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int = 38) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or " "
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Run the offline ClipCap demo end to end.")
+    p.add_argument("--output_dir", default="demo_output")
+    p.add_argument(
+        "--config", default=str(PRESET), help="the preset folder (default: clipcap-synthetic-tiny)"
+    )
+    p.add_argument(
+        "--recipe",
+        choices=("clip", "random", "end2end"),
+        default=None,
+        help="clip: pretrain a tiny CLIP then freeze it (default); random: frozen random vision tower; "
+        "end2end: train the vision tower with the captioning loss",
+    )
+    p.add_argument("--train_size", type=int, default=None)
+    p.add_argument("--validation_size", type=int, default=None)
+    p.add_argument("--test_size", type=int, default=None)
+    p.add_argument("--test_novel_size", type=int, default=None)
+    p.add_argument("--clip_steps", type=int, default=None, help="CLIP pretraining steps")
+    p.add_argument("--train_steps", type=int, default=None, help="ClipCap training steps")
+    p.add_argument("--num_samples", type=int, default=None, help="images in the sample grid")
+    p.add_argument("--num_beams", type=int, default=None, help="beams for evaluation and captions")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (about a minute) for tests")
+    p.add_argument("--no_meteor", action="store_true", help="skip METEOR (Java)")
+    return p
+
+
+def resolve(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    defaults = {
+        "recipe": "clip",
+        "train_size": 20000,
+        "validation_size": 200,
+        "test_size": 1000,
+        "test_novel_size": 500,
+        "clip_steps": 150,
+        "train_steps": 1500,
+        "num_samples": 12,
+        "num_beams": 1,
+        "seed": 0,
+        "tokenizer_vocab_size": 400,
+    }
+    defaults.update(settings)
+    if args.quick:
+        defaults.update(QUICK)
+    return {
+        k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in defaults.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    preset = Path(args.config).resolve()
+    if not (preset / "config.json").is_file():
+        print(f"error: --config {preset} has no config.json.", file=sys.stderr)
+        return 2
+    cfg = resolve(args, load_settings(preset))
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report_dir = out / "report"
+    report_dir.mkdir(exist_ok=True)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.setdefault("HF_DATASETS_CACHE", str(out / "hf_cache"))
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    timings: dict[str, float] = {}
+
+    def stage_done(name: str, t0: float) -> None:
+        timings[name] = round(time.time() - t0, 1)
+        print(f"--- {name}: {timings[name]:.0f} s (total {time.time() - start:.0f} s)", flush=True)
+
+    # 1. data
+    log("1/6 synthetic data set")
+    t0 = time.time()
+    sizes = {s: int(cfg[f"{s}_size"]) for s in ("train", "validation", "test", "test_novel")}
+    data_dir = make_data(out / "data", sizes, int(cfg["seed"]))
+    stage_done("data", t0)
+
+    # 2. tokenizer
+    log("2/6 tokenizer (byte-level BPE on the training captions)")
+    t0 = time.time()
+    train_rows = read_captions(data_dir / "train" / "metadata.jsonl")
+    tokenizer = train_tokenizer(
+        [c for row in train_rows for c in row["captions"]],
+        out / "tokenizer",
+        int(cfg["tokenizer_vocab_size"]),
+    )
+    print(f"{len(tokenizer)} tokens -> {out / 'tokenizer'}")
+    stage_done("tokenizer", t0)
+
+    # 3. vision tower + training
+    recipe = cfg["recipe"]
+    model_config = json.loads((preset / "config.json").read_text())
+    model_dir = out / "model"
+    train_cmd = [
+        sys.executable,
+        str(TRAINING_DIR / "train.py"),
+        "--train_file",
+        str(data_dir / "train" / "metadata.jsonl"),
+        "--validation_file",
+        str(data_dir / "validation" / "metadata.jsonl"),
+        "--output_dir",
+        str(model_dir),
+        "--max_train_steps",
+        str(cfg["train_steps"]),
+        "--seed",
+        str(cfg["seed"]),
+        "--embedding_cache_dir",
+        str(out / "embedding_cache"),
+    ]
+    if recipe == "clip":
+        log("3/6 tiny CLIP, contrastive pretraining (CLIPModel, return_loss=True)")
+        t0 = time.time()
+        run(
+            [
+                sys.executable,
+                str(TRAINING_DIR / "pretrain_clip.py"),
+                "--train_file",
+                str(data_dir / "train" / "metadata.jsonl"),
+                "--config",
+                str(preset),
+                "--tokenizer_name",
+                str(out / "tokenizer"),
+                "--output_dir",
+                str(out / "clip"),
+                "--max_steps",
+                str(cfg["clip_steps"]),
+                "--seed",
+                str(cfg["seed"]),
+            ],
+            env,
+        )
+        write_random_gpt2(model_config["text_config"], tokenizer, out / "gpt2", int(cfg["seed"]))
+        stage_done("clip_pretraining", t0)
+        train_cmd += [
+            "--config",
+            str(preset),
+            "--vision_model_name_or_path",
+            str(out / "clip"),
+            "--text_model_name_or_path",
+            str(out / "gpt2"),
+            "--tokenizer_name",
+            str(out / "tokenizer"),
+        ]
+    else:
+        train_preset = preset
+        if recipe == "end2end":  # the same preset with freeze_vision=False
+            train_preset = out / "preset_end2end"
+            shutil.copytree(preset, train_preset, dirs_exist_ok=True)
+            model_config["freeze_vision"] = False
+            (train_preset / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+        train_cmd += ["--config", str(train_preset), "--tokenizer_name", str(out / "tokenizer")]
+    log(f"4/6 ClipCap training (training/train.py, recipe {recipe!r})")
+    t0 = time.time()
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    run(train_cmd, env)
+    stage_done("clipcap_training", t0)
+
+    # 5. evaluation on test and test_novel
+    log("5/6 clipcap evaluate on test and test_novel")
+    t0 = time.time()
+    metrics: dict[str, Any] = {"recipe": recipe, "settings": cfg, "splits": {}}
+    split_rows: dict[str, list[dict[str, Any]]] = {}
+    predictions: dict[str, dict[str, str]] = {}
+    for split in ("test", "test_novel"):
+        eval_dir = out / "evaluate" / split
+        cmd = [
+            sys.executable,
+            "-m",
+            "modeling_clipcap.cli",
+            "evaluate",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_dir / split / "metadata.jsonl"),
+            "--split",
+            split,
+            "--output_dir",
+            str(eval_dir),
+            "--batch_size",
+            "64",
+            "--num_beams",
+            str(cfg["num_beams"]),
+            "--spice",
+            "off",
+        ]
+        if args.no_meteor:
+            cmd.append("--no_meteor")
+        run(cmd, env)
+        scores = json.loads((eval_dir / "metrics.json").read_text())
+        rows = read_captions(data_dir / split / "metadata.jsonl")
+        preds = prediction_map(eval_dir / "predictions.json")
+        key = match_key(preds, rows, data_dir / split)
+        predictions[split] = {row["file_name"]: preds[key(row)] for row in rows if key(row) in preds}
+        split_rows[split] = rows
+        keep = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+        metrics["splits"][split] = {
+            "images": len(rows),
+            "metrics": {k: scores[k] for k in keep if isinstance(scores.get(k), (int, float))},
+            "exact_match": exact_match_rates(predictions[split], rows, key=lambda row: row["file_name"]),
+            "skipped_metrics": scores.get("skipped", {}),
+        }
+    stage_done("evaluation", t0)
+
+    # 6. captions of sample images with `clipcap caption`, grid, report
+    log("6/6 clipcap caption on sample images, report")
+    t0 = time.time()
+    n = int(cfg["num_samples"])
+    test_rows = split_rows["test"]
+    one = [r for r in test_rows if r["num_objects"] == 1][: (n + 1) // 2]
+    two = [r for r in test_rows if r["num_objects"] == 2][: n - len(one)]
+    novel = split_rows["test_novel"][: max(2, n // 4)]
+    sample_dir = out / "samples"
+    if sample_dir.exists():
+        shutil.rmtree(sample_dir)
+    sample_dir.mkdir()
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    for split, rows in (("test", one + two), ("test_novel", novel)):
+        for row in rows:
+            name = f"{split}__{row['file_name']}"
+            shutil.copyfile(data_dir / split / row["file_name"], sample_dir / name)
+            chosen.append((name, row))
+    caption_json = report_dir / "sample_captions.jsonl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "modeling_clipcap.cli",
+        "caption",
+        str(sample_dir),
+        "--model",
+        str(model_dir),
+        "--num_beams",
+        str(cfg["num_beams"]),
+        "--json",
+    ]
+    print("$ " + " ".join(cmd) + f" > {caption_json}", flush=True)
+    with open(caption_json, "w", encoding="utf-8") as f:
+        status = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=f).returncode
+    if status != 0:
+        raise SystemExit(f"demo: clipcap caption failed with exit status {status}.")
+    captions = {
+        Path(r["image"]).name: r["caption"] for r in map(json.loads, caption_json.read_text().splitlines())
+    }
+    samples = []
+    for name, row in chosen:
+        prediction = captions.get(name) or ""
+        refs = {normalize_caption(c) for c in row["captions"]}
+        samples.append(
+            {
+                "path": str(sample_dir / name),
+                "split": name.split("__")[0],
+                "prediction": prediction,
+                "reference": row["captions"][0],
+                "exact": normalize_caption(prediction) in refs,
+            }
+        )
+    grid_path = report_dir / "samples.png"
+    draw_grid(samples, grid_path)
+    stage_done("captions_and_report", t0)
+
+    train_results_path = model_dir / "train_results.json"
+    if train_results_path.is_file():
+        metrics["training"] = json.loads(train_results_path.read_text())
+    clip_results = out / "clip" / "pretrain_results.json"
+    if recipe == "clip" and clip_results.is_file():
+        metrics["clip_pretraining"] = json.loads(clip_results.read_text())
+    timings["total"] = round(time.time() - start, 1)
+    metrics["timings_seconds"] = timings
+    metrics["samples"] = [
+        {k: v for k, v in s.items() if k != "path"} | {"image": Path(s["path"]).name} for s in samples
+    ]
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (report_dir / "report.md").write_text(render_report(metrics, out))
+    print(f"\nDemo finished in {timings['total'] / 60:.1f} min.")
+    print(f"Report: {report_dir / 'report.md'}")
+    print(f"        {report_dir / 'metrics.json'}")
+    print(f"        {grid_path}")
+    return 0
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def render_report(metrics: dict[str, Any], out: Path) -> str:
+    """The human-readable report (markdown)."""
+    beams = metrics["settings"]["num_beams"]
+    decoding = "greedy decoding" if beams == 1 else f"beam search with {beams} beams"
+    lines = [
+        "# ClipCap demo report",
+        "",
+        f"Recipe: **{metrics['recipe']}** (see docs/demo.md). Synthetic shapes data set, "
+        f"{metrics['settings']['train_size']} training images, {decoding}.",
+        "",
+        "## Caption metrics (pycocoevalcap; CIDEr-D on its raw scale, 0-10)",
+        "",
+        "| split | images | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | exact match | 1 object | 2 objects |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for split, entry in metrics["splits"].items():
+        m, em = entry["metrics"], entry["exact_match"]
+        lines.append(
+            f"| {split} | {entry['images']} | {_fmt(m.get('Bleu_1'))} | {_fmt(m.get('Bleu_4'))} | "
+            f"{_fmt(m.get('METEOR'))} | {_fmt(m.get('ROUGE_L'))} | {_fmt(m.get('CIDEr'))} | "
+            f"{_fmt(em['all']['rate'])} | {_fmt(em.get('1', {}).get('rate'))} ({em.get('1', {}).get('count', 0)}) | "
+            f"{_fmt(em.get('2', {}).get('rate'))} ({em.get('2', {}).get('count', 0)}) |"
+        )
+    lines += [
+        "",
+        "Exact match: the predicted caption equals one of the image's references (ignoring case and the final "
+        '"."), with the number of images in brackets. `test_novel` images each contain a colour/shape pair '
+        "never seen in training.",
+        "",
+        "## Samples",
+        "",
+        "![samples](samples.png)",
+        "",
+        "| image | split | predicted | a reference | exact |",
+        "|---|---|---|---|---|",
+    ]
+    for s in metrics["samples"]:
+        lines.append(
+            f"| {s['image']} | {s['split']} | {s['prediction']} | {s['reference']} | {'yes' if s['exact'] else 'no'} |"
+        )
+    lines += ["", "## Time (seconds)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in metrics["timings_seconds"].items()]
+    lines += [
+        "",
+        "## Files",
+        "",
+        f"- model: `{out / 'model'}` (load with `AutoModel.from_pretrained`, or `clipcap caption IMAGES --model` it)",
+        f"- predictions: `{out / 'evaluate'}/<split>/predictions.json`",
+        f"- data: `{out / 'data'}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
