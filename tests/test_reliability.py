@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, build_tiny_processor, build_tiny_tokenizer, tiny_clipcap_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import REPO_ROOT, build_tiny_processor, build_tiny_tokenizer, tiny_clipcap_config
 from modeling_clipcap import ClipCapForConditionalGeneration
 from modeling_clipcap.image_io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
@@ -176,7 +176,9 @@ def _evaluate(capsys, model: Path, data: Path, out: Path, *extra: str) -> tuple[
     return status, captured.out, captured.err
 
 
-def test_evaluate_on_mixed_folder_fail_names_files_and_keeps_old_outputs(capsys, saved_model, mixed, tmp_path):
+def test_evaluate_on_mixed_folder_fail_names_files_and_keeps_old_outputs(
+    capsys, saved_model, mixed, tmp_path
+):
     folder, good, bad = mixed
     out = tmp_path / "eval"
     out.mkdir()
@@ -197,7 +199,9 @@ def test_evaluate_on_mixed_folder_fail_names_files_and_keeps_old_outputs(capsys,
 def test_evaluate_on_mixed_folder_skip_lists_every_bad_file(capsys, saved_model, mixed, tmp_path):
     folder, good, bad = mixed
     out = tmp_path / "eval"
-    status, stdout, stderr = _evaluate(capsys, saved_model, folder / "metadata.jsonl", out, "--on_bad_image", "skip")
+    status, stdout, stderr = _evaluate(
+        capsys, saved_model, folder / "metadata.jsonl", out, "--on_bad_image", "skip"
+    )
     assert status == 0, stderr
     metrics = json.loads((out / "metrics.json").read_text())
     predictions = json.loads((out / "predictions.json").read_text())
@@ -205,7 +209,9 @@ def test_evaluate_on_mixed_folder_skip_lists_every_bad_file(capsys, saved_model,
     skipped = [Path(name).name for name, _ in metrics["data_report"]["skipped_images"]]
     skipped += [Path(str(name)).name for name, _ in metrics.get("skipped_images", [])]
     assert sorted(skipped) == bad
-    reasons = {Path(str(n)).name: r for n, r in metrics["data_report"]["skipped_images"] + metrics["skipped_images"]}
+    reasons = {
+        Path(str(n)).name: r for n, r in metrics["data_report"]["skipped_images"] + metrics["skipped_images"]
+    }
     for name in set(bad) - STAT_BAD:
         assert BAD_FILES[name] in reasons[name], reasons[name]
     assert metrics["num_images"] == len(good)
@@ -231,14 +237,18 @@ def test_data_reader_on_mixed_folder_fail_skip_and_verify(mixed):
     assert sorted(Path(n).name for n, _ in report.skipped_images) == bad
     assert "images skipped (on_bad_image='skip'): 5" in report.summary()
     for name, reason in report.skipped_images:
-        word = {"g_empty.jpg": "empty", "k_folder.jpg": "not a file"}.get(Path(name).name, BAD_FILES[Path(name).name])
+        word = {"g_empty.jpg": "empty", "k_folder.jpg": "not a file"}.get(
+            Path(name).name, BAD_FILES[Path(name).name]
+        )
         assert word in reason, (name, reason)
 
 
 # ------------------------------------------------------------------------------------------------ embedding cache
 
 
-def test_embedding_cache_on_mixed_folder_fail_writes_nothing_skip_lists(tiny_model, tiny_processor, mixed, tmp_path):
+def test_embedding_cache_on_mixed_folder_fail_writes_nothing_skip_lists(
+    tiny_model, tiny_processor, mixed, tmp_path
+):
     from modeling_clipcap.embedding_cache import build_embedding_cache
 
     folder, good, bad = mixed
@@ -251,11 +261,15 @@ def test_embedding_cache_on_mixed_folder_fail_writes_nothing_skip_lists(tiny_mod
     assert _names_in(str(info.value), bad) and "--on_bad_image skip" in str(info.value)
     leftovers = sorted(p.name for p in cache_dir.iterdir()) if cache_dir.exists() else []
     assert leftovers == [], leftovers  # no cache (not even a temporary folder) after the failed run
-    cache = build_embedding_cache(tiny_model, tiny_processor.image_processor, paths, on_bad_image="skip", **kwargs)
+    cache = build_embedding_cache(
+        tiny_model, tiny_processor.image_processor, paths, on_bad_image="skip", **kwargs
+    )
     assert sorted(Path(n).name for n, _ in cache.skipped) == bad
     assert sorted(cache.keys) == good and cache.embeddings().shape == (len(good), 24)
     assert torch.isfinite(cache.embeddings()).all()
-    again = build_embedding_cache(tiny_model, tiny_processor.image_processor, paths, on_bad_image="skip", **kwargs)
+    again = build_embedding_cache(
+        tiny_model, tiny_processor.image_processor, paths, on_bad_image="skip", **kwargs
+    )
     assert again.num_encoded == 0 and sorted(Path(n).name for n, _ in again.skipped) == bad
 
 
@@ -279,8 +293,20 @@ def test_train_on_mixed_folder_fail_then_skip_reports_count_and_list(mixed, tmp_
 
     folder, good, bad = mixed
     out = tmp_path / "run"
-    argv = ["--config", str(_write_preset(tmp_path / "preset")), "--train_file", str(folder / "metadata.jsonl")]
-    argv += ["--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache"), "--max_train_steps", "2"]
+    argv = [
+        "--config",
+        str(_write_preset(tmp_path / "preset")),
+        "--train_file",
+        str(folder / "metadata.jsonl"),
+    ]
+    argv += [
+        "--output_dir",
+        str(out),
+        "--embedding_cache_dir",
+        str(tmp_path / "cache"),
+        "--max_train_steps",
+        "2",
+    ]
     argv += ["--report_to", "none"]
     with pytest.raises(ValueError) as info:  # default policy: fail, naming the files
         train.main(argv)
@@ -373,7 +399,15 @@ def test_processor_names_bad_files_and_lazy_truncated_pil_images(tmp_path, tiny_
 # ------------------------------------------------------------------------------------------------ property-based
 
 
-_MAGIC = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"II*\x00"]
+_MAGIC = [
+    b"",
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0",
+    b"GIF89a",
+    b"BM",
+    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+    b"II*\x00",
+]
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +420,11 @@ def _check_pixel_values(pixel_values: torch.Tensor, batch: int) -> None:
     assert torch.isfinite(pixel_values).all()
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(prefix=st.sampled_from(_MAGIC), payload=st.binary(max_size=300), as_pil=st.booleans())
 def test_processor_random_bytes_only_image_load_error(module_processor, prefix, payload, as_pil):
     data = prefix + payload
@@ -427,7 +465,9 @@ _MODE_FORMATS = {
     orientation=st.sampled_from([None, 1, 3, 6, 8]),
     data=st.data(),
 )
-def test_processor_random_valid_images_give_pixel_values(module_processor, mode, width, height, seed, orientation, data):
+def test_processor_random_valid_images_give_pixel_values(
+    module_processor, mode, width, height, seed, orientation, data
+):
     fmt = data.draw(st.sampled_from(_MODE_FORMATS[mode]))
     rng = np.random.default_rng(seed)
     if mode == "I;16":
@@ -576,27 +616,33 @@ def test_captioning_2000_images_keeps_memory_flat_and_throughput_steady(tmp_path
             img.save(folder / f"{i:05d}.jpg", quality=85)
     paths = sorted(str(p) for p in folder.iterdir())
     every, warmup = 250, 500
-    samples: list[tuple[int, int, float]] = []  # (images done, RSS bytes, seconds)
+    # (images done, RSS bytes, wall seconds, CPU seconds of this process)
+    samples: list[tuple[int, int, float, float]] = []
     gc.collect()
-    start = time.perf_counter()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     done = failed = 0
     for _, caption, error in caption_images(tiny_model, tiny_processor, paths, batch_size=16, **GEN):
         done += 1
         failed += error is not None
+        assert (caption is None) == (error is not None)
         if done % every == 0:
-            samples.append((done, _rss_bytes(), time.perf_counter() - start))
+            samples.append((done, _rss_bytes(), time.perf_counter() - wall0, time.process_time() - cpu0))
     assert done == n and failed == len(range(0, n, 97))
-    base = next(rss for count, rss, _ in samples if count == warmup)
-    peak_after = max(rss for count, rss, _ in samples if count >= warmup)
+    base = next(s[1] for s in samples if s[0] == warmup)
+    peak_after = max(s[1] for s in samples if s[0] >= warmup)
     growth = (peak_after - base) / base
-    rates = [every / (t1 - t0) for (_, _, t0), (_, _, t1) in zip(samples, samples[1:])]
+    pairs = list(zip(samples, samples[1:]))
+    wall_rates = [every / (b[2] - a[2]) for a, b in pairs]
+    # throughput per CPU second: what this process does with the CPU it gets, so other jobs on a
+    # shared machine do not make the test flaky (wall-clock rates are reported too)
+    cpu_rates = [every / (b[3] - a[3]) for a, b in pairs]
     report = {
-        "rss_mib": [round(rss / 2**20, 1) for _, rss, _ in samples],
+        "rss_mib": [round(s[1] / 2**20, 1) for s in samples],
         "growth_after_warmup": round(growth, 4),
-        "images_per_s": [round(r, 1) for r in rates],
+        "images_per_wall_s": [round(r, 1) for r in wall_rates],
+        "images_per_cpu_s": [round(r, 1) for r in cpu_rates],
     }
     print(json.dumps(report))
     assert growth < 0.05, report
-    later = rates[len(rates) // 2 :]
-    earlier = rates[: len(rates) // 2]
-    assert min(later) > 0.5 * float(np.median(earlier)), report  # no slow-down as the run goes on
+    earlier, later = cpu_rates[: len(cpu_rates) // 2], cpu_rates[len(cpu_rates) // 2 :]
+    assert min(later) > 0.6 * float(np.median(earlier)), report  # no slow-down as the run goes on
