@@ -646,3 +646,24 @@ def test_captioning_2000_images_keeps_memory_flat_and_throughput_steady(tmp_path
     assert growth < 0.05, report
     earlier, later = cpu_rates[: len(cpu_rates) // 2], cpu_rates[len(cpu_rates) // 2 :]
     assert min(later) > 0.6 * float(np.median(earlier)), report  # no slow-down as the run goes on
+
+
+# ------------------------------------------------------------------------------------------------ the doc
+
+
+def test_reliability_doc_names_only_existing_tests():
+    """Every ``tests/<file>.py::<test>`` named in docs/reliability.md is a test function of that file."""
+    import ast
+    import re
+
+    text = (REPO_ROOT / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text))
+    assert len(named) >= 60, len(named)
+    defined: dict[str, set[str]] = {}
+    for file in {f for f, _ in named}:
+        tree = ast.parse((REPO_ROOT / file).read_text())
+        defined[file] = {
+            n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("test")
+        }
+    missing = sorted(f"{f}::{t}" for f, t in named if t not in defined[f])
+    assert missing == [], missing
