@@ -236,3 +236,63 @@ def test_sigkill_at_four_points_then_resume_gives_the_same_weights(tmp_path):
     assert leftovers == [], leftovers
     for ckpt in (killed / "checkpoints").iterdir():
         assert not list(ckpt.glob("custom_checkpoint_*")), ckpt
+
+
+CACHE_DRIVER = r"""
+import os, signal, sys
+import datasets
+from modeling_clipcap import ClipCapForConditionalGeneration, ClipCapProcessor
+from modeling_clipcap.embedding_cache import build_embedding_cache
+
+model_dir, cache_dir, *paths = sys.argv[1:]
+original = datasets.Dataset.save_to_disk
+
+def save_then_die(self, path, *args, **kwargs):
+    original(self, path, *args, **kwargs)  # the Arrow files are on disk, cache_info.json and the rename are not
+    print("KILLED-WHILE-CACHING", path, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+datasets.Dataset.save_to_disk = save_then_die
+model = ClipCapForConditionalGeneration.from_pretrained(model_dir)
+processor = ClipCapProcessor.from_pretrained(model_dir)
+build_embedding_cache(model, processor.image_processor, paths, cache_dir=cache_dir, show_progress=False)
+"""
+
+
+def test_sigkill_while_writing_the_embedding_cache_is_not_trusted_later(tmp_path, tiny_model, tiny_processor):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from modeling_clipcap.embedding_cache import build_embedding_cache, encode_images
+
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_processor.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), "RGB").save(path)
+        paths.append(str(path))
+    cache_dir = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-c", CACHE_DRIVER, str(model_dir), str(cache_dir), *paths],
+        cwd=REPO_ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL and "KILLED-WHILE-CACHING" in proc.stdout, proc.stderr[-3000:]
+    assert not [p for p in cache_dir.iterdir() if not p.name.startswith(".")]  # only the temporary folder
+    cache = build_embedding_cache(
+        tiny_model, tiny_processor.image_processor, paths, cache_dir=cache_dir, show_progress=False
+    )
+    assert cache.num_encoded == len(paths)  # the half-written cache was not trusted
+    direct, _, _ = encode_images(tiny_model, tiny_processor.image_processor, paths, show_progress=False)
+    torch.testing.assert_close(cache.embeddings(), direct)
+    again = build_embedding_cache(
+        tiny_model, tiny_processor.image_processor, paths, cache_dir=cache_dir, show_progress=False
+    )
+    assert again.num_encoded == 0  # control: a complete cache of the same model and files is reused
