@@ -1106,7 +1106,14 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         "limit": args.limit,
         "clip_model": args.clip_model,
     }
-    metrics["data_report"] = report.to_dict()
+    data_report = report.to_dict()
+    # One list of every image left out, whether the reader dropped it (missing file) or it failed to decode.
+    skipped = [list(item) for item in data_report.pop("skipped_images", None) or []]
+    skipped += metrics.pop("skipped_images", None) or []
+    metrics["data_report"] = data_report
+    if skipped:
+        metrics["skipped_images"] = skipped
+        metrics["num_skipped_images"] = len(skipped)
 
     output_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / "evaluate" / str(args.split)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -1140,6 +1147,12 @@ def cli_main(args: Any) -> int:
         print(f"clipcap evaluate: error: {err}", file=sys.stderr)
         return 2
     print(render_metrics_table(result["metrics"]))
+    if result["metrics"].get("num_skipped_images"):
+        print(
+            f"bad images skipped: {result['metrics']['num_skipped_images']} "
+            f"(listed under skipped_images in {result['files']['metrics']})",
+            file=sys.stderr,
+        )
     for name, path in result["files"].items():
         print(f"{name}: {path}")
     return 0

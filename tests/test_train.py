@@ -256,6 +256,27 @@ def test_bad_images_fail_by_default_and_are_reported_with_skip(setup, tmp_path):
     assert summary["embedding_cache"]["Encoding train images"]["encoded"] == 11
 
 
+def test_script_reports_bad_data_without_a_traceback(setup, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    (data / "train" / "train_000002.png").write_bytes(b"")
+    argv = ["--config", str(setup["preset"]), "--train_file", str(data), "--output_dir", str(tmp_path / "o")]
+    argv += ["--embedding_cache_dir", str(tmp_path / "cache"), "--max_train_steps", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "train.py"), *argv],
+        env=_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "train.py: error:" in proc.stderr and "train_000002.png" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_unfrozen_vision_trains_from_pixels_without_a_cache(setup, tmp_path):
     preset = tmp_path / "preset_vision"
     import shutil

@@ -1247,6 +1247,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def cli() -> int:
+    """Run ``main()``; bad input (data files, images, arguments) prints one ``error:`` line, exit status 2."""
+    from modeling_clipcap.data import CaptionDataError
+
+    try:
+        main()
+    except (CaptionDataError, ValueError, FileNotFoundError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(cli())
