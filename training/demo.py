@@ -189,17 +189,20 @@ def draw_grid(samples: list[dict[str, Any]], path: Path) -> None:
 
     cols = 4
     rows = (len(samples) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.4, rows * 3.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.4, rows * 4.3 + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, sample in zip(axes.flat, samples):
         with Image.open(sample["path"]) as image:
             ax.imshow(image.convert("RGB"), interpolation="nearest")
         colour = "darkgreen" if sample["exact"] else "firebrick"
-        ax.set_title(_wrap("pred: " + sample["prediction"]), fontsize=8, color=colour, loc="left")
+        title = f"[{sample['split']}] pred: {sample['prediction']}"
+        ax.set_title(_wrap(title), fontsize=8, color=colour, loc="left")
         ax.text(0, -0.04, _wrap("ref: " + sample["reference"]), fontsize=7, transform=ax.transAxes, va="top")
-    fig.suptitle("ClipCap demo: test images, predicted (green = exact) and reference captions", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle("ClipCap demo: predicted (green = exact match) and reference captions", fontsize=10)
+    fig.subplots_adjust(
+        left=0.02, right=0.98, top=1 - 0.9 / (rows * 4.3 + 0.6), bottom=0.04, hspace=0.5, wspace=0.1
+    )
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
