@@ -251,6 +251,16 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             self.language_model.requires_grad_(False)
             self.language_model.eval()
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained`` that re-applies the config's freezing to the loaded weights."""
+        model = super().from_pretrained(*args, **kwargs)
+        if isinstance(model, ClipCapForConditionalGeneration):
+            model._apply_freezing()
+        elif isinstance(model, tuple) and isinstance(model[0], ClipCapForConditionalGeneration):
+            model[0]._apply_freezing()
+        return model
+
     def train(self, mode: bool = True) -> ClipCapForConditionalGeneration:
         """Like ``nn.Module.train`` but frozen sub-models stay in eval mode (no dropout)."""
         super().train(mode)
@@ -450,11 +460,20 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state  # (B, S, E)
         lm_head = self.language_model.lm_head
 
+        if isinstance(logits_to_keep, int):
+            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            kept = hidden_states[:, logits_to_keep]
+        logits = lm_head(kept)
+
         loss = None
         if labels is not None:
-            # Positions K-1 .. K+L-2 predict caption tokens 0 .. L-1: the output layer runs on them only.
-            caption_hidden = hidden_states[:, prefix_length - 1 : -1]
-            caption_logits = lm_head(caption_hidden).float()
+            # Positions K-1 .. K+L-2 predict caption tokens 0 .. L-1: the output layer runs on them only
+            # (reusing the full logits when they were computed anyway).
+            if isinstance(logits_to_keep, int) and logits_to_keep == 0:
+                caption_logits = logits[:, prefix_length - 1 : -1].float()
+            else:
+                caption_logits = lm_head(hidden_states[:, prefix_length - 1 : -1]).float()
             loss = F.cross_entropy(
                 caption_logits.reshape(-1, caption_logits.shape[-1]),
                 labels.reshape(-1).to(caption_logits.device),
@@ -463,12 +482,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             )
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
-
-        if isinstance(logits_to_keep, int):
-            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            kept = hidden_states[:, logits_to_keep]
-        logits = lm_head(kept)
 
         return ClipCapOutput(
             loss=loss,

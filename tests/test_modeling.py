@@ -571,3 +571,56 @@ def test_from_vision_text_pretrained(tiny_tokenizer, tmp_path, full_clip):
         model.language_model(input_ids=ids).logits, gpt(input_ids=ids).logits, atol=1e-5, rtol=1e-5
     )
     assert not any(p.requires_grad for p in model.vision_model.parameters())
+
+
+@pytest.mark.parametrize("freeze_language_model", [True, False])
+def test_from_pretrained_keeps_the_configured_freezing(tiny_tokenizer, tmp_path, freeze_language_model):
+    from transformers import AutoModel
+
+    make_model(tiny_tokenizer, freeze_language_model=freeze_language_model).save_pretrained(tmp_path)
+    for loader in (ClipCapForConditionalGeneration.from_pretrained, AutoModel.from_pretrained):
+        model = loader(tmp_path)
+        assert not any(p.requires_grad for p in model.vision_model.parameters())
+        assert all(p.requires_grad for p in model.mapping_network.parameters())
+        lm_trainable = {p.requires_grad for p in model.language_model.parameters()}
+        assert lm_trainable == {not freeze_language_model}
+        model.train()
+        assert model.language_model.training is not freeze_language_model and not model.vision_model.training
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_beams=3, max_new_tokens=6),
+        dict(num_beams=4, num_return_sequences=2, max_new_tokens=5),
+        dict(do_sample=True, num_return_sequences=3, max_new_tokens=5, top_k=10),
+    ],
+)
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_shared_prefix_prefill_equals_plain_generation(tiny_tokenizer, kwargs, with_prompt):
+    """generate() prefills [prefix ; prompt] once per image and copies the cache to the beams; the result
+    must equal transformers' own generation from the same embeddings (each beam prefilling by itself)."""
+    from transformers import GenerationMixin
+
+    model = make_model(tiny_tokenizer, "transformer", seed=11)
+    embeds = torch.randn(3, 24)
+    input_ids = attention_mask = None
+    if with_prompt:
+        tiny_tokenizer.pad_token = tiny_tokenizer.eos_token
+        enc = tiny_tokenizer(
+            ["a red", "two dogs playing", "a"], return_tensors="pt", padding=True, padding_side="left"
+        )
+        input_ids, attention_mask = enc.input_ids, enc.attention_mask
+    torch.manual_seed(0)
+    shared = model.generate(image_embeds=embeds, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    prefix, _ = model.get_prefix(image_embeds=embeds)
+    inputs_embeds, mask = model._build_prompt_embeds(prefix, input_ids, attention_mask)
+    prompt = None
+    if with_prompt:
+        order = torch.sort(attention_mask, dim=1, stable=True).indices
+        prompt = torch.gather(input_ids, 1, order)
+    torch.manual_seed(0)
+    plain = GenerationMixin.generate(
+        model, input_ids=prompt, inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs
+    )
+    assert torch.equal(shared, plain)
