@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from .configuration_clipcap import ClipCapConfig
 
@@ -729,9 +730,24 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 projection_dim = vision_config.projection_dim
                 vision_config = vision_config.vision_config
                 vision_config.projection_dim = projection_dim
-            vision = CLIPVisionModelWithProjection.from_pretrained(
-                vision_model_name_or_path, config=vision_config, **load_kwargs
-            )
+                # Its text tower's weights are expected leftovers: don't print them as "UNEXPECTED".
+                verbosity = hf_logging.get_verbosity()
+                hf_logging.set_verbosity_error()
+            else:
+                verbosity = None
+            try:
+                vision, loading_info = CLIPVisionModelWithProjection.from_pretrained(
+                    vision_model_name_or_path, config=vision_config, output_loading_info=True, **load_kwargs
+                )
+            finally:
+                if verbosity is not None:
+                    hf_logging.set_verbosity(verbosity)
+            missing = sorted(loading_info.get("missing_keys") or [])
+            if missing:
+                raise ValueError(
+                    f"{vision_model_name_or_path} lacks CLIP vision weights {missing[:5]} ({len(missing)} missing); "
+                    "give a CLIP or CLIP-vision checkpoint."
+                )
             if vision.visual_projection is None:
                 raise ValueError(
                     f"{vision_model_name_or_path} has no visual projection; ClipCap needs CLIP's image_embeds."

@@ -624,3 +624,14 @@ def test_shared_prefix_prefill_equals_plain_generation(tiny_tokenizer, kwargs, w
         model, input_ids=prompt, inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs
     )
     assert torch.equal(shared, plain)
+
+
+def test_from_vision_text_pretrained_refuses_a_vision_checkpoint_without_projection(tiny_tokenizer, tmp_path):
+    from transformers import CLIPVisionModel, GPT2LMHeadModel
+
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path / "vision")  # no visual_projection
+    GPT2LMHeadModel(tiny_text_config(len(tiny_tokenizer))).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="visual_projection"):
+        ClipCapForConditionalGeneration.from_vision_text_pretrained(
+            str(tmp_path / "vision"), str(tmp_path / "gpt2")
+        )

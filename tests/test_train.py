@@ -278,19 +278,16 @@ def test_script_reports_bad_data_without_a_traceback(setup, tmp_path):
 
 
 def test_unfrozen_vision_trains_from_pixels_without_a_cache(setup, tmp_path):
-    preset = tmp_path / "preset_vision"
-    import shutil
-
-    shutil.copytree(setup["preset"], preset)
-    config = json.loads((preset / "config.json").read_text())
-    config["freeze_vision"] = False
-    (preset / "config.json").write_text(json.dumps(config))
     out = tmp_path / "vision"
-    argv = ["--config", str(preset), "--train_file", str(setup["data"]), "--output_dir", str(out)]
+    argv = ["--config", str(setup["preset"]), "--train_file", str(setup["data"]), "--output_dir", str(out)]
+    argv += ["--freeze_vision", "false"]
     summary = train.main(argv + ["--embedding_cache_dir", str(tmp_path / "cache"), "--max_train_steps", "2"])
     assert summary["embedding_cache"] == {}  # nothing cached: CLIP runs inside the training step
     assert "vision_model" in summary["optimized_modules"]
     assert "eval_loss" in summary["final_metrics"] and "eval_CIDEr" in summary["final_metrics"]
+    from modeling_clipcap import ClipCapForConditionalGeneration
+
+    assert ClipCapForConditionalGeneration.from_pretrained(out).config.freeze_vision is False
 
 
 def test_streaming_reads_a_dataset_lazily_and_encodes_on_the_fly(setup, tmp_path):

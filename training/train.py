@@ -70,7 +70,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_PATTERN = re.compile(r"^(step|epoch)_(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
 # Arguments that are ClipCap model-config fields (they override the preset's config.json).
-MODEL_FIELDS = ("mapping_type", "prefix_length", "clip_length", "normalize_prefix", "freeze_language_model")
+MODEL_FIELDS = (
+    "mapping_type",
+    "prefix_length",
+    "clip_length",
+    "normalize_prefix",
+    "freeze_language_model",
+    "freeze_vision",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         default=None,
         help="Train only the mapping network (GPT-2 frozen).",
+    )
+    g.add_argument(
+        "--freeze_vision",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=None,
+        help="Keep the CLIP tower frozen (default true; false trains it from pixels, without the embedding cache).",
     )
 
     g = p.add_argument_group("data")
@@ -346,7 +361,7 @@ def build_model_and_processor(
     if args.model_name_or_path:
         model = ClipCapForConditionalGeneration.from_pretrained(args.model_name_or_path)
         for key, value in overrides.items():
-            if key == "freeze_language_model":
+            if key in ("freeze_language_model", "freeze_vision"):
                 setattr(model.config, key, value)
             elif getattr(model.config, key) != value:
                 raise ValueError(
@@ -354,6 +369,8 @@ def build_model_and_processor(
                     "a trained model's architecture cannot change. Drop the flag."
                 )
         model.language_model.requires_grad_(not model.config.freeze_language_model)
+        if model.vision_model is not None:
+            model.vision_model.requires_grad_(not model.config.freeze_vision)
         model._apply_freezing()
     elif args.text_model_name_or_path:
         fields = {k: v for k, v in preset_config.items() if k in ClipCapConfig.__dataclass_fields__}
@@ -1177,6 +1194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "prefix_length",
                 "clip_length",
                 "freeze_language_model",
+                "freeze_vision",
             )
         }
         | {
