@@ -219,3 +219,16 @@ def test_cli_argparse_errors_exit_2(run_cli, saved_model, mixed_folder):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = run_cli(str(folder))  # no --model
     assert proc.returncode == 2 and "--model" in proc.stderr
+
+
+def test_bfloat16_vision_loads_only_the_clip_tower_in_bf16(saved_model, run_cli, mixed_folder):
+    from modeling_clipcap.captioning import load_captioner
+
+    model, _ = load_captioner(saved_model, dtype="bfloat16-vision")
+    assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.mapping_network.parameters()} == {torch.float32}
+    folder, good, _ = mixed_folder
+    proc = run_cli(str(folder / good[0]), "--model", str(saved_model), "--dtype", "bfloat16-vision")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1
