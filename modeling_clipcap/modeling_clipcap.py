@@ -465,7 +465,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
             kept = hidden_states[:, logits_to_keep]
-        logits = self._output_layer(kept)
+        logits = lm_head(kept)
 
         loss = None
         if labels is not None:
@@ -493,36 +493,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             prefix_embeds=prefix,
             image_embeds=image_embeds,
         )
-
-    # Vocabulary columns per block of the CPU inference output layer (see ``_output_layer``).
-    output_layer_block_size: int = 2048
-
-    def _output_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """GPT-2's output layer, (B, S, E) -> (B, S, V).
-
-        On CPU without autograd and with few rows (decoding steps), the (V, E) weight is multiplied in
-        blocks of ``output_layer_block_size`` vocabulary rows that stay in cache: measured 1.6x faster than
-        one (32, 768) x (768, 50257) product on this project's CPUs (docs/performance.md). Elsewhere it is the
-        plain ``lm_head``.
-        """
-        lm_head = self.language_model.lm_head
-        weight = lm_head.weight
-        block = self.output_layer_block_size
-        rows = hidden_states.numel() // hidden_states.shape[-1]
-        if (
-            weight.device.type != "cpu"
-            or torch.is_grad_enabled()
-            or not block
-            or rows > 256
-            or weight.shape[0] <= block
-            or lm_head.bias is not None
-        ):
-            return lm_head(hidden_states)
-        flat = hidden_states.reshape(rows, hidden_states.shape[-1])
-        out = torch.empty((rows, weight.shape[0]), dtype=flat.dtype, device=flat.device)
-        for start in range(0, weight.shape[0], block):
-            torch.mm(flat, weight[start : start + block].T, out=out[:, start : start + block])
-        return out.view(*hidden_states.shape[:-1], weight.shape[0])
 
     # ------------------------------------------------------------------ generation
 

@@ -635,17 +635,3 @@ def test_from_vision_text_pretrained_refuses_a_vision_checkpoint_without_project
         ClipCapForConditionalGeneration.from_vision_text_pretrained(
             str(tmp_path / "vision"), str(tmp_path / "gpt2")
         )
-
-
-def test_blocked_output_layer_equals_lm_head(tiny_tokenizer):
-    model = make_model(tiny_tokenizer)
-    model.output_layer_block_size = 64  # the tiny vocabulary (301) spans several blocks
-    hidden = torch.randn(3, 2, 32)
-    with torch.no_grad():
-        blocked = model._output_layer(hidden)
-    assert blocked.shape == (3, 2, len(tiny_tokenizer))
-    torch.testing.assert_close(blocked, model.language_model.lm_head(hidden), atol=1e-6, rtol=1e-5)
-    embeds = torch.randn(4, 24)
-    fast = model.generate(image_embeds=embeds, num_beams=3, max_new_tokens=6)
-    model.output_layer_block_size = 0  # plain lm_head
-    assert torch.equal(fast, model.generate(image_embeds=embeds, num_beams=3, max_new_tokens=6))
