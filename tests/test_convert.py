@@ -629,7 +629,7 @@ def test_trust_remote_code_without_the_package(converted_mlp, tmp_path):
         model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         processor = AutoProcessor.from_pretrained({str(out)!r}, trust_remote_code=True)
-        ids = model.generate(pixel_values=torch.load({str(tmp_path / "pixels.pt")!r}), num_beams=2, max_new_tokens=8)
+        ids = model.generate(pixel_values=torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True), num_beams=2, max_new_tokens=8)
         print(json.dumps(ids.tolist()))
         print(json.dumps(processor.batch_decode(ids)))
         """
@@ -767,7 +767,7 @@ def test_push_to_hub_and_load_back_with_remote_code(hub_server, tmp_path, text_c
             import json, torch
             from transformers import AutoModel
             model = AutoModel.from_pretrained({repo_id!r}, trust_remote_code=True).eval()
-            ids = model.generate(pixel_values=torch.load({str(tmp_path / "pixels.pt")!r}), max_new_tokens=8)
+            ids = model.generate(pixel_values=torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True), max_new_tokens=8)
             print(json.dumps(ids.tolist()))
             """
         ),
