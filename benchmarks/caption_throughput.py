@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CAPTION_TOKENS,
     PAD_TOKEN_ID,
+    add_allocator_argument,
+    apply_allocator_argument,
     bf16_is_fast,
     build_model,
     make_pixel_values,
@@ -162,6 +164,27 @@ class _NoSharedPrefill:
         del self.model._shared_prefill_expand_size
 
 
+class _ModelAttribute:
+    """Context manager: set an attribute of the model instance for one row (ablations)."""
+
+    def __init__(self, model: Any, name: str, value: Any):
+        self.model, self.name, self.value = model, name, value
+
+    def __enter__(self) -> None:
+        setattr(self.model, self.name, self.value)
+
+    def __exit__(self, *exc: Any) -> None:
+        delattr(self.model, self.name)  # back to the class default
+
+
+#: ablation rows at the largest batch: label -> context manager factory (each undoes one optimisation)
+ABLATIONS: dict[str, Any] = {
+    "ours, stock EOS masking": lambda m: _ModelAttribute(m, "fast_eos_suppression", False),
+    "ours, plain output layer": lambda m: _ModelAttribute(m, "cpu_output_layer_block", None),
+    "ours, no shared prefill": _NoSharedPrefill,
+}
+
+
 # --------------------------------------------------------------------------------------------- driver
 
 
@@ -177,11 +200,24 @@ def bench_row(
     limit: float,
     threads: int,
     mapper: str,
+    repeats: int = 3,
 ) -> dict[str, Any]:
-    pixel_values = make_pixel_values(batch, seed=batch)
-    total = measure(lambda: run(model, pixel_values, num_beams))
-    clip = measure(lambda: clip_run(model, pixel_values))
-    work = necessary_caption_gflops(model, num_beams) * batch
+    """One table row. Times are medians: ours over ``repeats`` calls on the whole batch; the original-style
+    loop (``label == "original"``) over its ``batch`` images, one call per image (each image is the same
+    work: 20 tokens), so both sides are a median of several equal units of work."""
+    if label == "original":
+        images = [make_pixel_values(1, seed=i) for i in range(batch)]
+        queue = list(images)
+        total = measure(lambda: run(model, queue.pop(0), num_beams), repeats=batch, statistic="median")
+        queue = list(images)
+        clip = measure(lambda: clip_run(model, queue.pop(0)), repeats=batch, statistic="median")
+        unit_images = 1
+    else:
+        pixel_values = make_pixel_values(batch, seed=batch)
+        total = measure(lambda: run(model, pixel_values, num_beams), repeats=repeats, statistic="median")
+        clip = measure(lambda: clip_run(model, pixel_values), repeats=repeats, statistic="median")
+        unit_images = batch
+    work = necessary_caption_gflops(model, num_beams) * unit_images
     decode_s = max(total["seconds"] - clip["seconds"], 1e-9)
     row = {
         "threads": threads,
@@ -190,10 +226,11 @@ def bench_row(
         "mode": mode,
         "method": label,
         "batch": batch if label != "original" else 1,
-        "images": batch,
+        "images": batch if label == "original" else batch * repeats,
         "seconds": total["seconds"],
-        "img/s": batch / total["seconds"],
-        "decode img/s": batch / decode_s,
+        "times": total["times"],
+        "img/s": unit_images / total["seconds"],
+        "decode img/s": unit_images / decode_s,
         "clip s": clip["seconds"],
         "GFLOP/s": work / total["seconds"],
         "% limit": 100 * work / total["seconds"] / limit,
@@ -213,7 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="torch thread counts to run, e.g. 1,2")
     parser.add_argument("--batches", default="1,8,32", help="batch sizes of the batched generate")
     parser.add_argument(
-        "--baseline-images", type=int, default=2, help="images the original-style loop captions"
+        "--baseline-images",
+        type=int,
+        default=4,
+        help="images the original-style loop captions (one call each; the median call is reported)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="calls per batched row (the median call is reported)"
     )
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument(
@@ -225,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="bf16 rows: auto = only where bf16 matmuls are faster than fp32 on this CPU",
     )
-    parser.add_argument("--no-ablation", action="store_true", help="skip the no-shared-prefill row")
+    parser.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="skip the ablation rows (largest batch with one optimisation undone: stock EOS masking, "
+        "plain output layer, no shared prefill)",
+    )
+    add_allocator_argument(parser)
     parser.add_argument(
         "--quick", action="store_true", help="batches 1,8; 1 baseline image; mlp only; 1 thread"
     )
@@ -235,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.baseline_images, args.mappers, args.threads = "1,8", 1, "mlp", "1"
+        args.repeats = 1
         args.name = args.name + "_quick" if args.name == "caption_throughput" else args.name
     thread_counts = parse_int_list(args.threads)
     batches = parse_int_list(args.batches)
@@ -242,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [("greedy", 1), (f"beam{args.beams}", args.beams)]
 
     started = time.time()
+    allocator = apply_allocator_argument(args)
+    print(f"allocator tuning: {allocator or 'off (glibc defaults)'}")
     models = {m: build_model(m) for m in mappers}
     rows: list[dict[str, Any]] = []
     limits: dict[str, Any] = {}
@@ -273,25 +325,28 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in mapper_batches:
                     row = bench_row(
                         model, "ours", "fp32", mode, beams, batch, run_ours, run_clip,
-                        fp32_limit, threads, mapper,
+                        fp32_limit, threads, mapper, args.repeats,
                     )  # fmt: skip
                     row["speedup"] = row["img/s"] / base["img/s"]
                     row["decode speedup"] = row["decode img/s"] / base["decode img/s"]
                     rows.append(row)
-                if beams > 1 and not args.no_ablation and mapper == "mlp":
-                    with _NoSharedPrefill(model):
+                for ablation, undo in ABLATIONS.items() if not args.no_ablation and mapper == "mlp" else ():
+                    if ablation == "ours, no shared prefill" and beams == 1:
+                        continue  # greedy has one row per image: nothing to share
+                    with undo(model):
                         row = bench_row(
-                            model, "ours, no shared prefill", "fp32", mode, beams, max(batches),
-                            run_ours, run_clip, fp32_limit, threads, mapper,
+                            model, ablation, "fp32", mode, beams, max(batches),
+                            run_ours, run_clip, fp32_limit, threads, mapper, args.repeats,
                         )  # fmt: skip
                     row["speedup"] = row["img/s"] / base["img/s"]
+                    row["decode speedup"] = row["decode img/s"] / base["decode img/s"]
                     rows.append(row)
                 if use_bf16:
                     model_bf16 = bf16_models.setdefault(mapper, build_model(mapper, dtype=torch.bfloat16))
                     for batch in mapper_batches:
                         row = bench_row(
                             model_bf16, "ours", "bf16", mode, beams, batch, run_ours, run_clip,
-                            bf16_limit, threads, mapper,
+                            bf16_limit, threads, mapper, args.repeats,
                         )  # fmt: skip
                         row["speedup"] = row["img/s"] / base["img/s"]
                         rows.append(row)
@@ -310,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         args.name,
         {
             "args": vars(args),
+            "allocator_tuning": allocator,
             "caption_tokens": CAPTION_TOKENS,
             "matmul_limits": limits,
             "rows": rows,

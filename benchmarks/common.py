@@ -209,24 +209,48 @@ def reset_peak_rss() -> bool:
 # --------------------------------------------------------------------------------------------- timing
 
 
-def measure(fn: Callable[[], Any], repeats: int = 1) -> dict[str, Any]:
-    """Run ``fn`` ``repeats`` times; best wall time (s), peak RSS (MiB) and peak growth over the start."""
+def measure(fn: Callable[[], Any], repeats: int = 1, statistic: str = "best") -> dict[str, Any]:
+    """Run ``fn`` ``repeats`` times: wall time (s) by ``statistic`` ("best" or "median") and every time,
+    peak RSS (MiB) and peak growth over the start."""
     import gc
+    import statistics as stats
 
+    if statistic not in ("best", "median"):
+        raise ValueError(f"statistic must be 'best' or 'median', got {statistic!r}")
     gc.collect()
     start_rss = rss_mb()
     reset_peak_rss()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     peak = peak_rss_mb()
     return {
-        "seconds": best,
+        "seconds": min(times) if statistic == "best" else stats.median(times),
+        "times": times,
         "peak_rss_mb": peak,
         "peak_growth_mb": None if peak is None or start_rss is None else peak - start_rss,
     }
+
+
+def add_allocator_argument(parser: Any) -> None:
+    """``--no-malloc-tuning``: keep glibc's default allocator settings (see ``modeling_clipcap.cpu_tuning``)."""
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="keep glibc's default malloc settings (default: tune_cpu_allocator(), as the clipcap CLI does; "
+        "applies to the baseline and ours alike)",
+    )
+
+
+def apply_allocator_argument(args: Any) -> dict[str, Any] | None:
+    """Apply the allocator tuning unless ``--no-malloc-tuning``; returns what was applied (for the JSON)."""
+    if getattr(args, "no_malloc_tuning", False):
+        return None
+    from modeling_clipcap.cpu_tuning import tune_cpu_allocator
+
+    return tune_cpu_allocator()
 
 
 # --------------------------------------------------------------------------------------------- output

@@ -51,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``clipcap`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("caption", "evaluate"):
+        # process-wide malloc settings that speed up batched CPU decoding (CLIPCAP_MALLOC_TUNING=0: off)
+        from .cpu_tuning import tune_cpu_allocator_from_env
+
+        tune_cpu_allocator_from_env()
     return int(args._cli_main(args) or 0)
 
 

@@ -529,14 +529,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
     #: Vocabulary rows per block of the CPU inference output layer (None: one ``lm_head`` call). See
     #: ``_output_layer``.
-    cpu_output_layer_block: int | None = 2048
+    cpu_output_layer_block: int | None = 1024
 
     def _output_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """GPT-2's output layer: hidden states (..., E) -> logits (..., V).
 
         On CPU, in float32 and without gradients (decoding), the (V, E) weight is applied in blocks of
         ``cpu_output_layer_block`` vocabulary rows. One (rows, 768) x (768, 50257) product runs at 44-57
-        GFLOP/s in MKL on this project's benchmark machine, the same product in 2048-row blocks at 59-83
+        GFLOP/s in MKL on this project's benchmark machine, the same product in 1024-row blocks at 55-83
         (``docs/performance.md``). Each logit is the same dot product over E: bit-identical for GPT-2's shapes
         there, equal up to float rounding in general (a BLAS may sum a narrower product in another order).
         Everywhere else (GPU, other dtypes, training) it is the plain ``lm_head`` call.
