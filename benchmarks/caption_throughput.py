@@ -146,6 +146,26 @@ def run_ours(model: Any, pixel_values: torch.Tensor, num_beams: int) -> torch.Te
     )
 
 
+def run_ours_compiled(model: Any, pixel_values: torch.Tensor, num_beams: int) -> torch.Tensor:
+    """``generate`` with a static cache and the decoding step compiled by ``torch.compile`` (transformers'
+    ``CompileConfig``; on CPU it must be allowed with ``_compile_all_devices``). The first call per shape
+    compiles (tens of seconds); the benchmark warms it up before timing."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(fullgraph=False, dynamic=False)
+    compile_config._compile_all_devices = True
+    return model.generate(
+        pixel_values=pixel_values,
+        num_beams=num_beams,
+        do_sample=False,
+        min_new_tokens=CAPTION_TOKENS,
+        max_new_tokens=CAPTION_TOKENS,
+        pad_token_id=PAD_TOKEN_ID,
+        cache_implementation="static",
+        compile_config=compile_config,
+    )
+
+
 def run_clip(model: Any, pixel_values: torch.Tensor) -> None:
     with torch.no_grad():
         model.get_image_features(pixel_values)
@@ -274,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the ablation rows (largest batch with one optimisation undone: stock EOS masking, "
         "plain output layer, no shared prefill)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add a greedy row at the largest batch with torch.compile + static cache (compiles first)",
+    )
     add_allocator_argument(parser)
     parser.add_argument(
         "--quick", action="store_true", help="batches 1,8; 1 baseline image; mlp only; 1 thread"
@@ -340,6 +365,18 @@ def main(argv: list[str] | None = None) -> int:
                         )  # fmt: skip
                     row["speedup"] = row["img/s"] / base["img/s"]
                     row["decode speedup"] = row["decode img/s"] / base["decode img/s"]
+                    rows.append(row)
+                if args.compile and beams == 1 and mapper == "mlp":
+                    started_compile = time.perf_counter()
+                    run_ours_compiled(model, make_pixel_values(max(batches), seed=max(batches)), beams)
+                    compile_s = time.perf_counter() - started_compile
+                    row = bench_row(
+                        model, "ours, torch.compile + static cache", "fp32", mode, beams, max(batches),
+                        run_ours_compiled, run_clip, fp32_limit, threads, mapper, args.repeats,
+                    )  # fmt: skip
+                    row["speedup"] = row["img/s"] / base["img/s"]
+                    row["decode speedup"] = row["decode img/s"] / base["decode img/s"]
+                    row["first call s (compiles)"] = compile_s
                     rows.append(row)
                 if use_bf16:
                     model_bf16 = bf16_models.setdefault(mapper, build_model(mapper, dtype=torch.bfloat16))
