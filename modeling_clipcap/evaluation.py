@@ -970,11 +970,21 @@ def render_metrics_table(metrics: Mapping[str, Any], title: str | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def update_model_card(model_dir: str | os.PathLike, table: str, heading: str = "## Evaluation") -> Path:
+def update_model_card(
+    model_dir: str | os.PathLike,
+    table: str,
+    heading: str = "## Evaluation",
+    metrics: Mapping[str, Any] | None = None,
+    dataset_name: str | None = None,
+    split: str | None = None,
+) -> Path:
     """Put ``table`` into ``model_dir/README.md`` between the evaluate markers (replacing an earlier table).
 
-    Creates the README when missing and appends an evaluation section when it has no markers.
-    Returns the README path.
+    Creates the README when missing and appends an evaluation section when it has no markers. With
+    ``metrics`` and ``dataset_name``, the card's YAML metadata also gets ``model-index`` results (task
+    ``image-to-text``, one entry per computed metric, scores x100 as in the table) through
+    ``huggingface_hub.ModelCard``, so the Hub shows them; earlier results for the same dataset and split are
+    replaced, other metadata and results are kept. Returns the README path.
     """
     readme = Path(model_dir) / "README.md"
     block = f"{MODEL_CARD_START}\n{table.rstrip()}\n{MODEL_CARD_END}"
@@ -985,8 +995,43 @@ def update_model_card(model_dir: str | os.PathLike, table: str, heading: str = "
         text = head + block + tail
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + f"{heading}\n\n{block}\n"
+    if metrics is not None and dataset_name:
+        text = _with_model_index(text, metrics, dataset_name, split, Path(model_dir).resolve().name)
     readme.write_text(text, encoding="utf-8")
     return readme
+
+
+def _with_model_index(
+    text: str, metrics: Mapping[str, Any], dataset_name: str, split: str | None, model_name: str
+) -> str:
+    """``text`` (a model card) with its ``model-index`` results for ``dataset_name``/``split`` replaced."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    card = ModelCard(text)
+    kept = [
+        result
+        for result in (card.data.eval_results or [])
+        if not (result.dataset_name == dataset_name and result.dataset_split == split)
+    ]
+    for key, label in TABLE_COLUMNS:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        kept.append(
+            EvalResult(
+                task_type="image-to-text",
+                task_name="Image Captioning",
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                dataset_split=split,
+                metric_type=key.lower(),
+                metric_name=label,
+                metric_value=round(100 * float(value), 2),
+            )
+        )
+    card.data.eval_results = kept or None
+    card.data.model_name = card.data.model_name or model_name
+    return str(card)
 
 
 # ----------------------------------------------------------------------------
@@ -1131,7 +1176,9 @@ def run_evaluation(args: Any) -> dict[str, Any]:
     table = render_metrics_table(metrics, title=title)
     files["table"].write_text(table, encoding="utf-8")
     if args.update_model_card:
-        files["model_card"] = update_model_card(model_dir, table)
+        files["model_card"] = update_model_card(
+            model_dir, table, metrics=metrics, dataset_name=Path(args.data).name, split=args.split
+        )
     return {"predictions": predictions, "metrics": metrics, "output_dir": output_dir, "files": files}
 
 

@@ -569,11 +569,25 @@ def test_clipcap_evaluate_command_writes_consistent_outputs_equal_to_pycocoevalc
     )
     assert cells["SPICE"] == ("–" if "SPICE" not in metrics else f"{100 * metrics['SPICE']:.2f}")
     # the model card got the table, between markers, after the existing text; a second run replaces it
+    from huggingface_hub import ModelCard
+
     card = (saved_tiny_model / "README.md").read_text()
-    assert card.startswith("# tiny model") and ev.MODEL_CARD_START in card and row in card
+    body = ModelCard(card).text
+    assert body.startswith("# tiny model") and ev.MODEL_CARD_START in body and row in body
+    # ... and model-index metadata with the same numbers (x100, 2 decimals) for this dataset and split
+    results = ModelCard(card).data.eval_results
+    by_metric = {r.metric_type: r for r in results}
+    assert by_metric["cider"].metric_value == round(100 * metrics["CIDEr"], 2)
+    assert by_metric["bleu_4"].metric_value == round(100 * metrics["Bleu_4"], 2)
+    assert {(r.task_type, r.dataset_name, r.dataset_split) for r in results} == {
+        ("image-to-text", data.name, "test")
+    }
+    assert "meteor" in by_metric
     assert main(argv + ["--update_model_card", "--no_progress", "--no_meteor"]) == 0
     card2 = (saved_tiny_model / "README.md").read_text()
     assert card2.count(ev.MODEL_CARD_START) == 1 and "METEOR skipped" in card2
+    results2 = ModelCard(card2).data.eval_results
+    assert len(results2) == len(results) - 1 and "meteor" not in {r.metric_type for r in results2}
 
 
 def test_evaluate_model_batched_equals_one_by_one_and_uses_image_embeds(tmp_path, tiny_model, tiny_processor):
