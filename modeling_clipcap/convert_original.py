@@ -124,9 +124,15 @@ class ConversionError(ValueError):
 
 
 def hub_configs_dir() -> Path:
-    """The ``hub_configs/`` folder: ``$CLIPCAP_HUB_CONFIGS`` if set, else the one next to this package."""
+    """The ``hub_configs/`` folder: ``$CLIPCAP_HUB_CONFIGS`` if set, else the repository's (a checkout or an
+    editable install), else the copy a wheel installs as ``modeling_clipcap/hub_configs``."""
     env = os.environ.get("CLIPCAP_HUB_CONFIGS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "hub_configs"
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[1] / "hub_configs"
+    if checkout.is_dir():
+        return checkout
+    return Path(__file__).resolve().parent / "hub_configs"
 
 
 def load_preset(preset: str | os.PathLike) -> dict[str, Any]:
@@ -145,8 +151,8 @@ def load_preset(preset: str | os.PathLike) -> dict[str, Any]:
         path = hub_configs_dir() / str(preset)
         if not path.is_dir():
             raise ConversionError(
-                f"Preset folder {path} not found. Run from a checkout of the repository, set "
-                "CLIPCAP_HUB_CONFIGS to its hub_configs/ folder, or pass the preset folder's path."
+                f"Preset folder {path} not found (it ships with the package; is the installation complete?). "
+                "Set CLIPCAP_HUB_CONFIGS to a hub_configs/ folder, or pass the preset folder's path."
             )
 
     def read_json(name: str) -> dict[str, Any]:

@@ -775,3 +775,35 @@ def test_push_to_hub_and_load_back_with_remote_code(hub_server, tmp_path, text_c
         cwd=tmp_path,
     )
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_every_preset_file_ships_in_the_wheel():
+    """pyproject's package-data globs cover every file of hub_configs/ (installed as modeling_clipcap/hub_configs),
+    so `clipcap convert --preset NAME` finds its preset from a pip install, not only from a checkout."""
+    import fnmatch
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    setuptools_cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_dirs = {name: root / path for name, path in setuptools_cfg["package-dir"].items()}
+    assert package_dirs["modeling_clipcap.hub_configs"] == root / "hub_configs"
+    globs = setuptools_cfg["package-data"]
+    files = [p for p in (root / "hub_configs").rglob("*") if p.is_file()]
+    assert files
+    for file in files:
+        # the innermost listed package holding the file, and the file's path relative to it
+        owners = [
+            (name, directory)
+            for name, directory in package_dirs.items()
+            if name in setuptools_cfg["packages"] and directory in file.parents
+        ]
+        name, directory = max(owners, key=lambda item: len(item[1].parts))
+        relative = file.relative_to(directory).as_posix()
+        assert any(
+            fnmatch.fnmatch(relative, g) and relative.count("/") == g.count("/") for g in globs[name]
+        ), f"{file} is not covered by package-data of {name}: {globs[name]}"
+    from modeling_clipcap.convert_original import hub_configs_dir
+
+    assert (hub_configs_dir() / "coco-mlp" / "preset.json").is_file()
