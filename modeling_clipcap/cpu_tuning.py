@@ -1,13 +1,13 @@
 """Process-wide CPU memory-allocator tuning for inference (glibc ``mallopt``).
 
 Batched CPU decoding allocates the same large temporaries at every step: GPT-2's (rows, 50257) logits
-(32 MB at beam 5 x batch 32), CLIP's (B x 50, 3072) MLP activations (20 MB at batch 32). glibc serves
-blocks this large with ``mmap`` and gives them back with ``munmap`` on free, so every step pays page faults
-to zero-fill fresh pages again; the freed heap top is trimmed back to the OS as well. Raising the mmap
-threshold to its maximum (32 MiB) and keeping freed memory (trim threshold, top pad) lets those blocks be
-reused: on the benchmark machine the CLIP tower at batch 32 ran 6% faster and element-wise ops on these
-tensors about 2x faster (``docs/performance.md``). This is the same effect the PyTorch CPU tuning guides get
-by preloading jemalloc / tcmalloc.
+(32 MB at beam 5 x batch 32), CLIP's (B x 50, 3072) MLP activations (20 MB at batch 32). With its default,
+self-adjusting settings glibc serves blocks this large with ``mmap`` (``munmap`` on free) or trims them off
+the top of the heap when they are freed, so the next step page-faults and zero-fills fresh pages again.
+Fixing the mmap threshold at its maximum (32 MiB) and keeping freed memory (trim threshold, top pad) lets
+those blocks be reused: on the benchmark machine the CLIP tower at batch 32 ran 6% faster and element-wise
+ops on these tensors about 2x faster (``docs/performance.md``). This is the same effect the PyTorch CPU
+tuning guides get by preloading jemalloc / tcmalloc.
 
 It is a process-wide setting, so the library never applies it on import: the ``clipcap`` command line and
 the benchmarks call :func:`tune_cpu_allocator`; applications may call it themselves. Set
