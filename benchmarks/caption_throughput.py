@@ -135,7 +135,7 @@ def run_clip_batch1(model: Any, pixel_values: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------- ours
 
 
-def run_ours(model: Any, pixel_values: torch.Tensor, num_beams: int) -> torch.Tensor:
+def run_ours(model: Any, pixel_values: torch.Tensor, num_beams: int, **options: Any) -> torch.Tensor:
     return model.generate(
         pixel_values=pixel_values,
         num_beams=num_beams,
@@ -143,6 +143,7 @@ def run_ours(model: Any, pixel_values: torch.Tensor, num_beams: int) -> torch.Te
         min_new_tokens=CAPTION_TOKENS,
         max_new_tokens=CAPTION_TOKENS,
         pad_token_id=PAD_TOKEN_ID,
+        **options,
     )
 
 
@@ -154,15 +155,8 @@ def run_ours_compiled(model: Any, pixel_values: torch.Tensor, num_beams: int) ->
 
     compile_config = CompileConfig(fullgraph=False, dynamic=False)
     compile_config._compile_all_devices = True
-    return model.generate(
-        pixel_values=pixel_values,
-        num_beams=num_beams,
-        do_sample=False,
-        min_new_tokens=CAPTION_TOKENS,
-        max_new_tokens=CAPTION_TOKENS,
-        pad_token_id=PAD_TOKEN_ID,
-        cache_implementation="static",
-        compile_config=compile_config,
+    return run_ours(
+        model, pixel_values, num_beams, cache_implementation="static", compile_config=compile_config
     )
 
 

@@ -53,14 +53,12 @@ class EosSuppressionUntilLength(LogitsProcessor):
     def __init__(self, min_length: int, eos_token_id: torch.Tensor):
         self.min_length = int(min_length)
         self.eos_token_id = torch.as_tensor(eos_token_id).reshape(-1).to(torch.long)
+        self._ids = [i for i in self.eos_token_id.tolist() if i >= 0]  # a few ints, indexable on any device
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[-1] < self.min_length:
-            ids = self.eos_token_id.to(scores.device)
-            ids = ids[
-                (ids >= 0) & (ids < scores.shape[-1])
-            ]  # the stock processors ignore out-of-vocab ids too
-            scores[..., ids] = -math.inf
+            # out-of-vocabulary ids are ignored, as the stock processors' mask ignores them
+            scores[..., [i for i in self._ids if i < scores.shape[-1]]] = -math.inf
         return scores
 
 
