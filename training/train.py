@@ -1020,6 +1020,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_train_steps": max_train_steps,
         }
 
+    def checkpoint_now(name: str, epoch: int, batches_in_epoch: int) -> None:
+        save_checkpoint(
+            accelerator,
+            args.output_dir,
+            name,
+            training_state(epoch, batches_in_epoch),
+            args.checkpoints_total_limit,
+        )
+
     checkpoint_every = (
         int(args.checkpointing_steps) if str(args.checkpointing_steps or "").isdigit() else None
     )
@@ -1092,13 +1101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 losses_window = []
 
             if checkpoint_every and completed_steps % checkpoint_every == 0:
-                save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    f"step_{completed_steps}",
-                    training_state(epoch, batches_in_epoch),
-                    args.checkpoints_total_limit,
-                )
+                checkpoint_now(f"step_{completed_steps}", epoch, batches_in_epoch)
             if (
                 args.eval_steps
                 and completed_steps % args.eval_steps == 0
@@ -1120,25 +1123,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 and completed_steps < max_train_steps
             ):
                 if not (checkpoint_every and completed_steps % checkpoint_every == 0):
-                    save_checkpoint(
-                        accelerator,
-                        args.output_dir,
-                        f"step_{completed_steps}",
-                        training_state(epoch, batches_in_epoch),
-                        args.checkpoints_total_limit,
-                    )
+                    checkpoint_now(f"step_{completed_steps}", epoch, batches_in_epoch)
                 stopped_early = True
                 break
         if stopped_early:
             break
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(
-                accelerator,
-                args.output_dir,
-                f"epoch_{epoch}",
-                training_state(epoch, batches_in_epoch),
-                args.checkpoints_total_limit,
-            )
+            checkpoint_now(f"epoch_{epoch}", epoch, batches_in_epoch)
     progress_bar.close()
 
     # -------------------------------------------------------------- final validation, save, push
