@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_text_config
+from conftest import tiny_text_config, tiny_vision_config
 from transformers import AutoModel, GPT2LMHeadModel
 
 import modeling_clipcap
@@ -227,14 +227,7 @@ def clip_dir(tmp_path_factory):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     path = tmp_path_factory.mktemp("clip")
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = tiny_vision_config(projection_dim=24).to_dict()
     text = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100
     )
@@ -558,7 +551,6 @@ def test_output_directory_is_a_complete_model(converted_mlp, clip_dir, text_conf
 
 
 def test_clip_vision_only_folder(tmp_path, text_config, text_dir, clip_dir):
-    from conftest import tiny_vision_config
     from transformers import CLIPVisionModelWithProjection
 
     torch.manual_seed(5)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_vision_config
 
 from modeling_clipcap import evaluation as ev
 
@@ -313,14 +314,7 @@ def _tiny_clip(tmp_dir: Path | None = None):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=tiny_vision_config(projection_dim=16).to_dict(),
         projection_dim=16,
     )
     torch.manual_seed(0)
