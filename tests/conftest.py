@@ -123,6 +123,38 @@ def build_tiny_processor(tokenizer):
     return ClipCapProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def write_tiny_preset(folder: Path, training_args: dict, max_new_tokens: int = 6) -> Path:
+    """A training preset folder for train.py: tiny tokenizer, tiny ClipCap config, generation config and
+    the given ``training_args.json``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer(folder)
+    (folder / "config.json").write_text(json.dumps(tiny_clipcap_config(len(tok)).to_dict()))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"max_new_tokens": max_new_tokens, "num_beams": 1})
+    )
+    (folder / "training_args.json").write_text(json.dumps(training_args))
+    return folder
+
+
+def subprocess_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """Environment for a train.py / accelerate subprocess: one thread, offline, a private HF_HOME (no user
+    accelerate config, no shared caches), unbuffered output; ``extra`` added last."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_HOME": str(tmp / "hf_home"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tiny_tokenizer):
     return tiny_clipcap_config(len(tiny_tokenizer))

@@ -20,7 +20,6 @@ The in-process kills come from a small driver that imports ``train`` and wraps `
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, build_tiny_tokenizer, tiny_clipcap_config
+from conftest import REPO_ROOT, subprocess_env, write_tiny_preset
 from safetensors.torch import load_file
 
 TRAINING_DIR = REPO_ROOT / "training"
@@ -89,30 +88,11 @@ COMMON += ["--max_train_steps", "14", "--checkpointing_steps", "2", "--report_to
 
 def _write_preset(folder: Path) -> Path:
     """A tiny preset with dropout on (so RNG state must survive the kills too)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer(folder)
-    (folder / "config.json").write_text(json.dumps(tiny_clipcap_config(len(tok)).to_dict()))
-    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 6, "num_beams": 1}))
-    (folder / "training_args.json").write_text(
-        json.dumps({"learning_rate": 1e-2, "num_warmup_steps": 2, "max_caption_length": 24})
-    )
-    return folder
+    return write_tiny_preset(folder, {"learning_rate": 1e-2, "num_warmup_steps": 2, "max_caption_length": 24})
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "HF_HOME": str(tmp / "hf_home"),
-            "PYTHONUNBUFFERED": "1",
-            "TRAINING_DIR": str(TRAINING_DIR),
-        }
-    )
-    env.update(extra)
-    return env
+    return subprocess_env(tmp, TRAINING_DIR=str(TRAINING_DIR), **extra)
 
 
 def _logged_steps(out: Path) -> list[dict]:

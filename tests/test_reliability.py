@@ -31,7 +31,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, build_tiny_processor, build_tiny_tokenizer, tiny_clipcap_config
+from conftest import (
+    REPO_ROOT,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    write_tiny_preset,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -277,14 +282,9 @@ def test_embedding_cache_on_mixed_folder_fail_writes_nothing_skip_lists(
 
 
 def _write_preset(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer(folder)
-    (folder / "config.json").write_text(json.dumps(tiny_clipcap_config(len(tok)).to_dict()))
-    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 6, "num_beams": 1}))
-    (folder / "training_args.json").write_text(
-        json.dumps({"learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_caption_length": 16})
+    return write_tiny_preset(
+        folder, {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_caption_length": 16}
     )
-    return folder
 
 
 def test_train_on_mixed_folder_fail_then_skip_reports_count_and_list(mixed, tmp_path, capsys):

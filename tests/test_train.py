@@ -7,7 +7,6 @@ Fast tests call ``train.main(argv)`` in this process; the ``slow`` ones launch r
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, build_tiny_tokenizer, tiny_clipcap_config
+from conftest import REPO_ROOT, build_tiny_tokenizer, subprocess_env, tiny_clipcap_config
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(REPO_ROOT / "training"))
@@ -90,18 +89,7 @@ def _losses(out: Path) -> list[float]:
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "HF_HOME": str(tmp / "hf_home"),  # no user accelerate config, no shared caches
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update(extra)
-    return env
+    return subprocess_env(tmp, **extra)
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: int = 480) -> subprocess.CompletedProcess:
