@@ -259,6 +259,13 @@ def bench_row(
     return row
 
 
+def against(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its speed-ups over the original-style ``base`` row of the same run (total and decode)."""
+    row["speedup"] = row["img/s"] / base["img/s"]
+    row["decode speedup"] = row["decode img/s"] / base["decode img/s"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", default="1,2", help="torch thread counts to run, e.g. 1,2")
@@ -346,9 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                         model, "ours", "fp32", mode, beams, batch, run_ours, run_clip,
                         fp32_limit, threads, mapper, args.repeats,
                     )  # fmt: skip
-                    row["speedup"] = row["img/s"] / base["img/s"]
-                    row["decode speedup"] = row["decode img/s"] / base["decode img/s"]
-                    rows.append(row)
+                    rows.append(against(row, base))
                 for ablation, undo in ABLATIONS.items() if not args.no_ablation and mapper == "mlp" else ():
                     if ablation == "ours, no shared prefill" and beams == 1:
                         continue  # greedy has one row per image: nothing to share
@@ -357,9 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                             model, ablation, "fp32", mode, beams, max(batches),
                             run_ours, run_clip, fp32_limit, threads, mapper, args.repeats,
                         )  # fmt: skip
-                    row["speedup"] = row["img/s"] / base["img/s"]
-                    row["decode speedup"] = row["decode img/s"] / base["decode img/s"]
-                    rows.append(row)
+                    rows.append(against(row, base))
                 if args.compile and beams == 1 and mapper == "mlp":
                     started_compile = time.perf_counter()
                     run_ours_compiled(model, make_pixel_values(max(batches), seed=max(batches)), beams)
@@ -368,10 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                         model, "ours, torch.compile + static cache", "fp32", mode, beams, max(batches),
                         run_ours_compiled, run_clip, fp32_limit, threads, mapper, args.repeats,
                     )  # fmt: skip
-                    row["speedup"] = row["img/s"] / base["img/s"]
-                    row["decode speedup"] = row["decode img/s"] / base["decode img/s"]
                     row["first call s (compiles)"] = compile_s
-                    rows.append(row)
+                    rows.append(against(row, base))
                 if use_bf16:
                     model_bf16 = bf16_models.setdefault(mapper, build_model(mapper, dtype=torch.bfloat16))
                     for batch in mapper_batches:
@@ -379,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                             model_bf16, "ours", "bf16", mode, beams, batch, run_ours, run_clip,
                             bf16_limit, threads, mapper, args.repeats,
                         )  # fmt: skip
-                        row["speedup"] = row["img/s"] / base["img/s"]
-                        rows.append(row)
+                        rows.append(against(row, base))
     columns = [
         "threads", "mapper", "dtype", "mode", "method", "batch", "img/s", "decode img/s", "speedup",
         "decode speedup", "GFLOP/s", "% limit", "peak MiB",
