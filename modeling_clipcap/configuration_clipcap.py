@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+from .compat import require_supported_transformers  # noqa: F401  (fails clearly outside the supported range)
+
+# isort: split
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict

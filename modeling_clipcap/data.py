@@ -636,7 +636,7 @@ def load_hf_caption_dataset(
     out = datasets.concatenate_datasets(
         [
             meta.select_columns(["image_id"]),
-            images.flatten_indices() if images._indices is not None else images,
+            images,  # concatenate_datasets flattens an indices mapping itself
             meta.select_columns(["captions"]),
         ],
         axis=1,

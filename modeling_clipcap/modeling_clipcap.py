@@ -12,7 +12,9 @@ networks of the paper and wires generation through ``GenerationMixin`` with ``in
 
 from __future__ import annotations
 
-import math
+from .compat import CACHE_KWARG, cache_kwargs, output_cache, pop_cache_argument  # checks transformers first
+
+# isort: split
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,40 +29,12 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.generation.logits_process import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    MinLengthLogitsProcessor,
-    MinNewTokensLengthLogitsProcessor,
-)
-from transformers.modeling_outputs import ModelOutput
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 
 from .configuration_clipcap import ClipCapConfig
-
-
-class EosSuppressionUntilLength(LogitsProcessor):
-    """In-place twin of ``MinLengthLogitsProcessor`` / ``MinNewTokensLengthLogitsProcessor``.
-
-    While ``input_ids`` (B, T) has fewer than ``min_length`` tokens, the EOS columns of ``scores`` (B, V) are set
-    to ``-inf`` in place. The stock processors build a (V,) mask and a new (B, V) tensor with ``torch.where``
-    at every step; at beam 5 x batch 32 that is a 32 MB temporary per processor and step, a measurable share
-    of CPU decoding time (``docs/performance.md``). The scores produced are identical.
-
-    ``generate`` only uses it where writing into ``scores`` is safe (not when raw logits are returned).
-    """
-
-    def __init__(self, min_length: int, eos_token_id: torch.Tensor):
-        self.min_length = int(min_length)
-        self.eos_token_id = torch.as_tensor(eos_token_id).reshape(-1).to(torch.long)
-        self._ids = [i for i in self.eos_token_id.tolist() if i >= 0]  # a few ints, indexable on any device
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[-1] < self.min_length:
-            # out-of-vocabulary ids are ignored, as the stock processors' mask ignores them
-            scores[..., [i for i in self._ids if i < scores.shape[-1]]] = -math.inf
-        return scores
-
+from .fast_decoding import blocked_output_layer, swap_min_length_processors
 
 # ---------------------------------------------------------------------------------------------------------
 # Mapping networks
@@ -185,23 +159,19 @@ MAPPING_NETWORKS: dict[str, type[nn.Module]] = {
 
 
 @dataclass
-class ClipCapOutput(ModelOutput):
-    """Output of [`ClipCapForConditionalGeneration.forward`].
+class ClipCapOutput(CausalLMOutputWithPast):
+    """Output of [`ClipCapForConditionalGeneration.forward`]: transformers' causal-LM output plus the prefix.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*): caption cross-entropy (only when ``labels`` given).
         logits (`torch.FloatTensor` of shape `(B, S, V)`): GPT-2 logits, S = K + L positions when a prefix
             is present (or the last ``logits_to_keep`` positions).
-        past_key_values (`Cache`, *optional*): GPT-2's key/value cache.
+        cache (`Cache`, *optional*): GPT-2's key/value cache; named ``past_key_values`` under transformers
+            < 5.24 (the field is inherited, so it carries the installed release's name, see ``compat.py``).
         prefix_embeds (`torch.FloatTensor` of shape `(B, K, E)`, *optional*): the mapped prefix.
         image_embeds (`torch.FloatTensor` of shape `(B, D)`, *optional*): the CLIP image embedding used.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     prefix_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
 
@@ -216,7 +186,7 @@ class ClipCapPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["GPT2Block", "CLIPEncoderLayer", "ClipCapMapperLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KWARG]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -428,7 +398,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -447,8 +417,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         Without an image, ``input_ids`` or ``inputs_embeds`` go straight to GPT-2 (decoding steps of
         ``generate``); ``attention_mask`` then covers the whole cached sequence.
 
+        ``cache`` is GPT-2's key/value cache; ``past_key_values`` (its name before transformers 5.24) is
+        accepted too.
+
         Returns a [`ClipCapOutput`] with ``logits`` (B, K + L, V) (or the last ``logits_to_keep`` positions).
         """
+        cache = pop_cache_argument(cache, kwargs)
         prefix = None
         prefix_length = 0
         if pixel_values is not None or image_embeds is not None:
@@ -484,9 +458,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
             use_cache=use_cache,
+            **cache_kwargs(cache),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, S, E)
@@ -518,11 +492,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         return ClipCapOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             prefix_embeds=prefix,
             image_embeds=image_embeds,
+            **cache_kwargs(output_cache(outputs)),
         )
 
     #: Vocabulary rows per block of the CPU inference output layer (None: one ``lm_head`` call). See
@@ -530,34 +504,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     cpu_output_layer_block: int | None = 1024
 
     def _output_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """GPT-2's output layer: hidden states (..., E) -> logits (..., V).
-
-        On CPU, in float32 and without gradients (decoding), the (V, E) weight is applied in blocks of
-        ``cpu_output_layer_block`` vocabulary rows. One (rows, 768) x (768, 50257) product runs at 44-57
-        GFLOP/s in MKL on this project's benchmark machine, the same product in 1024-row blocks at 55-83
-        (``docs/performance.md``). Each logit is the same dot product over E: bit-identical for GPT-2's shapes
-        there, equal up to float rounding in general (a BLAS may sum a narrower product in another order).
-        Everywhere else (GPU, other dtypes, training) it is the plain ``lm_head`` call.
-        """
-        lm_head = self.language_model.lm_head
-        weight = lm_head.weight
-        block = self.cpu_output_layer_block
-        if (
-            block is None
-            or type(lm_head) is not nn.Linear  # quantized / hooked layers keep their own forward
-            or weight.device.type != "cpu"
-            or weight.dtype != torch.float32
-            or hidden_states.dtype != torch.float32
-            or torch.is_grad_enabled()
-            or lm_head.bias is not None
-            or weight.shape[0] <= block
-        ):
-            return lm_head(hidden_states)
-        blocks = [
-            F.linear(hidden_states, weight[start : start + block])
-            for start in range(0, weight.shape[0], block)
-        ]
-        return torch.cat(blocks, dim=-1)
+        """GPT-2's output layer, (..., E) -> (..., V); in vocabulary blocks when decoding on CPU
+        (``fast_decoding.blocked_output_layer``)."""
+        return blocked_output_layer(self.language_model.lm_head, hidden_states, self.cpu_output_layer_block)
 
     # ------------------------------------------------------------------ generation
 
@@ -632,7 +581,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         that a shared prefill would not produce (hidden states / attentions of the prompt positions).
         """
         config = kwargs.get("generation_config") or self.generation_config
-        if any(kwargs.get(k) is not None for k in ("past_key_values", "assistant_model", "custom_generate")):
+        if any(
+            kwargs.get(k) is not None
+            for k in ("cache", "past_key_values", "assistant_model", "custom_generate")
+        ):
             return 1
         for name in ("cache_implementation", "prefill_chunk_size", "prompt_lookup_num_tokens"):
             if kwargs.get(name, getattr(config, name, None)) is not None:
@@ -668,7 +620,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             use_cache=True,
         )
-        cache = outputs.past_key_values
+        cache = output_cache(outputs)
         cache.batch_repeat_interleave(expand_size)
         return cache
 
@@ -677,19 +629,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     fast_eos_suppression: bool = True
 
     def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> LogitsProcessorList:
+        # Private GenerationMixin hook (see compat.py): if a release drops it, generate stops calling this
+        # override and the stock processors run (same scores, slower).
         processors = super()._get_logits_processor(generation_config, *args, **kwargs)
         if not self.fast_eos_suppression or getattr(generation_config, "output_logits", False):
             return processors  # raw logits are returned: the stock processors never write into them
-        swapped = LogitsProcessorList()
-        for processor in processors:
-            if type(processor) is MinLengthLogitsProcessor:
-                processor = EosSuppressionUntilLength(processor.min_length, processor.eos_token_id)
-            elif type(processor) is MinNewTokensLengthLogitsProcessor:
-                processor = EosSuppressionUntilLength(
-                    processor.prompt_length_to_skip + processor.min_new_tokens, processor.eos_token_id
-                )
-            swapped.append(processor)
-        return swapped
+        return swap_min_length_processors(processors)
 
     @torch.no_grad()
     def generate(
@@ -729,9 +674,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         expand_size = self._shared_prefill_expand_size(generate_kwargs)
         if expand_size > 1 and inputs_embeds.shape[1] > 1:
             # Beams / returned sequences of one image share [prefix ; prompt]: run it once per image.
-            generate_kwargs["past_key_values"] = self._prefill_shared_prefix(
-                inputs_embeds, full_mask, expand_size
-            )
+            generate_kwargs[CACHE_KWARG] = self._prefill_shared_prefix(inputs_embeds, full_mask, expand_size)
         return super().generate(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -827,6 +770,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 if verbosity is not None:
                     hf_logging.set_verbosity(verbosity)
             missing = sorted(loading_info.get("missing_keys") or [])
+            if "visual_projection.weight" in missing:
+                raise ValueError(
+                    f"{vision_model_name_or_path} has no visual projection (visual_projection.weight); ClipCap "
+                    "needs CLIP's projected image_embeds: give a full CLIP or a CLIPVisionModelWithProjection checkpoint."
+                )
             if missing:
                 raise ValueError(
                     f"{vision_model_name_or_path} lacks CLIP vision weights {missing[:5]} ({len(missing)} missing); "

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from modeling_clipcap import ClipCapForConditionalGeneration
-from modeling_clipcap.modeling_clipcap import EosSuppressionUntilLength
+from modeling_clipcap.fast_decoding import EosSuppressionUntilLength
 
 
 def make_model(vocab_size: int, seed: int = 0) -> ClipCapForConditionalGeneration:
@@ -122,21 +122,32 @@ def test_blocked_output_layer_only_without_gradients(tiny_tokenizer):
         handle.remove()
 
 
-def test_min_length_processors_are_swapped_only_when_safe(tiny_tokenizer):
-    from transformers import GenerationConfig
+def _count_in_place_calls(monkeypatch) -> list[int]:
+    """Record each call of the in-place processor (it still runs: this only observes)."""
+    calls: list[int] = []
+    original = EosSuppressionUntilLength.__call__
 
-    model = make_model(len(tiny_tokenizer))
-    config = GenerationConfig(min_length=4, min_new_tokens=3)
-    config._eos_token_tensor = torch.tensor([5])
+    def counted(self, input_ids, scores):
+        calls.append(input_ids.shape[-1])
+        return original(self, input_ids, scores)
 
-    def kinds(cfg):
-        return [type(p) for p in model._get_logits_processor(cfg, input_ids_seq_length=2, device="cpu")]
+    monkeypatch.setattr(EosSuppressionUntilLength, "__call__", counted)
+    return calls
 
-    assert kinds(config) == [EosSuppressionUntilLength, EosSuppressionUntilLength]
-    processors = model._get_logits_processor(config, input_ids_seq_length=2, device="cpu")
-    assert [p.min_length for p in processors] == [4, 2 + 3]
-    config.output_logits = True
-    assert kinds(config) == [MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor]
-    config.output_logits = False
+
+def test_min_length_processors_are_swapped_only_when_safe(tiny_tokenizer, monkeypatch):
+    """Through public ``generate`` only: the in-place twin runs by default, never with ``output_logits`` or
+    ``fast_eos_suppression = False``, and the tokens are the same in all three cases."""
+    model = eos_loving(make_model(len(tiny_tokenizer)))
+    eos = model.config.text_config.eos_token_id
+    calls = _count_in_place_calls(monkeypatch)
+    kwargs = dict(image_embeds=torch.randn(2, 24), max_new_tokens=4, min_new_tokens=3, pad_token_id=eos)
+    fast = model.generate(**kwargs)
+    assert calls, "generate(min_new_tokens=...) did not use the in-place EOS suppression"
+    calls.clear()
+    with_logits = model.generate(**kwargs, return_dict_in_generate=True, output_logits=True)
+    assert calls == []
     model.fast_eos_suppression = False
-    assert kinds(config) == [MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor]
+    stock = model.generate(**kwargs)
+    assert calls == []
+    assert torch.equal(fast, stock) and torch.equal(fast, with_logits.sequences)

@@ -35,6 +35,7 @@ What happens, in order:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -1070,20 +1071,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             local_tokens = sum((b["labels"] != -100).sum() for b in group)
             num_items = accelerator.reduce(local_tokens.to(accelerator.device), "sum").clamp_min(1)
             step_loss = torch.zeros((), device=accelerator.device)
-            # Make Accelerate sync gradients (and step) exactly at the last micro-batch of this group.
-            accelerator.step = accum - len(group)
-            for batch in group:
-                with accelerator.accumulate(model):
+            # Accelerate's documented accumulation for autoregressive models: DDP syncs gradients only on
+            # the last micro-batch of the group (`no_sync` before it), then one optimizer step. A group may
+            # be short at the end of an epoch; the token count above keeps its mean exact anyway.
+            for index, batch in enumerate(group):
+                last = index == len(group) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     outputs = model(**batch, num_items_in_batch=num_items, logits_to_keep=1)
                     # loss = local token-loss sum / global tokens; Accelerate divides by `accum` and DDP
                     # averages over processes: undo both so the update uses the exact global mean.
                     accelerator.backward(outputs.loss * accum * accelerator.num_processes)
-                    step_loss += outputs.loss.detach().float()
-                    if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                step_loss += outputs.loss.detach().float()
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             completed_steps += 1
             progress_bar.update(1)
             last_loss = accelerator.reduce(step_loss, "sum").item()

@@ -1,0 +1,120 @@
+"""The one place that knows how transformers differs across the supported range.
+
+This file travels with every saved model (``save_pretrained`` copies it next to the modeling code), so
+it runs under whatever transformers the *user* has installed. It must import on any transformers
+release: it imports nothing but ``transformers`` itself at module level.
+
+What it covers (each entry of the private-name table in ``docs/compatibility.md`` points here):
+
+* :func:`require_supported_transformers`: one clear error naming the supported range, instead of a
+  ``TypeError`` deep inside, when the code finds itself under a release it was not written for.
+* :data:`CACHE_KWARG`: transformers 5.24 renamed the key/value cache from ``past_key_values`` to
+  ``cache`` in model ``forward`` s, ``generate`` and every ``ModelOutput``; older releases only know
+  ``past_key_values``. :func:`cache_kwargs` and :func:`output_cache` pass and read it under the
+  installed name, so no call of ours triggers the rename's deprecation warning.
+* :func:`default_logits_processors`: the private ``GenerationMixin._get_logits_processor`` hook used
+  by the CPU decoding speed path. If a release moves or reshapes it, the speed path switches itself off
+  (stock processors, same captions, a little slower) instead of crashing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+import transformers
+
+#: The transformers releases this code is tested with (CI runs the suite at the lower bound and at the
+#: newest release). Keep in sync with pyproject.toml and docs/compatibility.md.
+MINIMUM_TRANSFORMERS = (5, 20, 0)
+SUPPORTED_TRANSFORMERS = ">=5.20.0,<6"
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``; missing parts count as 0."""
+    parts = [int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
+
+
+def require_supported_transformers(version: str | None = None) -> None:
+    """Raise ``ImportError`` naming the supported range when ``version`` (default: installed) is outside it."""
+    version = transformers.__version__ if version is None else version
+    release = _release(version)
+    if release < MINIMUM_TRANSFORMERS or release[0] >= 6:
+        raise ImportError(
+            f"ClipCap needs transformers {SUPPORTED_TRANSFORMERS}, but transformers {version} is installed. "
+            f'Install a supported release: pip install "transformers{SUPPORTED_TRANSFORMERS}".'
+        )
+
+
+def _detect_cache_kwarg() -> str:
+    """``"cache"`` where the installed transformers uses the 5.24 name, else ``"past_key_values"``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+require_supported_transformers()
+
+#: Name of the key/value cache argument and output field in the installed transformers.
+CACHE_KWARG: str = _detect_cache_kwarg()
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{CACHE_KWARG: cache}``, to pass a cache to a transformers ``forward`` or ``generate``."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache(outputs: Any) -> Any:
+    """The key/value cache of a transformers ``ModelOutput`` (``None`` when it has none)."""
+    return getattr(outputs, CACHE_KWARG, None)
+
+
+def pop_cache_argument(cache: Any, kwargs: dict[str, Any]) -> Any:
+    """Merge the cache given under either name (``cache`` or the older ``past_key_values``).
+
+    ``generate`` of transformers < 5.24 passes ``past_key_values``, later releases ``cache``; a user may
+    pass either. Removes ``past_key_values`` from ``kwargs`` and returns the one cache (or ``None``).
+    """
+    legacy = kwargs.pop("past_key_values", None)
+    if cache is not None and legacy is not None:
+        raise ValueError("Pass the key/value cache once: as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else legacy
+
+
+def _logits_processor_hook_parameters() -> tuple[str, ...] | None:
+    from transformers import GenerationMixin
+
+    hook = getattr(GenerationMixin, "_get_logits_processor", None)
+    if hook is None or not callable(hook):
+        return None
+    return tuple(inspect.signature(hook).parameters)
+
+
+#: Parameters the private ``GenerationMixin._get_logits_processor`` had in the releases this code was
+#: tested with. If the installed release changed them, the speed path that overrides it is switched off.
+_EXPECTED_HOOK_PARAMETERS = ("self", "generation_config", "input_ids_seq_length")
+
+
+def logits_processor_hook_available() -> bool:
+    """Whether ``GenerationMixin._get_logits_processor`` is where, and shaped as, this code expects."""
+    params = _logits_processor_hook_parameters()
+    return params is not None and params[: len(_EXPECTED_HOOK_PARAMETERS)] == _EXPECTED_HOOK_PARAMETERS
+
+
+LOGITS_PROCESSOR_HOOK_AVAILABLE: bool = logits_processor_hook_available()
+
+
+__all__ = [
+    "CACHE_KWARG",
+    "LOGITS_PROCESSOR_HOOK_AVAILABLE",
+    "MINIMUM_TRANSFORMERS",
+    "SUPPORTED_TRANSFORMERS",
+    "cache_kwargs",
+    "logits_processor_hook_available",
+    "output_cache",
+    "pop_cache_argument",
+    "require_supported_transformers",
+]

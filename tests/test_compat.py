@@ -1,0 +1,103 @@
+"""The transformers adapter (``modeling_clipcap/compat.py``): version gate, cache name, private hook."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_clipcap_config
+from transformers import GenerationMixin
+
+from modeling_clipcap import ClipCapForConditionalGeneration, ClipCapOutput, compat
+from modeling_clipcap.fast_decoding import EosSuppressionUntilLength
+
+
+@pytest.mark.parametrize("version", ["4.57.6", "5.19.0", "6.0.0", "6.1.0.dev0"])
+def test_unsupported_transformers_gets_one_clear_error(version):
+    with pytest.raises(ImportError, match=r"transformers >=5\.20\.0,<6.*pip install"):
+        compat.require_supported_transformers(version)
+
+
+@pytest.mark.parametrize("version", ["5.20.0", "5.24.0", "5.99.1.dev0", "5.23.0+local"])
+def test_supported_transformers_passes(version):
+    compat.require_supported_transformers(version)
+
+
+def test_installed_transformers_is_in_the_supported_range():
+    compat.require_supported_transformers()  # what the package checks at import, stated as a test
+
+
+def test_cache_name_matches_the_installed_transformers():
+    """5.24 renamed ``past_key_values`` to ``cache``; the adapter must name what the installed GPT-2 takes."""
+    import inspect
+
+    from transformers import GPT2Model
+
+    params = inspect.signature(GPT2Model.forward).parameters
+    assert compat.CACHE_KWARG in params, (
+        f"transformers {transformers.__version__}: GPT-2 forward takes none of the cache names "
+        f"({list(params)}); update modeling_clipcap/compat.py"
+    )
+    fields = {f.name for f in dataclasses.fields(ClipCapOutput)}
+    assert compat.CACHE_KWARG in fields
+    assert {"prefix_embeds", "image_embeds", "logits", "loss"} <= fields
+
+
+def test_forward_returns_and_accepts_the_cache_under_both_names(tiny_tokenizer, recwarn):
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tiny_tokenizer), with_vision=False)).eval()
+    embeds = torch.randn(2, 24)
+    ids = torch.tensor([[5, 6], [7, 8]])
+    with torch.no_grad():
+        first = model(image_embeds=embeds, input_ids=ids[:, :1], use_cache=True)
+        cache = compat.output_cache(first)
+        assert cache is not None and cache.get_seq_length() == model.config.prefix_length + 1
+        step = model(input_ids=ids[:, 1:], cache=cache, attention_mask=torch.ones(2, 6, dtype=torch.long))
+        full = model(image_embeds=embeds, input_ids=ids)
+        torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)
+        # the pre-5.24 name still works for callers that use it
+        again = model(image_embeds=embeds, input_ids=ids[:, :1], use_cache=True)
+        legacy = model(
+            input_ids=ids[:, 1:],
+            past_key_values=compat.output_cache(again),
+            attention_mask=torch.ones(2, 6, dtype=torch.long),
+        )
+        torch.testing.assert_close(legacy.logits, step.logits)
+        with pytest.raises(ValueError, match="not both"):
+            model(input_ids=ids[:, 1:], cache=cache, past_key_values=cache)
+    deprecations = [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, [str(w.message) for w in deprecations]
+
+
+def test_logits_processor_hook_is_where_the_speed_path_expects_it(tiny_tokenizer, monkeypatch):
+    """Fails the day transformers moves ``GenerationMixin._get_logits_processor``: the in-place EOS speed path
+    then silently falls back to the stock processors (same tokens, slower), and this test names the release."""
+    assert compat.logits_processor_hook_available(), (
+        f"transformers {transformers.__version__} moved or reshaped GenerationMixin._get_logits_processor; "
+        "the CPU EOS speed path is off (stock processors run). Update modeling_clipcap/compat.py."
+    )
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tiny_tokenizer), with_vision=False)).eval()
+    calls = []
+    original = EosSuppressionUntilLength.__call__
+    monkeypatch.setattr(
+        EosSuppressionUntilLength, "__call__", lambda self, i, s: calls.append(1) or original(self, i, s)
+    )
+    model.generate(image_embeds=torch.randn(1, 24), max_new_tokens=3, min_new_tokens=2, pad_token_id=0)
+    assert calls, f"transformers {transformers.__version__}: generate no longer calls _get_logits_processor"
+
+
+def test_without_the_private_hook_generation_falls_back_to_stock_processors(tiny_tokenizer, monkeypatch):
+    """Simulate a release without ``_get_logits_processor`` on the model: same tokens, no crash."""
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tiny_tokenizer), with_vision=False)).eval()
+    embeds = torch.randn(3, 24)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=4, num_beams=2, pad_token_id=0)
+    expected = model.generate(image_embeds=embeds, **kwargs)
+    # The stock hook, as if ClipCap's override were gone (a release that moved the hook never calls it).
+    monkeypatch.setattr(
+        ClipCapForConditionalGeneration, "_get_logits_processor", GenerationMixin._get_logits_processor
+    )
+    assert torch.equal(model.generate(image_embeds=embeds, **kwargs), expected)
