@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "modeling_clipcap.evaluation",
         "caption a dataset and score it (BLEU, METEOR, ROUGE-L, CIDEr, SPICE)",
     ),
+    "app": ("modeling_clipcap.app", "open a captioning web page and API (Gradio; needs the app extra)"),
 }
 
 
