@@ -18,7 +18,7 @@ from .modeling_clipcap import (
 )
 from .processing_clipcap import ClipCapProcessor
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register("clipcap", ClipCapConfig, exist_ok=True)
 AutoModel.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True)

@@ -47,7 +47,9 @@ def test_cache_name_matches_the_installed_transformers():
 
 def test_forward_returns_and_accepts_the_cache_under_both_names(tiny_tokenizer, recwarn):
     torch.manual_seed(0)
-    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tiny_tokenizer), with_vision=False)).eval()
+    model = ClipCapForConditionalGeneration(
+        tiny_clipcap_config(len(tiny_tokenizer), with_vision=False)
+    ).eval()
     embeds = torch.randn(2, 24)
     ids = torch.tensor([[5, 6], [7, 8]])
     with torch.no_grad():
@@ -79,7 +81,9 @@ def test_logits_processor_hook_is_where_the_speed_path_expects_it(tiny_tokenizer
         "the CPU EOS speed path is off (stock processors run). Update modeling_clipcap/compat.py."
     )
     torch.manual_seed(0)
-    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tiny_tokenizer), with_vision=False)).eval()
+    model = ClipCapForConditionalGeneration(
+        tiny_clipcap_config(len(tiny_tokenizer), with_vision=False)
+    ).eval()
     calls = []
     original = EosSuppressionUntilLength.__call__
     monkeypatch.setattr(
@@ -92,7 +96,9 @@ def test_logits_processor_hook_is_where_the_speed_path_expects_it(tiny_tokenizer
 def test_without_the_private_hook_generation_falls_back_to_stock_processors(tiny_tokenizer, monkeypatch):
     """Simulate a release without ``_get_logits_processor`` on the model: same tokens, no crash."""
     torch.manual_seed(0)
-    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tiny_tokenizer), with_vision=False)).eval()
+    model = ClipCapForConditionalGeneration(
+        tiny_clipcap_config(len(tiny_tokenizer), with_vision=False)
+    ).eval()
     embeds = torch.randn(3, 24)
     kwargs = dict(max_new_tokens=5, min_new_tokens=4, num_beams=2, pad_token_id=0)
     expected = model.generate(image_embeds=embeds, **kwargs)
