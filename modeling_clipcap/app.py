@@ -366,24 +366,25 @@ def format_prefix_tokens(tokens: Sequence[str]) -> str:
     return " · ".join(repr(t) if t != t.strip() or not t else t for t in tokens)
 
 
-def results_table(results: list[dict[str, Any]]) -> list[list[Any]]:
-    """Rows ``[image, rank, caption, CLIP-S, prefix tokens]`` (one per caption; one row per failed file)."""
+def table_headers(with_clip_score: bool) -> list[str]:
+    """Column names of :func:`results_table`."""
+    return ["image", "rank", "caption"] + (["CLIP-S"] if with_clip_score else []) + ["prefix: nearest tokens"]
+
+
+def results_table(results: list[dict[str, Any]], with_clip_score: bool) -> list[list[Any]]:
+    """Rows ``[image, rank, caption, (CLIP-S,) prefix tokens]``: one per caption, one per failed file."""
     rows: list[list[Any]] = []
     for result in results:
         if result["error"] is not None:
-            rows.append([result["image"], "", f"error: {result['error']}", "", ""])
+            row = [result["image"], "", f"error: {result['error']}"] + [""] * (2 if with_clip_score else 1)
+            rows.append(row)
             continue
         for entry in result["captions"]:
-            score = entry["clip_score"]
-            rows.append(
-                [
-                    result["image"],
-                    entry["rank"],
-                    entry["caption"],
-                    "" if score is None else round(score, 4),
-                    format_prefix_tokens(result["prefix_tokens"]) if entry["rank"] == 1 else "",
-                ]
-            )
+            row = [result["image"], entry["rank"], entry["caption"]]
+            if with_clip_score:
+                row.append(round(entry["clip_score"], 4))
+            row.append(format_prefix_tokens(result["prefix_tokens"]) if entry["rank"] == 1 else "")
+            rows.append(row)
     return rows
 
 
@@ -450,8 +451,11 @@ def _fix_batched_validators() -> None:
 
 
 def _model_label(model: Any, model_dir: Path | None) -> str:
+    """The model's name for the page: a Hub id as given, a local folder by its name."""
     name = getattr(model, "name_or_path", "") or (str(model_dir) if model_dir else "")
-    return Path(name).name if name and Path(name).exists() else name
+    if not name:
+        return "ClipCap model"
+    return Path(name).name if Path(name).exists() else name
 
 
 def build_app(
@@ -511,6 +515,7 @@ def build_app(
     defaults = Decoding.from_generation_config(model.generation_config)
     label = _model_label(model, model_dir)
     output_root = Path(tempfile.mkdtemp(prefix="clipcap-app-"))
+    headers = table_headers(clip is not None)
 
     def run_page(
         files,
@@ -558,7 +563,8 @@ def build_app(
             status += f" {len(failed)} file(s) could not be read; see the table."
         if clip is not None:
             status += " Captions are ranked by CLIPScore (CLIP-S, 0 to 2.5)."
-        return gallery, text, results_table(results), [str(json_path), str(csv_path)], status
+        table_value = {"headers": headers, "data": results_table(results, clip is not None)}
+        return gallery, text, table_value, [str(json_path), str(csv_path)], status
 
     def validate_api_image(images: list[Any]) -> tuple[list[Any]]:
         # batched event: one list per input with one entry per request (always a single request here)
@@ -632,11 +638,15 @@ def build_app(
                     label="Captions", lines=3, interactive=False, elem_id="clipcap-captions"
                 )
                 gallery = gr.Gallery(
-                    label="Images and captions", columns=4, height="auto", elem_id="clipcap-gallery"
+                    label="Images and captions",
+                    columns=4,
+                    height=320,
+                    object_fit="contain",
+                    elem_id="clipcap-gallery",
                 )
                 status = gr.Markdown(elem_id="clipcap-status")
                 table = gr.Dataframe(
-                    headers=["image", "rank", "caption", "CLIP-S", "prefix: nearest tokens"],
+                    headers=headers,
                     interactive=False,
                     wrap=True,
                     elem_id="clipcap-table",

@@ -31,6 +31,7 @@ from modeling_clipcap.app import (  # noqa: E402
     build_app,
     caption_files,
     cli_main,
+    format_prefix_tokens,
     launch_app,
     resolve_model_path,
     write_downloads,
@@ -208,6 +209,12 @@ def test_page_endpoint_beam_search_prefix_tokens_and_downloads(server, shared_im
     )
     kwargs = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 5, "do_sample": False}
     rows = table["data"]
+    assert table["headers"] == [
+        "image",
+        "rank",
+        "caption",
+        "prefix: nearest tokens",
+    ]  # no CLIP-S without CLIP
     assert [r[0] for r in rows] == [shared_images[0].name] * 2 + [shared_images[1].name] * 2 + ["corrupt.jpg"]
     for i, path in enumerate(shared_images[:2]):
         inputs = processor(images=[load_image(path)], return_tensors="pt")
@@ -217,7 +224,8 @@ def test_page_endpoint_beam_search_prefix_tokens_and_downloads(server, shared_im
         assert [rows[2 * i][2], rows[2 * i + 1][2]] == beams
         assert [rows[2 * i][1], rows[2 * i + 1][1]] == [1, 2]
         tokens = model.interpret_prefix(pixel_values=inputs["pixel_values"], tokenizer=processor.tokenizer)[0]
-        assert rows[2 * i][4].count(" · ") == len(tokens) - 1 == model.config.prefix_length - 1
+        assert len(tokens) == model.config.prefix_length
+        assert rows[2 * i][3] == format_prefix_tokens(tokens) and rows[2 * i + 1][3] == ""
         assert text.splitlines()[i] == f"{path.name}: {beams[0]}"
     assert rows[4][2].startswith("error: cannot read image corrupt.jpg")
     assert "Captioned 2 of 3 image(s)" in status and "1 file(s) could not be read" in status
