@@ -505,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Report: {report_dir / 'report.md'}")
     print(f"        {report_dir / 'metrics.json'}")
     print(f"        {grid_path}")
+    print("Try the model in a web page (needs the app extra: pip install -e '.[app]'):")
+    print(f"  clipcap app --model {model_dir} --examples {sample_dir}")
     return 0
 
 
