@@ -431,4 +431,11 @@ def test_space_app_builds_the_same_app_on_a_model_id(saved_model, monkeypatch):
     assert namespace["demo"].title == f"ClipCap captioning: {saved_model.name}"
     front = (space / "README.md").read_text().split("---")[1]
     assert "sdk: gradio" in front and "app_file: app.py" in front and "sdk_version:" in front
-    assert "modeling_clipcap" in (space / "requirements.txt").read_text()
+    # requirements.txt installs the wheel that `pip wheel --no-deps . -w hub_configs/space` writes for this version
+    import tomllib
+
+    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    lines = [
+        line for line in (space / "requirements.txt").read_text().splitlines() if not line.startswith("#")
+    ]
+    assert f"./modeling_clipcap-{version}-py3-none-any.whl[app]" in lines
