@@ -451,11 +451,11 @@ def _fix_batched_validators() -> None:
 
 
 def _model_label(model: Any, model_dir: Path | None) -> str:
-    """The model's name for the page: a Hub id as given, a local folder by its name."""
+    """The model's name for the page: a Hub id as given, a local folder by its last two path parts."""
     name = getattr(model, "name_or_path", "") or (str(model_dir) if model_dir else "")
     if not name:
         return "ClipCap model"
-    return Path(name).name if Path(name).exists() else name
+    return "/".join(Path(name).resolve().parts[-2:]) if Path(name).exists() else name
 
 
 def build_app(

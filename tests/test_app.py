@@ -411,7 +411,7 @@ def test_cli_serves_on_the_given_host_and_port_with_examples(saved_model, shared
             time.sleep(0.5)
         with urllib.request.urlopen(url + "config", timeout=10) as response:
             config = response.read().decode()
-        assert f"ClipCap captioning: {saved_model.name}" in config
+        assert f"ClipCap captioning: {saved_model.parent.name}/{saved_model.name}" in config
         assert shared_images[0].name in config and shared_images[1].name in config
         client = Client(url, verbose=False)
         assert client.predict(handle_file(str(shared_images[0])), api_name="/caption")
@@ -428,7 +428,7 @@ def test_space_app_builds_the_same_app_on_a_model_id(saved_model, monkeypatch):
     monkeypatch.setenv("CLIPCAP_MODEL", str(saved_model))
     namespace = runpy.run_path(str(space / "app.py"), run_name="space_app")  # not "__main__": no launch
     assert isinstance(namespace["demo"], gr.Blocks)
-    assert namespace["demo"].title == f"ClipCap captioning: {saved_model.name}"
+    assert namespace["demo"].title == f"ClipCap captioning: {saved_model.parent.name}/{saved_model.name}"
     front = (space / "README.md").read_text().split("---")[1]
     assert "sdk: gradio" in front and "app_file: app.py" in front and "sdk_version:" in front
     # requirements.txt installs the wheel that `pip wheel --no-deps . -w hub_configs/space` writes for this version
