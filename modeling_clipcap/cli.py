@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "modeling_clipcap.evaluation",
         "caption a dataset and score it (BLEU, METEOR, ROUGE-L, CIDEr, SPICE)",
     ),
+    "env": ("modeling_clipcap.environment", "print versions and hardware to paste into a bug report"),
     "app": ("modeling_clipcap.app", "open a captioning web page and API (Gradio; needs the app extra)"),
 }
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["pytester"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -115,7 +117,7 @@ def tiny_clipcap_config(vocab_size: int, mapping_type: str = "mlp", with_vision:
 
 def build_tiny_processor(tokenizer):
     """A ClipCapProcessor with a 32x32 CLIP image processor and the given tokenizer."""
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import CLIPImageProcessorPil
 
     from modeling_clipcap import ClipCapProcessor
 
@@ -201,3 +203,31 @@ def hub_server(tmp_path_factory):
 
 
 # --- end hub emulator fixture ---
+
+
+class _DeprecationNotices:
+    """Collects deprecation notices that transformers sends through its logger (``logger.warning_once``),
+    which ``filterwarnings`` cannot see: e.g. "`past_key_values`/`cache_params` are deprecated"."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.records: list[str] = []
+        self.handler = logging.Handler(level=logging.WARNING)
+        self.handler.emit = lambda record: self.records.append(record.getMessage())  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecation_notices():
+    """Fail a test whose calls make transformers log a deprecation notice (see pyproject's filterwarnings)."""
+    import logging
+
+    notices = _DeprecationNotices()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(notices.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(notices.handler)
+    deprecated = [m for m in notices.records if "deprecat" in m.lower()]
+    assert not deprecated, f"transformers logged a deprecation notice for our calls: {deprecated}"

@@ -107,3 +107,41 @@ def test_without_the_private_hook_generation_falls_back_to_stock_processors(tiny
         ClipCapForConditionalGeneration, "_get_logits_processor", GenerationMixin._get_logits_processor
     )
     assert torch.equal(model.generate(image_embeds=embeds, **kwargs), expected)
+
+
+def test_the_suite_turns_transformers_deprecation_notices_into_failures(pytester):
+    """The conftest guard is live: a test that triggers transformers' logged rename notice fails."""
+    from pathlib import Path
+
+    tests_dir = Path(__file__).parent
+    pytester.makeconftest(
+        f"""
+        import importlib.util, sys
+        sys.path.insert(0, {str(tests_dir)!r})
+        spec = importlib.util.spec_from_file_location("clipcap_conftest", {str(tests_dir / "conftest.py")!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        no_transformers_deprecation_notices = module.no_transformers_deprecation_notices
+        """
+    )
+    pytester.makepyfile(
+        test_probe="""
+        from transformers.utils import logging
+        def test_probe():
+            logging.get_logger("transformers.probe").warning("`past_key_values` is deprecated. Use `cache`.")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    assert "deprecation notice" in result.stdout.str()
+
+
+def test_compile_config_still_has_the_cpu_switch():
+    """benchmarks/caption_throughput.py sets ``CompileConfig._compile_all_devices`` (private, no public switch)
+    to compile the decoding step on CPU; this names the release that drops it."""
+    from transformers import CompileConfig
+
+    assert hasattr(CompileConfig(), "_compile_all_devices"), (
+        f"transformers {transformers.__version__} dropped CompileConfig._compile_all_devices: update the "
+        "compiled row of benchmarks/caption_throughput.py and docs/compatibility.md"
+    )
