@@ -223,8 +223,7 @@ def text_dir(tmp_path_factory, text_config, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A full (tiny) CLIP checkpoint folder with its image processor: what openai/clip-vit-base-patch32 holds."""
-    from transformers import CLIPConfig, CLIPModel
-    from transformers import CLIPImageProcessorPil
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     path = tmp_path_factory.mktemp("clip")
     vision = tiny_vision_config(projection_dim=24).to_dict()
