@@ -107,6 +107,36 @@ def logits_processor_hook_available() -> bool:
 LOGITS_PROCESSOR_HOOK_AVAILABLE: bool = logits_processor_hook_available()
 
 
+def _slice_logits_to_keep_fallback(hidden_states: Any, logits_to_keep: Any) -> Any:
+    """What ``slice_logits_to_keep`` does for an int (last N positions, 0 = all) or a 1-D index tensor."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+    return hidden_states[:, logits_to_keep]
+
+
+try:  # transformers >= 5.24 (before, each model sliced by hand)
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:
+    slice_logits_to_keep = _slice_logits_to_keep_fallback
+
+
+def register_key_renames(class_name: str, renames: dict[str, str]) -> bool:
+    """Register checkpoint key renames (regex -> replacement) applied when ``class_name`` loads weights.
+
+    Uses ``transformers.conversion_mapping.register_checkpoint_conversion_mapping`` (5.20-5.24): loading
+    renames old keys, and ``save_pretrained`` writes the old names back (``save_original_format``), so saved
+    files keep one layout. Returns False where that API is missing; the caller then passes ``key_mapping``.
+    """
+    try:
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return False
+    mapping = [WeightRenaming(source_patterns=old, target_patterns=new) for old, new in renames.items()]
+    register_checkpoint_conversion_mapping(class_name, mapping, overwrite=True)
+    return True
+
+
 __all__ = [
     "CACHE_KWARG",
     "LOGITS_PROCESSOR_HOOK_AVAILABLE",
@@ -116,5 +146,7 @@ __all__ = [
     "logits_processor_hook_available",
     "output_cache",
     "pop_cache_argument",
+    "register_key_renames",
     "require_supported_transformers",
+    "slice_logits_to_keep",
 ]

@@ -300,10 +300,10 @@ def convert_state_dict(
     unexpected and mis-shaped key, with the settings the checkpoint appears to have.
     """
     mapping_type = model.config.mapping_type
-    ours = {
-        k: v
+    ours = {  # checkpoint names (the saved layout): the mapping network lives under the base model ``model.``
+        k.removeprefix("model."): v
         for k, v in model.state_dict().items()
-        if k.startswith("mapping_network.") or k.startswith("language_model.")
+        if k.startswith("model.mapping_network.") or k.startswith("language_model.")
     }
     renamed: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []

@@ -243,7 +243,7 @@ def encode_images(
                 if batch["pixel_values"] is not None:
                     pixel_values = batch["pixel_values"].to(device)
                     with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
-                        embeds = model.get_image_features(pixel_values)
+                        embeds = model.get_image_features(pixel_values).pooler_output
                     chunks.append(embeds.float().cpu())
                     rows.extend(batch["indices"])
                 bar.update(len(batch["indices"]) + len(batch["bad"]))

@@ -7,11 +7,14 @@ itself off where it could not (see ``docs/performance.md`` for what each one buy
   :func:`swap_min_length_processors` puts it in their place inside the processor list that
   ``GenerationMixin._get_logits_processor`` (a private hook, see ``compat.py``) builds.
 * :func:`blocked_output_layer`: the (V, E) output layer applied in vocabulary blocks on CPU.
+* :func:`shared_prefill_expand_size` / :func:`prefill_shared_prefix`: beams (or returned sequences) of one
+  image share ``[prefix ; prompt]``, so it runs once per image and the cache is copied to each beam.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,4 +94,57 @@ def blocked_output_layer(lm_head: nn.Module, hidden_states: torch.Tensor, block:
     return torch.cat(blocks, dim=-1)
 
 
-__all__ = ["EosSuppressionUntilLength", "blocked_output_layer", "swap_min_length_processors"]
+def shared_prefill_expand_size(generation_config: Any, kwargs: dict[str, Any]) -> int:
+    """How many copies of each image's sequence ``generate`` will decode (beams or returned sequences).
+
+    1 (no shared prefill) whenever the caller controls the cache or asks for per-position outputs that a
+    shared prefill would not produce (hidden states / attentions of the prompt positions).
+    """
+    config = kwargs.get("generation_config") or generation_config
+    if any(kwargs.get(k) is not None for k in ("cache", "past_key_values", "custom_generate")):
+        return 1
+    for name in ("cache_implementation", "prefill_chunk_size", "output_hidden_states", "output_attentions"):
+        if kwargs.get(name, getattr(config, name, None)):
+            return 1
+    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    num_return = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    return max(int(num_beams), int(num_return))
+
+
+def prefill_shared_prefix(
+    decoder: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, expand_size: int
+) -> Any:
+    """Run ``decoder`` once per image over all but the last position of ``[prefix ; prompt]``; copy the cache.
+
+    Args:
+        decoder: the language model's body (GPT-2's ``transformer``).
+        inputs_embeds: (B, S, E) left-padded ``[pad ; prefix ; prompt]`` embeddings.
+        attention_mask: (B, S) their mask.
+        expand_size: number of beams / returned sequences per image.
+
+    Returns:
+        A ``DynamicCache`` of S - 1 positions for B * expand_size rows (each image's rows adjacent, as
+        ``generate`` expands its inputs). ``generate`` then feeds only the last position of each row;
+        positions and masking match what it would have computed itself (positions from the mask's cumsum).
+    """
+    from .compat import output_cache
+
+    prefill_mask = attention_mask[:, :-1]
+    outputs = decoder(
+        inputs_embeds=inputs_embeds[:, :-1],
+        attention_mask=None if bool(prefill_mask.all()) else prefill_mask,
+        position_ids=(prefill_mask.cumsum(-1) - 1).clamp_min(0),
+        use_cache=True,
+    )
+    cache = output_cache(outputs)
+    cache.batch_repeat_interleave(expand_size)
+    return cache
+
+
+__all__ = [
+    "EosSuppressionUntilLength",
+    "blocked_output_layer",
+    "prefill_shared_prefix",
+    "shared_prefill_expand_size",
+    "swap_min_length_processors",
+]

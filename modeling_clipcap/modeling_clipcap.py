@@ -2,8 +2,8 @@
 
 Data flow (B images, K = ``prefix_length``, D = ``image_embed_dim``, E = GPT-2 width, L = caption tokens)::
 
-    pixel_values (B, 3, H, W) -> CLIPVisionModelWithProjection -> image_embeds (B, D)
-    image_embeds (B, D) -> [optional per-vector L2 norm] -> mapping network -> prefix (B, K, E)
+    pixel_values (B, 3, H, W) -> CLIPVisionModelWithProjection -> image_embeds (B, D)      } ClipCapModel
+    image_embeds (B, D) -> [optional per-vector L2 norm] -> mapping network -> prefix (B, K, E) } (the base)
     [prefix ; wte(input_ids)] (B, K + L, E) -> GPT2LMHeadModel -> logits (B, K + L, V)
 
 The CLIP tower and GPT-2 are the unmodified transformers classes; this file adds the two mapping
@@ -12,7 +12,14 @@ networks of the paper and wires generation through ``GenerationMixin`` with ``in
 
 from __future__ import annotations
 
-from .compat import CACHE_KWARG, cache_kwargs, output_cache, pop_cache_argument  # checks transformers first
+from .compat import (  # checks the transformers release first
+    CACHE_KWARG,
+    cache_kwargs,
+    output_cache,
+    pop_cache_argument,
+    register_key_renames,
+    slice_logits_to_keep,
+)
 
 # isort: split
 from dataclasses import dataclass
@@ -30,11 +37,16 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.generation.logits_process import LogitsProcessorList
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast, ModelOutput
 from transformers.utils import logging as hf_logging
 
 from .configuration_clipcap import ClipCapConfig
-from .fast_decoding import blocked_output_layer, swap_min_length_processors
+from .fast_decoding import (
+    blocked_output_layer,
+    prefill_shared_prefix,
+    shared_prefill_expand_size,
+    swap_min_length_processors,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Mapping networks
@@ -153,9 +165,22 @@ MAPPING_NETWORKS: dict[str, type[nn.Module]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------------------
+MAPPING_NETWORKS: dict[str, type[nn.Module]] = {
+    "mlp": ClipCapMLPMapper,
+    "transformer": ClipCapTransformerMapper,
+}
+
+#: Checkpoints keep the layout of release 0.1.0 (no base model): these renames map it onto today's modules on
+#: load, and ``save_pretrained`` writes it back (transformers' ``save_original_format``).
+LEGACY_KEY_RENAMES = {
+    r"^vision_model\.": "model.vision_model.",
+    r"^mapping_network\.": "model.mapping_network.",
+}
+_RENAMES_REGISTERED = register_key_renames("ClipCapForConditionalGeneration", LEGACY_KEY_RENAMES)
+
+#: ``generate`` options that verify draft tokens by re-running the model on ``input_ids`` alone, without the
+#: image prefix: their captions would silently differ from plain decoding.
+_ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
 @dataclass
@@ -163,14 +188,21 @@ class ClipCapOutput(CausalLMOutputWithPast):
     """Output of [`ClipCapForConditionalGeneration.forward`]: transformers' causal-LM output plus the prefix.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): caption cross-entropy (only when ``labels`` given).
-        logits (`torch.FloatTensor` of shape `(B, S, V)`): GPT-2 logits, S = K + L positions when a prefix
-            is present (or the last ``logits_to_keep`` positions).
-        cache (`Cache`, *optional*): GPT-2's key/value cache; named ``past_key_values`` under transformers
-            < 5.24 (the field is inherited, so it carries the installed release's name, see ``compat.py``).
+        loss (`torch.FloatTensor` of shape `()`, *optional*): caption cross-entropy (with ``labels``).
+        logits (`torch.FloatTensor` of shape `(B, S, V)`): GPT-2 logits, S = K + L positions with an image
+            (or the positions ``logits_to_keep`` selects).
+        cache (`Cache`, *optional*): GPT-2's key/value cache, ``past_key_values`` under transformers < 5.24.
         prefix_embeds (`torch.FloatTensor` of shape `(B, K, E)`, *optional*): the mapped prefix.
-        image_embeds (`torch.FloatTensor` of shape `(B, D)`, *optional*): the CLIP image embedding used.
+        image_embeds (`torch.FloatTensor` of shape `(B, D)`, *optional*): the image embedding used.
     """
+
+    prefix_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class ClipCapModelOutput(ModelOutput):
+    """Output of [`ClipCapModel.forward`]: prefix (B, K, E) and the image embedding (B, D) it came from."""
 
     prefix_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
@@ -181,8 +213,8 @@ class ClipCapPreTrainedModel(PreTrainedModel):
 
     config: ClipCapConfig
     config_class = ClipCapConfig
-    base_model_prefix = "clipcap"
-    main_input_name = "input_ids"  # generation runs GPT-2 on inputs_embeds; images enter via generate()
+    base_model_prefix = "model"
+    main_input_name = "input_ids"  # a text prompt; images enter as pixel_values / image_embeds keywords
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["GPT2Block", "CLIPEncoderLayer", "ClipCapMapperLayer"]
@@ -191,8 +223,18 @@ class ClipCapPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers treats models defined outside it as "custom code" and, when initialising weights missing from
+        # a checkpoint, then skips every module without parameters of its own: CLIP's MLP / attention blocks, whose
+        # init rules would never run. Our init uses transformers.initialization (it respects loaded weights), so
+        # the safeguard is not needed: missing weights get the init from_config gives. Keys are renamed on load
+        # through the mapping registered by class name, which does not depend on this flag.
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # CLIP and GPT-2 are PreTrainedModels: transformers hands their modules to their own _init_weights.
         if isinstance(module, ClipCapTransformerMapper):
             init.normal_(module.prefix_const, mean=0.0, std=1.0)  # torch.randn, as in the paper's code
         elif isinstance(module, nn.Linear):
@@ -204,12 +246,111 @@ class ClipCapPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
-class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
-    """CLIP vision tower + mapping network + GPT-2, generating captions.
+class ClipCapModel(ClipCapPreTrainedModel):
+    """The base model: images -> GPT-2 prefix. ``vision_model`` (`CLIPVisionModelWithProjection`, absent for an
+    embeddings-only config) and ``mapping_network`` (`ClipCapMLPMapper` or `ClipCapTransformerMapper`)."""
 
-    Sub-modules: ``vision_model`` (`CLIPVisionModelWithProjection`, absent for an embeddings-only config),
-    ``mapping_network`` (`ClipCapMLPMapper` or `ClipCapTransformerMapper`) and ``language_model``
-    (`GPT2LMHeadModel`).
+    def __init__(self, config: ClipCapConfig):
+        super().__init__(config)
+        vision = config.vision_config
+        self.vision_model = CLIPVisionModelWithProjection(vision) if vision is not None else None
+        self.mapping_network = MAPPING_NETWORKS[config.mapping_type](config)
+        self.post_init()
+
+    def check_image_inputs(
+        self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None
+    ) -> None:
+        """Validate the image input (exactly one of the two, right type, shape, finite) before any work."""
+        if (pixel_values is None) == (image_embeds is None):
+            got = "both" if pixel_values is not None else "neither"
+            raise ValueError(
+                f"Give exactly one of `pixel_values` (B, 3, H, W) or `image_embeds` (B, D); got {got}."
+            )
+        if pixel_values is not None:
+            if self.vision_model is None:
+                raise ValueError(
+                    "This ClipCap model has no vision tower (vision_config=None): pass `image_embeds` of width "
+                    f"{self.config.image_embed_dim} computed by the image encoder it was trained with."
+                )
+            if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point():
+                kind = (
+                    type(pixel_values).__name__ if not torch.is_tensor(pixel_values) else pixel_values.dtype
+                )
+                raise ValueError(
+                    f"`pixel_values` must be a floating-point tensor, got {kind}; use the model's processor to "
+                    "turn images into pixel values."
+                )
+            vc = self.config.vision_config
+            expected = (vc.num_channels, vc.image_size, vc.image_size)
+            if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+                raise ValueError(
+                    f"`pixel_values` must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), got "
+                    f"{tuple(pixel_values.shape)}; use the model's processor to resize and normalise images."
+                )
+            if not torch.isfinite(pixel_values).all():
+                raise ValueError(
+                    "`pixel_values` contains NaN or infinite values; use the model's processor on the images "
+                    "(it gives finite, normalised values)."
+                )
+        else:
+            if not torch.is_tensor(image_embeds) or not image_embeds.is_floating_point():
+                raise ValueError(
+                    "`image_embeds` must be a floating-point tensor of shape (batch, image_embed_dim)."
+                )
+            if image_embeds.ndim != 2 or image_embeds.shape[1] != self.config.image_embed_dim:
+                raise ValueError(
+                    f"`image_embeds` must have shape (batch, {self.config.image_embed_dim}), got "
+                    f"{tuple(image_embeds.shape)}: the embedding width must match the encoder this model uses."
+                )
+            if not torch.isfinite(image_embeds).all():
+                raise ValueError("`image_embeds` contains NaN or infinite values.")
+        if (pixel_values if pixel_values is not None else image_embeds).shape[0] == 0:
+            raise ValueError("Got an empty batch (0 images); pass at least one image.")
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs: Any
+    ) -> BaseModelOutputWithPooling | tuple:
+        """CLIP's vision tower on (B, 3, H, W): ``pooler_output`` is the projected embedding (B, D) ClipCap maps
+        (``encode_image``); ``last_hidden_state`` (B, N, H) and, when asked (``output_hidden_states``,
+        ``output_attentions``), the tower's hidden states and attentions. A tuple with ``return_dict=False``."""
+        if self.vision_model is None:
+            raise ValueError("This ClipCap model has no vision tower; it takes `image_embeds` directly.")
+        vision_dtype = self.vision_model.visual_projection.weight.dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+            out = self.vision_model(pixel_values=pixel_values.to(vision_dtype), return_dict=True, **kwargs)
+        features = BaseModelOutputWithPooling(
+            last_hidden_state=out.last_hidden_state,
+            pooler_output=out.image_embeds,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+        return features if return_dict is not False else features.to_tuple()
+
+    def get_prefix(
+        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D)) -> ``(prefix (B, K, E), image_embeds)``."""
+        self.check_image_inputs(pixel_values, image_embeds)
+        if image_embeds is None:
+            image_embeds = self.get_image_features(pixel_values).pooler_output
+        embeds = image_embeds.to(next(self.mapping_network.parameters()).dtype)
+        if self.config.normalize_prefix:
+            embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
+        return self.mapping_network(embeds), image_embeds
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ClipCapModelOutput:
+        """Images -> [`ClipCapModelOutput`] with ``prefix_embeds`` (B, K, E) and ``image_embeds`` (B, D)."""
+        prefix, image_embeds = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)
+        return ClipCapModelOutput(prefix_embeds=prefix, image_embeds=image_embeds)
+
+
+class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
+    """ClipCap: ``model`` ([`ClipCapModel`], images -> prefix) and ``language_model`` (`GPT2LMHeadModel`).
 
     Example:
 
@@ -232,63 +373,54 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"language_model.lm_head.weight": "language_model.transformer.wte.weight"}
 
+    #: CPU speed paths (``fast_decoding.py``): in-place EOS suppression, and the output layer in blocks of this
+    #: many vocabulary rows (None: one ``lm_head`` call). Set on an instance to compare with the stock paths.
+    fast_eos_suppression: bool = True
+    cpu_output_layer_block: int | None = 1024
+
     def __init__(self, config: ClipCapConfig):
         super().__init__(config)
-        if config.vision_config is not None:
-            self.vision_model = CLIPVisionModelWithProjection(config.vision_config)
-        else:
-            self.vision_model = None
-        self.mapping_network = MAPPING_NETWORKS[config.mapping_type](config)
+        self.model = ClipCapModel(config)
         self.language_model = GPT2LMHeadModel(config.text_config)
         self.post_init()
         self._apply_freezing()
 
-    # ------------------------------------------------------------------ freezing
+    # The base model's parts under their 0.1.0 names (train.py, convert_original.py and the benchmarks use them).
+    vision_model = property(
+        lambda self: self.model.vision_model, lambda self, v: setattr(self.model, "vision_model", v)
+    )
+    mapping_network = property(lambda self: self.model.mapping_network)
 
     def _apply_freezing(self) -> None:
         if self.vision_model is not None and self.config.freeze_vision:
-            self.vision_model.requires_grad_(False)
-            self.vision_model.eval()
+            self.vision_model.requires_grad_(False).eval()
         if self.config.freeze_language_model:
-            self.language_model.requires_grad_(False)
-            self.language_model.eval()
+            self.language_model.requires_grad_(False).eval()
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """``PreTrainedModel.from_pretrained`` that re-applies the config's freezing to the loaded weights."""
-        model = super().from_pretrained(*args, **kwargs)
-        if isinstance(model, ClipCapForConditionalGeneration):
-            model._apply_freezing()
-        elif isinstance(model, tuple) and isinstance(model[0], ClipCapForConditionalGeneration):
-            model[0]._apply_freezing()
-        return model
+        """``PreTrainedModel.from_pretrained`` that reads 0.1.0 checkpoints and re-applies the config's freezing."""
+        if not _RENAMES_REGISTERED and "key_mapping" not in kwargs:
+            kwargs["key_mapping"] = LEGACY_KEY_RENAMES
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._apply_freezing()
+        return loaded
 
     def train(self, mode: bool = True) -> ClipCapForConditionalGeneration:
         """Like ``nn.Module.train`` but frozen sub-models stay in eval mode (no dropout)."""
         super().train(mode)
-        if self.vision_model is not None and self.config.freeze_vision:
-            self.vision_model.eval()
-        if self.config.freeze_language_model:
-            self.language_model.eval()
+        self._apply_freezing() if mode else None
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters an optimizer should get: those not frozen by the config (mapping network,
-        plus GPT-2 unless ``freeze_language_model``, plus CLIP unless ``freeze_vision``)."""
+        """Deprecated: ``[p for p in model.parameters() if p.requires_grad]`` (kept for training/train.py)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def optimizer_parameter_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        """Trainable parameters split into AdamW groups: biases and norm weights get no weight decay."""
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_norm = ".ln_" in name or "norm" in name or "layer_norm" in name
-            (no_decay if name.endswith("bias") or is_norm or param.ndim < 2 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
+        """Deprecated alias of ``training_utils.optimizer_parameter_groups(model, weight_decay)``."""
+        from .training_utils import optimizer_parameter_groups
 
-    # ------------------------------------------------------------------ embeddings plumbing
+        return optimizer_parameter_groups(self, weight_decay)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -303,92 +435,20 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     def get_decoder(self) -> nn.Module:
-        return self.language_model
+        return self.language_model.transformer
 
-    # ------------------------------------------------------------------ image -> prefix
-
-    def _check_image_inputs(
-        self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None
-    ) -> int:
-        """Validate the image input before any heavy work; returns the batch size."""
-        if (pixel_values is None) == (image_embeds is None):
-            raise ValueError(
-                "Give exactly one of `pixel_values` (B, 3, H, W) or `image_embeds` (B, D); got "
-                f"{'both' if pixel_values is not None else 'neither'}."
-            )
-        if pixel_values is not None:
-            if self.vision_model is None:
-                raise ValueError(
-                    "This ClipCap model has no vision tower (vision_config=None): pass `image_embeds` of width "
-                    f"{self.config.image_embed_dim} computed by the image encoder it was trained with."
-                )
-            if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point():
-                raise ValueError(
-                    f"`pixel_values` must be a floating-point tensor, got {type(pixel_values).__name__}"
-                    f"{'' if not torch.is_tensor(pixel_values) else ' of dtype ' + str(pixel_values.dtype)}; "
-                    "use the model's processor to turn images into pixel values."
-                )
-            vc = self.config.vision_config
-            expected = (vc.num_channels, vc.image_size, vc.image_size)
-            if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-                raise ValueError(
-                    f"`pixel_values` must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), got "
-                    f"{tuple(pixel_values.shape)}; use the model's processor to resize and normalise images."
-                )
-            if not torch.isfinite(pixel_values).all():
-                raise ValueError(
-                    "`pixel_values` contains NaN or infinite values; use the model's processor on the images "
-                    "(it gives finite, normalised values)."
-                )
-            batch = pixel_values.shape[0]
-        else:
-            if not torch.is_tensor(image_embeds) or not image_embeds.is_floating_point():
-                raise ValueError(
-                    "`image_embeds` must be a floating-point tensor of shape (batch, image_embed_dim)."
-                )
-            if image_embeds.ndim != 2 or image_embeds.shape[1] != self.config.image_embed_dim:
-                raise ValueError(
-                    f"`image_embeds` must have shape (batch, {self.config.image_embed_dim}), got "
-                    f"{tuple(image_embeds.shape)}: the embedding width must match the encoder this model uses."
-                )
-            if not torch.isfinite(image_embeds).all():
-                raise ValueError("`image_embeds` contains NaN or infinite values.")
-            batch = image_embeds.shape[0]
-        if batch == 0:
-            raise ValueError("Got an empty batch (0 images); pass at least one image.")
-        return batch
-
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """CLIP's projected image embedding (``encode_image``): (B, 3, H, W) -> (B, D)."""
-        if self.vision_model is None:
-            raise ValueError("This ClipCap model has no vision tower; it takes `image_embeds` directly.")
-        vision_dtype = self.vision_model.visual_projection.weight.dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            return self.vision_model(pixel_values=pixel_values.to(vision_dtype)).image_embeds
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Any
+    ) -> BaseModelOutputWithPooling | tuple:
+        """See [`ClipCapModel.get_image_features`]: ``.pooler_output`` is the (B, D) image embedding."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def get_prefix(
         self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map images to GPT-2 prefix vectors.
-
-        Args:
-            pixel_values: (B, 3, H, W), or
-            image_embeds: (B, D) precomputed CLIP embeddings.
-
-        Returns:
-            ``(prefix, image_embeds)``: prefix (B, K, E) in GPT-2's dtype, image_embeds (B, D).
-        """
-        self._check_image_inputs(pixel_values, image_embeds)
-        if image_embeds is None:
-            image_embeds = self.get_image_features(pixel_values)
-        mapper_dtype = next(self.mapping_network.parameters()).dtype
-        embeds = image_embeds.to(mapper_dtype)
-        if self.config.normalize_prefix:
-            embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
-        prefix = self.mapping_network(embeds)
-        return prefix.to(self.language_model.transformer.wte.weight.dtype), image_embeds
-
-    # ------------------------------------------------------------------ forward
+        """``(prefix (B, K, E) in GPT-2's dtype, image_embeds (B, D))``; see [`ClipCapModel.get_prefix`]."""
+        prefix, image_embeds = self.model.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)
+        return prefix.to(self.get_input_embeddings().weight.dtype), image_embeds
 
     def forward(
         self,
@@ -402,56 +462,45 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        num_items_in_batch: int | torch.Tensor | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> ClipCapOutput:
+    ) -> ClipCapOutput | tuple:
         r"""Caption likelihood of images, or one decoding step.
 
-        With an image (``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D)): the sequence is
-        ``[prefix (K) ; input_ids (L)]``. ``attention_mask`` (B, L) covers ``input_ids`` only (prefix
-        positions are always attended). ``labels`` (B, L) has the shape of ``input_ids`` with -100 for ignored
-        positions; the first caption token is predicted from the last prefix position and prefix positions
-        never enter the loss. ``num_items_in_batch`` replaces the token count the summed loss is divided by
-        (for exact gradient accumulation / data parallelism).
+        With an image (``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D)) the sequence is ``[prefix (K) ;
+        text (L)]``, the text given as ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, E). ``attention_mask``,
+        ``position_ids`` (positions of the text: 0 is its first token) and ``labels`` (-100 ignored) cover the
+        text only: prefix positions are always attended, never in the loss, and the first caption token is
+        predicted from the last prefix position. Left padding gives the padded rows the positions they would
+        have unpadded. ``shift_labels`` (B, L) (the target of each text position), ``num_items_in_batch`` and
+        ``ignore_index`` reach ``self.loss_function`` as in every transformers causal LM.
 
-        Without an image, ``input_ids`` or ``inputs_embeds`` go straight to GPT-2 (decoding steps of
-        ``generate``); ``attention_mask`` then covers the whole cached sequence.
+        Without an image, ``input_ids`` or ``inputs_embeds`` go straight to GPT-2 (the decoding steps of
+        ``generate``); ``attention_mask`` and ``position_ids`` then cover the whole sequence.
 
-        ``cache`` is GPT-2's key/value cache; ``past_key_values`` (its name before transformers 5.24) is
-        accepted too.
-
-        Returns a [`ClipCapOutput`] with ``logits`` (B, K + L, V) (or the last ``logits_to_keep`` positions).
+        ``cache`` is GPT-2's key/value cache (``past_key_values`` is accepted too). Returns a [`ClipCapOutput`]
+        with ``logits`` (B, K + L, V) (or the ``logits_to_keep`` positions), or its tuple with ``return_dict=False``.
         """
         cache = pop_cache_argument(cache, kwargs)
+        loss_kwargs = {
+            k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs
+        }
         prefix = None
-        prefix_length = 0
+        k = 0
         if pixel_values is not None or image_embeds is not None:
-            if inputs_embeds is not None:
-                raise ValueError(
-                    "Pass `inputs_embeds` or an image (`pixel_values`/`image_embeds`), not both."
-                )
             prefix, image_embeds = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)
-            batch, prefix_length = prefix.shape[:2]
-            if input_ids is not None:
-                if input_ids.ndim != 2 or input_ids.shape[0] != batch:
-                    raise ValueError(
-                        f"`input_ids` must have shape ({batch}, L) to match {batch} images, got {tuple(input_ids.shape)}."
-                    )
-                text_embeds = self.language_model.transformer.wte(input_ids)
-                inputs_embeds = torch.cat([prefix, text_embeds], dim=1)
-            else:
-                inputs_embeds = prefix
-            if attention_mask is not None:
-                if input_ids is None or attention_mask.shape != input_ids.shape:
-                    raise ValueError("`attention_mask` must have the shape of `input_ids` (B, L).")
-                ones = attention_mask.new_ones((batch, prefix_length))
-                attention_mask = torch.cat([ones, attention_mask], dim=1)
-            if labels is not None and (input_ids is None or labels.shape != input_ids.shape):
-                raise ValueError(
-                    "`labels` must have the shape of `input_ids` (B, L); use -100 for positions to ignore."
-                )
+            batch, k = prefix.shape[:2]
+            inputs_embeds, attention_mask, position_ids = self._join_prefix(
+                prefix, input_ids, inputs_embeds, attention_mask, position_ids
+            )
             input_ids = None
-        elif labels is not None:
+            text_shape = (batch, inputs_embeds.shape[1] - k)
+            for name, value in (("labels", labels), ("shift_labels", loss_kwargs.get("shift_labels"))):
+                if value is not None and tuple(value.shape) != text_shape:
+                    raise ValueError(
+                        f"`{name}` must have the shape of the text {text_shape}; -100 marks ignored positions."
+                    )
+        elif labels is not None or "shift_labels" in loss_kwargs:
             raise ValueError("`labels` need an image: pass `pixel_values` or `image_embeds` with them.")
 
         outputs = self.language_model.transformer(
@@ -460,36 +509,16 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
+            return_dict=True,
             **cache_kwargs(cache),
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state  # (B, S, E)
-        lm_head = self.language_model.lm_head
-
-        if isinstance(logits_to_keep, int):
-            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            kept = hidden_states[:, logits_to_keep]
-        logits = self._output_layer(kept)
-
+        hidden_states = outputs.last_hidden_state  # (B, K + L, E)
+        logits = self._output_layer(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, S, V)
         loss = None
-        if labels is not None:
-            # Positions K-1 .. K+L-2 predict caption tokens 0 .. L-1: the output layer runs on them only
-            # (reusing the full logits when they were computed anyway).
-            if isinstance(logits_to_keep, int) and logits_to_keep == 0:
-                caption_logits = logits[:, prefix_length - 1 : -1].float()
-            else:
-                caption_logits = lm_head(hidden_states[:, prefix_length - 1 : -1]).float()
-            loss = F.cross_entropy(
-                caption_logits.reshape(-1, caption_logits.shape[-1]),
-                labels.reshape(-1).to(caption_logits.device),
-                ignore_index=-100,
-                reduction="sum" if num_items_in_batch is not None else "mean",
-            )
-            if num_items_in_batch is not None:
-                loss = loss / num_items_in_batch
-
-        return ClipCapOutput(
+        if labels is not None or "shift_labels" in loss_kwargs:
+            loss = self._caption_loss(hidden_states, logits, logits_to_keep, k, labels, **loss_kwargs)
+        result = ClipCapOutput(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
@@ -498,72 +527,146 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             image_embeds=image_embeds,
             **cache_kwargs(output_cache(outputs)),
         )
+        return (
+            result
+            if (return_dict if return_dict is not None else self.config.return_dict)
+            else result.to_tuple()
+        )
 
-    #: Vocabulary rows per block of the CPU inference output layer (None: one ``lm_head`` call). See
-    #: ``_output_layer``.
-    cpu_output_layer_block: int | None = 1024
+    def _join_prefix(
+        self,
+        prefix: torch.Tensor,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        """``[prefix ; text]`` embeddings (B, K + L, E), mask (B, K + L) and positions (B, K + L).
+
+        Without ``position_ids``, a left-padded row gets the positions of the same row unpadded (right padding
+        keeps GPT-2's 0, 1, 2...); given text ``position_ids`` (B, L) are shifted by K.
+        """
+        batch, k = prefix.shape[:2]
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("Pass the text as `input_ids` or as `inputs_embeds`, not both.")
+        if input_ids is not None:
+            if input_ids.ndim != 2 or input_ids.shape[0] != batch:
+                raise ValueError(
+                    f"`input_ids` must have shape ({batch}, L) to match {batch} images, got {tuple(input_ids.shape)}."
+                )
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != batch):
+            raise ValueError(
+                f"`inputs_embeds` must have shape ({batch}, L, E), got {tuple(inputs_embeds.shape)}."
+            )
+        text_length = 0 if inputs_embeds is None else inputs_embeds.shape[1]
+        embeds = (
+            prefix if inputs_embeds is None else torch.cat([prefix, inputs_embeds.to(prefix.dtype)], dim=1)
+        )
+        for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if value is not None and tuple(value.shape) != (batch, text_length):
+                raise ValueError(
+                    f"`{name}` must have the shape of the text (B, L) = ({batch}, {text_length})."
+                )
+        ones = torch.ones((batch, k), dtype=torch.long, device=prefix.device)
+        if position_ids is not None:
+            position_ids = torch.cat([ones.cumsum(-1) - 1, position_ids.to(prefix.device) + k], dim=1)
+        if attention_mask is not None:
+            if position_ids is None:  # left padding shifts a row's text back by its number of leading pads
+                leading = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1)
+                steps = torch.arange(k + text_length, device=prefix.device).expand(batch, -1)
+                position_ids = torch.where(steps < k, steps, (steps - leading).clamp_min(0))
+            attention_mask = torch.cat([ones.to(attention_mask.dtype), attention_mask], dim=1)
+        return embeds, attention_mask, position_ids
+
+    def _caption_loss(
+        self,
+        hidden_states: torch.Tensor,
+        logits: torch.Tensor,
+        logits_to_keep: int | torch.Tensor,
+        k: int,
+        labels: torch.Tensor | None,
+        shift_labels: torch.Tensor | None = None,
+        **loss_kwargs: Any,
+    ) -> torch.Tensor:
+        """``self.loss_function`` on the positions that predict text: K-1 .. K+L-2 for ``labels`` (B, L), whose
+        token i comes after position K-1+i; K .. K+L-1 for ``shift_labels`` (B, L), already one step ahead."""
+        start = k - 1 if shift_labels is None else k
+        targets = labels if shift_labels is None else shift_labels
+        window = slice(start, start + targets.shape[1])
+        all_kept = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        text_logits = (
+            logits[:, window].contiguous()
+            if all_kept
+            else self.language_model.lm_head(hidden_states[:, window])
+        )
+        return self.loss_function(
+            logits=text_logits,
+            labels=None,
+            vocab_size=self.config.text_config.vocab_size,
+            shift_labels=targets,
+            **loss_kwargs,
+        )
 
     def _output_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """GPT-2's output layer, (..., E) -> (..., V); in vocabulary blocks when decoding on CPU
-        (``fast_decoding.blocked_output_layer``)."""
+        """GPT-2's output layer (..., E) -> (..., V); in vocabulary blocks when decoding on CPU."""
         return blocked_output_layer(self.language_model.lm_head, hidden_states, self.cpu_output_layer_block)
 
     # ------------------------------------------------------------------ generation
 
     def _build_prompt_embeds(
-        self,
-        prefix: torch.Tensor,
-        input_ids: torch.LongTensor | None,
-        attention_mask: torch.Tensor | None,
+        self, prefix: torch.Tensor, input_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[prefix ; prompt]`` embeddings (B, K + L, E) and mask (B, K + L), padding moved to the left.
-
-        A left-padded prompt would leave its padding between prefix and prompt; the rows are reordered so
-        that every row reads ``[pad ... pad, prefix, prompt]``, the layout ``generate`` expects.
-        """
-        batch, k = prefix.shape[:2]
-        ones = torch.ones((batch, k), dtype=torch.long, device=prefix.device)
-        if input_ids is None:
-            return prefix, ones
-        if input_ids.ndim != 2 or input_ids.shape[0] != batch:
-            raise ValueError(
-                f"The prompt `input_ids` must have shape ({batch}, L), got {tuple(input_ids.shape)}."
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embeds = torch.cat([prefix, self.language_model.transformer.wte(input_ids)], dim=1)
-        mask = torch.cat([ones, attention_mask.to(torch.long)], dim=1)
+        """``[prefix ; prompt]`` embeddings (B, K + L, E) and mask (B, K + L), rows reordered to read
+        ``[pad ... pad, prefix, prompt]`` (a left-padded prompt would leave its padding after the prefix)."""
+        embeds, mask, _ = self._join_prefix(prefix, input_ids, None, attention_mask, None)
+        mask = (
+            torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            if mask is None
+            else mask.long()
+        )
         if bool((mask == 0).any()):
             order = torch.sort(mask, dim=1, stable=True).indices  # pads (0) first, order kept otherwise
             embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
             mask = torch.gather(mask, 1, order)
         return embeds, mask
 
-    def _validate_generation_kwargs(self, kwargs: dict[str, Any]) -> None:
-        """Clear errors for out-of-range generation arguments, before any model work."""
-        positive_ints = ("max_new_tokens", "num_beams", "num_return_sequences", "top_k", "max_length")
-        for name in positive_ints:
+    def _validate_generation_kwargs(self, inputs: Any, kwargs: dict[str, Any]) -> None:
+        """Clear errors for arguments ``generate`` cannot honour, before any model work."""
+        if inputs is not None and (not torch.is_tensor(inputs) or inputs.is_floating_point()):
+            raise TypeError(
+                "The first positional argument of `generate` is the text prompt `inputs` (token ids, B x L), as for "
+                "every transformers model; pass images by keyword: generate(pixel_values=...) or image_embeds=...."
+            )
+        config = kwargs.get("generation_config") or self.generation_config
+        for name in _ASSISTED_DECODING_OPTIONS:
+            if kwargs.get(name, getattr(config, name, None)) is not None:
+                raise ValueError(
+                    f"ClipCap does not support assisted / speculative decoding (`{name}`): the draft tokens are "
+                    "verified on the text alone, without the image prefix, so captions would silently change. "
+                    "Drop it (plain greedy, beam search or sampling give the same captions)."
+                )
+        for name in ("max_new_tokens", "num_beams", "num_return_sequences", "top_k", "max_length"):
             value = kwargs.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         min_new = kwargs.get("min_new_tokens")
         if min_new is not None and (not isinstance(min_new, int) or min_new < 0):
             raise ValueError(f"`min_new_tokens` must be a non-negative integer, got {min_new!r}.")
-        temperature = kwargs.get("temperature")
+        temperature, top_p = kwargs.get("temperature"), kwargs.get("top_p")
         if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
-        top_p = kwargs.get("top_p")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
-        num_beams = kwargs.get("num_beams") or 1
-        nrs = kwargs.get("num_return_sequences")
-        do_sample = kwargs.get("do_sample", False)
-        if nrs is not None and not do_sample and nrs > num_beams:
+        num_beams, nrs = kwargs.get("num_beams") or 1, kwargs.get("num_return_sequences")
+        if nrs is not None and not kwargs.get("do_sample", False) and nrs > num_beams:
             raise ValueError(
                 f"`num_return_sequences`={nrs} needs `num_beams` >= {nrs} (or `do_sample=True`); got num_beams={num_beams}."
             )
-        max_new = kwargs.get("max_new_tokens")
-        n_positions = getattr(self.config.text_config, "n_positions", None)
+        max_new, n_positions = (
+            kwargs.get("max_new_tokens"),
+            getattr(self.config.text_config, "n_positions", None),
+        )
         if (
             max_new is not None
             and n_positions is not None
@@ -575,58 +678,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             )
 
     def _shared_prefill_expand_size(self, kwargs: dict[str, Any]) -> int:
-        """How many copies of each image's sequence ``generate`` will decode (beams or returned sequences).
-
-        Returns 1 (no shared prefill) whenever the caller controls the cache or asks for per-position outputs
-        that a shared prefill would not produce (hidden states / attentions of the prompt positions).
-        """
-        config = kwargs.get("generation_config") or self.generation_config
-        if any(
-            kwargs.get(k) is not None
-            for k in ("cache", "past_key_values", "assistant_model", "custom_generate")
-        ):
-            return 1
-        for name in ("cache_implementation", "prefill_chunk_size", "prompt_lookup_num_tokens"):
-            if kwargs.get(name, getattr(config, name, None)) is not None:
-                return 1
-        for name in ("output_hidden_states", "output_attentions"):
-            if kwargs.get(name, getattr(config, name, False)):
-                return 1
-        num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-        num_return = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
-        return max(int(num_beams), int(num_return))
-
-    def _prefill_shared_prefix(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, expand_size: int
-    ) -> Any:
-        """Run GPT-2 once per image over all but the last position of ``[prefix ; prompt]`` and copy the cache.
-
-        Args:
-            inputs_embeds: (B, S, E) left-padded ``[pad ; prefix ; prompt]`` embeddings.
-            attention_mask: (B, S) their mask.
-            expand_size: number of beams / returned sequences per image.
-
-        Returns:
-            A ``DynamicCache`` of S - 1 positions for B * expand_size rows (each image's rows adjacent, as
-            ``generate`` expands its inputs). ``generate`` then sees the cache and feeds only the last
-            position of each row (with the output layer on it alone); positions and masking match what
-            ``generate`` would have computed itself (positions from the mask's cumulative sum).
-        """
-        prefill_mask = attention_mask[:, :-1]
-        position_ids = (prefill_mask.cumsum(-1) - 1).clamp_min(0)
-        outputs = self.language_model.transformer(
-            inputs_embeds=inputs_embeds[:, :-1],
-            attention_mask=None if bool(prefill_mask.all()) else prefill_mask,
-            position_ids=position_ids,
-            use_cache=True,
-        )
-        cache = output_cache(outputs)
-        cache.batch_repeat_interleave(expand_size)
-        return cache
-
-    #: Replace the stock minimum-length processors by the in-place ``EosSuppressionUntilLength`` (same scores,
-    #: no full-vocabulary temporaries). Set to False on an instance to get the stock processors back.
-    fast_eos_suppression: bool = True
+        return shared_prefill_expand_size(self.generation_config, kwargs)
 
     def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> LogitsProcessorList:
         # Private GenerationMixin hook (see compat.py): if a release drops it, generate stops calling this
@@ -639,6 +691,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(
         self,
+        inputs: torch.LongTensor | None = None,
+        *,
         pixel_values: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         input_ids: torch.LongTensor | None = None,
@@ -648,38 +702,44 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         """Caption images with any ``transformers`` decoding strategy (greedy, beam search, sampling...).
 
         Args:
+            inputs / input_ids: optional text prompt (B, L) the caption continues (left-padded for a batch).
             pixel_values: (B, 3, H, W) processed images, or
-            image_embeds: (B, D) precomputed image embeddings.
-            input_ids: optional text prompt (B, L) the caption continues (left-padded for a batch).
+            image_embeds: (B, D) precomputed image embeddings (keyword arguments).
             attention_mask: (B, L) mask of the prompt.
             **generate_kwargs: anything ``GenerationMixin.generate`` takes (``num_beams``, ``max_new_tokens``,
-                ``do_sample``, ``top_k``, ``top_p``, ``temperature``, ``num_return_sequences``, ...).
+                ``do_sample``, ``return_dict_in_generate``, ``past_key_values`` / ``cache`` to continue...).
+                Assisted decoding is refused; ``use_cache=False`` decodes as with the cache (same tokens), as
+                transformers does for any generation from embeddings.
 
         Returns:
-            Token ids (B * num_return_sequences, T). Without a prompt only the generated tokens; with a prompt
-            the prompt followed by the generated tokens (the decoder-only convention). The KV cache is always on.
+            Token ids (B * num_return_sequences, T): without a prompt only the generated tokens; with a prompt the
+            prompt followed by them (the decoder-only convention). Or a ``GenerateOutput`` when asked.
         """
+        self._validate_generation_kwargs(inputs, generate_kwargs)
+        if inputs is not None and input_ids is not None:
+            raise ValueError("Pass the prompt once: as `inputs` or as `input_ids`.")
+        input_ids = inputs if input_ids is None else input_ids
         if pixel_values is None and image_embeds is None and "inputs_embeds" in generate_kwargs:
             # Plain decoder-only use: GPT-2 continuing given embeddings.
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        self._validate_generation_kwargs(generate_kwargs)
-        if generate_kwargs.get("use_cache") is False:
-            raise ValueError("ClipCap generation always uses the KV cache; drop `use_cache=False`.")
+        cache = pop_cache_argument(generate_kwargs.pop("cache", None), generate_kwargs)
         prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)
         inputs_embeds, full_mask = self._build_prompt_embeds(prefix, input_ids, attention_mask)
         if input_ids is not None and attention_mask is not None and bool((attention_mask == 0).any()):
             # keep returned prompt ids aligned with their (left-padded) rows
-            order = torch.sort(attention_mask.to(torch.long), dim=1, stable=True).indices
-            input_ids = torch.gather(input_ids, 1, order)
-        expand_size = self._shared_prefill_expand_size(generate_kwargs)
+            input_ids = torch.gather(
+                input_ids, 1, torch.sort(attention_mask.long(), dim=1, stable=True).indices
+            )
+        expand_size = self._shared_prefill_expand_size({**generate_kwargs, "cache": cache})
         if expand_size > 1 and inputs_embeds.shape[1] > 1:
             # Beams / returned sequences of one image share [prefix ; prompt]: run it once per image.
-            generate_kwargs[CACHE_KWARG] = self._prefill_shared_prefix(inputs_embeds, full_mask, expand_size)
+            cache = prefill_shared_prefix(
+                self.language_model.transformer, inputs_embeds, full_mask, expand_size
+            )
+        if cache is not None:
+            generate_kwargs[CACHE_KWARG] = cache
         return super().generate(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=full_mask,
-            **generate_kwargs,
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask, **generate_kwargs
         )
 
     # ------------------------------------------------------------------ interpretability
@@ -812,16 +872,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (or trainable ones) of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 __all__ = [
     "ClipCapForConditionalGeneration",
     "ClipCapMLPMapper",
+    "ClipCapModel",
     "ClipCapOutput",
     "ClipCapPreTrainedModel",
     "ClipCapTransformerMapper",
-    "count_parameters",
 ]

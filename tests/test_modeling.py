@@ -411,7 +411,7 @@ def test_frozen_language_model_gets_no_gradients_but_prefix_does(tiny_tokenizer,
     model = make_model(tiny_tokenizer, mapping_type, freeze_language_model=True, freeze_vision=True)
     changed, grads, params = one_step(model, tiny_tokenizer)
     names = {n for n, _ in model.named_parameters()}
-    mapper = {n for n in names if n.startswith("mapping_network.")}
+    mapper = {n for n in names if n.startswith("model.mapping_network.")}
     assert changed == mapper
     assert not any(grads[n] for n in names - mapper)
     assert {id(p) for p in params} == {id(p) for p in model.mapping_network.parameters()}
@@ -424,16 +424,16 @@ def test_fine_tuned_language_model_and_frozen_vision(tiny_tokenizer):
     model = make_model(tiny_tokenizer, freeze_language_model=False, freeze_vision=True)
     changed, grads, _ = one_step(model, tiny_tokenizer)
     assert any(n.startswith("language_model.") for n in changed)
-    assert any(n.startswith("mapping_network.") for n in changed)
-    assert not any(n.startswith("vision_model.") for n in changed)
-    assert not any(grads[n] for n in grads if n.startswith("vision_model."))
+    assert any(n.startswith("model.mapping_network.") for n in changed)
+    assert not any(n.startswith("model.vision_model.") for n in changed)
+    assert not any(grads[n] for n in grads if n.startswith("model.vision_model."))
     assert model.language_model.training and not model.vision_model.training
 
 
 def test_unfrozen_vision_trains_too(tiny_tokenizer):
     model = make_model(tiny_tokenizer, freeze_vision=False)
     changed, _, _ = one_step(model, tiny_tokenizer)
-    assert any(n.startswith("vision_model.") for n in changed)
+    assert any(n.startswith("model.vision_model.") for n in changed)
     assert model.vision_model.training
 
 
@@ -564,7 +564,7 @@ def test_from_vision_text_pretrained(tiny_tokenizer, tmp_path, full_clip):
     )
     if not torch.is_tensor(expected):
         expected = expected.pooler_output
-    torch.testing.assert_close(model.get_image_features(pixel_values), expected)
+    torch.testing.assert_close(model.get_image_features(pixel_values).pooler_output, expected)
     torch.testing.assert_close(model.language_model.lm_head.weight, gpt.lm_head.weight)
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(
