@@ -33,7 +33,14 @@ import torch
 
 from .image_io import ImageLoadError, list_image_files, load_image
 
-__all__ = ["add_cli_arguments", "caption_images", "cli_main", "expand_inputs", "load_captioner"]
+__all__ = [
+    "add_cli_arguments",
+    "caption_batch",
+    "caption_images",
+    "cli_main",
+    "expand_inputs",
+    "load_captioner",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -88,13 +95,37 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def _generate(model: Any, processor: Any, images: list[Any], generation_kwargs: dict[str, Any]) -> list[str]:
-    """Captions of a list of PIL images: processor -> pixel_values (B, 3, H, W) -> generate -> text."""
-    inputs = processor(images=images, return_tensors="pt")
-    device = next(model.parameters()).device
-    pixel_values = inputs["pixel_values"].to(device=device, dtype=_model_dtype(model))
-    ids = model.generate(pixel_values=pixel_values, **generation_kwargs)  # (B, T)
-    return [" ".join(text.split()) for text in processor.batch_decode(ids, skip_special_tokens=True)]
+def caption_batch(
+    model: Any,
+    processor: Any,
+    *,
+    images: list[Any] | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
+    **generation_kwargs: Any,
+) -> list[str]:
+    """The library's one images -> ``generate`` -> text step (captioning, evaluation, training's validation).
+
+    Args:
+        model: a ClipCap model; inputs are moved to its device and dtype.
+        processor: its ``ClipCapProcessor`` (``images`` -> ``pixel_values``; ``batch_decode``).
+        images: PIL images, turned into ``pixel_values`` (B, 3, H, W) by the processor; or give
+            ``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D) directly.
+        **generation_kwargs: passed to ``model.generate`` (``num_beams``, ``max_new_tokens``, ...).
+
+    Returns:
+        B * ``num_return_sequences`` captions, special tokens removed and white space collapsed.
+    """
+    if images is not None:
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    inputs = {
+        name: value.to(device=model.device, dtype=model.dtype)
+        for name, value in (("pixel_values", pixel_values), ("image_embeds", image_embeds))
+        if value is not None
+    }
+    output = model.generate(**inputs, **generation_kwargs)  # (B, T) ids, or an output with .sequences
+    sequences = output.sequences if hasattr(output, "sequences") else output
+    return [" ".join(text.split()) for text in processor.batch_decode(sequences, skip_special_tokens=True)]
 
 
 def caption_images(
@@ -148,7 +179,9 @@ def caption_images(
         errors: dict[int, str] = {}
         if good:
             try:
-                texts = _generate(model, processor, [image for _, image in good], generation_kwargs)
+                texts = caption_batch(
+                    model, processor, images=[image for _, image in good], **generation_kwargs
+                )
                 captions = {i: text for (i, _), text in zip(good, texts)}
             except (ValueError, RuntimeError) as batch_err:
                 if len(good) == 1:
@@ -156,7 +189,9 @@ def caption_images(
                 else:  # find the image(s) responsible: caption them one at a time
                     for i, image in good:
                         try:
-                            captions[i] = _generate(model, processor, [image], generation_kwargs)[0]
+                            captions[i] = caption_batch(
+                                model, processor, images=[image], **generation_kwargs
+                            )[0]
                         except (ValueError, RuntimeError) as err:
                             errors[i] = f"captioning failed ({type(err).__name__}: {err})"
         for i, (path, _, problem) in enumerate(loaded):
@@ -297,12 +332,6 @@ def cli_main(args: argparse.Namespace) -> int:
         generation_kwargs["num_beams"] = args.num_beams
     if args.max_new_tokens is not None:
         generation_kwargs["max_new_tokens"] = args.max_new_tokens
-    try:
-        model._validate_generation_kwargs(dict(generation_kwargs))
-    except (ValueError, AttributeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
     failed = 0
     out = sys.stdout
     progress = tqdm(total=len(items), desc="captioning", unit="img", file=sys.stderr, disable=args.quiet)

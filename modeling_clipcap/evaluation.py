@@ -196,6 +196,22 @@ def simple_tokenize(text: str) -> str:
     return " ".join(tok for tok in tokens if not set(tok) <= _PUNCTUATION_CHARS)
 
 
+def exact_match_text(text: str) -> str:
+    """What exact match compares: lower case, every "." removed, white space collapsed."""
+    return " ".join(text.lower().replace(".", " ").split())
+
+
+def exact_match_rate(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+) -> float:
+    """Share of images whose caption equals one of its references (by :func:`exact_match_text`); 0 for none."""
+    hits = sum(
+        exact_match_text(caption) in {exact_match_text(r) for r in references[key]}
+        for key, caption in predictions.items()
+    )
+    return hits / max(len(predictions), 1)
+
+
 def _clean_line(caption: str) -> str:
     # One caption must stay one line for the PTB tokenizer: Java also breaks lines on
     # \r, \u2028, \u0085 ..., which would silently shift every later caption by one.
@@ -517,10 +533,6 @@ def _open_image(image: Any) -> Any:
     return image  # arrays / tensors go to the image processor as they are
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def encode_clip_images(
     model: Any,
@@ -543,7 +555,7 @@ def encode_clip_images(
     """
     from tqdm.auto import tqdm
 
-    device = _model_device(model)
+    device = model.device
     dtype = next(model.parameters()).dtype
     chunks = []
     starts = range(0, len(images), batch_size)
@@ -579,7 +591,7 @@ def encode_clip_texts(
     if prompt:
         prompt = prompt if prompt.endswith(" ") else prompt + " "
         texts = [prompt + t for t in texts]
-    device = _model_device(model)
+    device = model.device
     max_length = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", None)
     chunks = []
     for start in tqdm(range(0, len(texts), batch_size), desc="CLIP texts", disable=not progress):
@@ -784,6 +796,7 @@ def generate_captions(
     """
     from tqdm.auto import tqdm
 
+    from .captioning import caption_batch
     from .image_io import ImageLoadError, load_image
 
     if on_bad_image not in ("fail", "skip"):
@@ -797,8 +810,6 @@ def generate_captions(
         kwargs["max_new_tokens"] = max_new_tokens
     elif "max_new_tokens" not in kwargs and getattr(model.generation_config, "max_new_tokens", None) is None:
         kwargs["max_new_tokens"] = 30
-    device = _model_device(model)
-    dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     predictions: list[dict[str, Any]] = []
@@ -823,13 +834,9 @@ def generate_captions(
                     skipped.append((row["image_id"], str(err)))
             if ids:
                 if use_embeds:
-                    model_inputs = {"image_embeds": torch.stack(inputs).to(device=device, dtype=dtype)}
+                    captions = caption_batch(model, processor, image_embeds=torch.stack(inputs), **kwargs)
                 else:
-                    pixel_values = processor(images=inputs, return_tensors="pt")["pixel_values"]
-                    model_inputs = {"pixel_values": pixel_values.to(device=device, dtype=dtype)}
-                out = model.generate(**model_inputs, **kwargs)
-                sequences = out.sequences if hasattr(out, "sequences") else out
-                captions = processor.batch_decode(sequences, skip_special_tokens=True)
+                    captions = caption_batch(model, processor, images=inputs, **kwargs)
                 if len(captions) != len(ids):
                     raise ValueError(
                         f"generate returned {len(captions)} captions for {len(ids)} images; "

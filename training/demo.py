@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modeling_clipcap.evaluation import exact_match_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET = REPO_ROOT / "hub_configs" / "clipcap-synthetic-tiny"
 TRAINING_DIR = REPO_ROOT / "training"
@@ -137,11 +139,6 @@ def write_random_gpt2(text_config: dict[str, Any], tokenizer: Any, out: Path, se
     tokenizer.save_pretrained(out)
 
 
-def normalize_caption(text: str) -> str:
-    """Lower case, single spaces, no final "." (for exact-match comparison)."""
-    return " ".join(text.lower().replace(".", " ").split())
-
-
 def exact_match_rates(predictions: dict[str, str], rows: list[dict[str, Any]], key) -> dict[str, Any]:
     """Exact-match rate (prediction equals one of the references, ignoring case and the final ".")
     overall and by number of objects."""
@@ -150,7 +147,7 @@ def exact_match_rates(predictions: dict[str, str], rows: list[dict[str, Any]], k
         prediction = predictions.get(key(row))
         if prediction is None:
             continue
-        ok = int(normalize_caption(prediction) in {normalize_caption(c) for c in row["captions"]})
+        ok = int(exact_match_text(prediction) in {exact_match_text(c) for c in row["captions"]})
         hits["all"].append(ok)
         hits.setdefault(str(row["num_objects"]), []).append(ok)
     return {group: {"rate": (sum(v) / len(v)) if v else None, "count": len(v)} for group, v in hits.items()}
@@ -474,14 +471,14 @@ def main(argv: list[str] | None = None) -> int:
     samples = []
     for name, row in chosen:
         prediction = captions.get(name) or ""
-        refs = {normalize_caption(c) for c in row["captions"]}
+        refs = {exact_match_text(c) for c in row["captions"]}
         samples.append(
             {
                 "path": str(sample_dir / name),
                 "split": name.split("__")[0],
                 "prediction": prediction,
                 "reference": row["captions"][0],
-                "exact": normalize_caption(prediction) in refs,
+                "exact": exact_match_text(prediction) in refs,
             }
         )
     grid_path = report_dir / "samples.png"
