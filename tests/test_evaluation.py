@@ -656,3 +656,31 @@ def test_render_metrics_table_prints_x100_and_skips():
     assert "SPICE skipped: needs Java <= 11" in table and "5000 images, 25010 references" in table
     with_clip = ev.render_metrics_table({**metrics, "CLIP-S": 0.7712})
     assert with_clip.splitlines()[0].endswith("| CLIP-S |") and "| 77.12 |" in with_clip
+
+
+@pytest.mark.parametrize(
+    "banner, major",
+    [
+        ('openjdk version "1.8.0_292"\nOpenJDK Runtime Environment (build 1.8.0_292-b10)', 8),
+        ('java version "1.7.0_80"', 7),
+        ('openjdk version "11.0.21" 2023-10-17', 11),
+        ('openjdk version "17" 2021-09-14', 17),
+        ('openjdk version "21.0.2" 2024-01-16 LTS', 21),
+        ("no version line at all", 0),
+    ],
+)
+def test_java_version_reads_the_banner_of_the_java_on_path(tmp_path, monkeypatch, banner, major):
+    """A fake ``java`` on PATH prints a real banner (to stderr, as java does); java_version runs it."""
+    fake = tmp_path / "java"
+    lines = "".join(f"printf '%s\\n' '{line}' >&2\n" for line in banner.splitlines())  # shell builtins only
+    fake.write_text(f"#!/bin/sh\n{lines}")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert ev.java_version() == major
+    reason = ev.spice_unavailable_reason()
+    if major == 0:
+        assert "could not read the version" in reason
+    elif major > 11:
+        assert reason is not None and f"version {major}" in reason
+    else:  # a usable java: whatever is still missing is named, never the java version
+        assert reason is None or "version" not in reason

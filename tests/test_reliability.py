@@ -555,8 +555,13 @@ def test_from_pretrained_never_runs_code_from_a_pickled_pytorch_model_bin(tmp_pa
 
 def test_resuming_from_a_tampered_accelerate_checkpoint_never_runs_code(tmp_path):
     """Every pickle file of an ``accelerator.save_state`` folder (what train.py checkpoints hold), replaced
-    by one that would run code: ``load_state`` refuses it and the code never runs."""
+    by one that would run code: ``load_state`` refuses it and the code never runs; a lost RNG state is an
+    error (or, with ``allow_rng_state_loss``, a warning), never a quiet loss of bit-exactness."""
+    import json
+
     from accelerate import Accelerator
+
+    from modeling_clipcap.checkpointing import TRAINING_STATE_NAME, CheckpointError, load_checkpoint
 
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(3, 2)
@@ -578,8 +583,19 @@ def test_resuming_from_a_tampered_accelerate_checkpoint_never_runs_code(tmp_path
         marker = tmp_path / f"pwned-{name}"
         torch.save({"state": {}, "payload": _WritesMarker(marker)}, tampered / name)
         if name.startswith("random_states"):
-            # Accelerate catches this one: it logs "Could not load random states" and goes on without them
-            accelerator.load_state(str(tampered))
+            # Accelerate alone logs "Could not load random states" and goes on without them; train.py's
+            # loader refuses (the resumed run would no longer be bit-exact) unless told to go on, then warns
+            state = {"completed_steps": 1, "epoch": 0, "batches_in_epoch": 1, "num_processes": 1}
+            state["total_batch_size"] = 4
+            (tampered / TRAINING_STATE_NAME).write_text(json.dumps(state))
+            expected = {"num_processes": 1, "total_batch_size": 4}
+            with pytest.raises(CheckpointError, match=f"{name}.*--allow_rng_state_loss"):
+                load_checkpoint(accelerator, tampered, expected)
+            with pytest.warns(UserWarning, match="not bit-exactly"):
+                assert load_checkpoint(accelerator, tampered, expected, allow_rng_state_loss=True) == state
+            (clean / TRAINING_STATE_NAME).write_text(json.dumps(state))
+            assert load_checkpoint(accelerator, clean, expected) == state  # the clean one: no error
+            (clean / TRAINING_STATE_NAME).unlink()
         else:
             with pytest.raises(Exception, match="[Ww]eights only load failed"):
                 accelerator.load_state(str(tampered))
