@@ -792,6 +792,8 @@ def test_every_preset_file_ships_in_the_wheel():
         ]
         name, directory = max(owners, key=lambda item: len(item[1].parts))
         relative = file.relative_to(directory).as_posix()
+        if file.suffix == ".py" and "/" not in relative:
+            continue  # a module of a listed package (the Space's app.py) ships as code, not package data
         assert any(
             fnmatch.fnmatch(relative, g) and relative.count("/") == g.count("/") for g in globs[name]
         ), f"{file} is not covered by package-data of {name}: {globs[name]}"
