@@ -145,3 +145,55 @@ def test_compile_config_still_has_the_cpu_switch():
         f"transformers {transformers.__version__} dropped CompileConfig._compile_all_devices: update the "
         "compiled row of benchmarks/caption_throughput.py and docs/compatibility.md"
     )
+
+
+def test_checkpoint_key_renames_register_on_this_transformers():
+    """0.1.0 checkpoints name the tower and mapper ``vision_model.*`` / ``mapping_network.*``; the model maps
+    them to ``model.*`` through transformers' conversion-mapping registry (internal module, 5.20-5.24)."""
+    from modeling_clipcap.modeling_clipcap import LEGACY_KEY_RENAMES
+
+    assert compat.register_key_renames("ClipCapForConditionalGeneration", LEGACY_KEY_RENAMES), (
+        f"transformers {transformers.__version__} moved transformers.conversion_mapping."
+        "register_checkpoint_conversion_mapping / core_model_loading.WeightRenaming: loading falls back to "
+        "from_pretrained(key_mapping=...), and saved files get the new key names; update compat.py"
+    )
+
+
+def test_old_checkpoints_load_without_the_conversion_registry(tmp_path):
+    """The fallback when the registry is gone: ``from_pretrained(key_mapping=...)`` still reads 0.1.0 files."""
+    import json
+    from pathlib import Path
+
+    from test_auto_and_remote import run_without_package
+
+    folder = Path(__file__).parent / "fixtures" / "saved_models" / "release-0.1.0" / "mlp"
+    code = f"""
+    import sys
+    sys.meta_path.pop(0)  # the package is importable again: this test needs it
+    import json, torch, transformers.modeling_utils, transformers.conversion_mapping as registry
+    del registry.register_checkpoint_conversion_mapping  # a release without the registry
+    from safetensors.torch import load_file
+    import modeling_clipcap
+    from modeling_clipcap import compat, ClipCapForConditionalGeneration
+    assert not compat.register_key_renames("X", {{"a": "b"}})
+    model = ClipCapForConditionalGeneration.from_pretrained({str(folder)!r}).eval()
+    e = load_file({str(folder / "expected.safetensors")!r})
+    with torch.no_grad():
+        logits = model(pixel_values=e["pixel_values"], input_ids=e["input_ids"]).logits
+    print(json.dumps(float((logits - e["logits"]).abs().max())))
+    """
+    proc = run_without_package(code, cwd=tmp_path)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+@pytest.mark.parametrize("keep", [0, 1, 3, torch.tensor([0, 2])])
+def test_slice_logits_to_keep_fallback_matches_transformers(keep):
+    hidden = torch.randn(2, 5, 4)
+    fallback = compat._slice_logits_to_keep_fallback(hidden, keep)
+    expected = (
+        {0: hidden, 1: hidden[:, -1:], 3: hidden[:, -3:]}.get(keep)
+        if isinstance(keep, int)
+        else hidden[:, keep]
+    )
+    assert torch.equal(fallback, expected)
+    assert torch.equal(compat.slice_logits_to_keep(hidden, keep), expected)
