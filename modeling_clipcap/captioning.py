@@ -269,6 +269,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest caption in tokens (default: the model's generation config)",
     )
     parser.add_argument("--batch_size", type=int, default=16, help="images per generate call (default 16)")
+    # Plain switches here (no true|false value): a value-taking flag would swallow an image path after it.
     parser.add_argument(
         "--json",
         action="store_true",

@@ -29,6 +29,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def add_bool_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    name: str,
+    default: bool | None = False,
+    help: str | None = None,
+    negative: bool | None = None,
+) -> None:
+    """A boolean flag in transformers' ``HfArgumentParser`` style, the one style of every command here.
+
+    ``--NAME`` alone is true, ``--NAME true|false`` (yes/no, 1/0) sets it; a flag that is on by default
+    (or when ``negative`` is set) also gets ``--no_NAME``.
+    """
+    from transformers.hf_argparser import string_to_bool
+
+    parser.add_argument(
+        f"--{name}",
+        type=string_to_bool,
+        nargs="?",
+        const=True,
+        default=default,
+        metavar="true|false",
+        help=help,
+    )
+    with_negative = (default is True) if negative is None else negative
+    if with_negative:
+        parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"same as --{name} false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with one sub-parser per available command."""
     parser = argparse.ArgumentParser(

@@ -45,7 +45,6 @@ import logging
 import os
 import pickle
 import re
-import string
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,7 +53,9 @@ from typing import Any
 import torch
 
 from .configuration_clipcap import ClipCapConfig
+from .hub import fill_card
 from .modeling_clipcap import ClipCapForConditionalGeneration
+from .presets import hub_configs_dir, read_preset
 
 logger = logging.getLogger(__name__)
 
@@ -123,18 +124,6 @@ class ConversionError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def hub_configs_dir() -> Path:
-    """The ``hub_configs/`` folder: ``$CLIPCAP_HUB_CONFIGS`` if set, else the repository's (a checkout or an
-    editable install), else the copy a wheel installs as ``modeling_clipcap/hub_configs``."""
-    env = os.environ.get("CLIPCAP_HUB_CONFIGS")
-    if env:
-        return Path(env)
-    checkout = Path(__file__).resolve().parents[1] / "hub_configs"
-    if checkout.is_dir():
-        return checkout
-    return Path(__file__).resolve().parent / "hub_configs"
-
-
 def load_preset(preset: str | os.PathLike) -> dict[str, Any]:
     """Read a conversion preset: a name in :data:`PRESET_NAMES` or a path to such a folder.
 
@@ -155,29 +144,16 @@ def load_preset(preset: str | os.PathLike) -> dict[str, Any]:
                 "Set CLIPCAP_HUB_CONFIGS to a hub_configs/ folder, or pass the preset folder's path."
             )
 
-    def read_json(name: str) -> dict[str, Any]:
-        file = path / name
-        if not file.is_file():
-            return {}
-        try:
-            return json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConversionError(f"{file} is not valid JSON: {err}") from err
-
-    config = read_json("config.json")
-    unknown = sorted(set(config) - set(_CONFIG_FIELDS) - {"model_type", "vision_config", "text_config"})
+    try:
+        files = read_preset(path)
+    except ValueError as err:  # a file that is not valid JSON, named in the message
+        raise ConversionError(str(err)) from err
+    unknown = sorted(
+        set(files["config"]) - set(_CONFIG_FIELDS) - {"model_type", "vision_config", "text_config"}
+    )
     if unknown:
         raise ConversionError(f"{path / 'config.json'} has fields this converter does not know: {unknown}.")
-    card = path / "README.md"
-    return {
-        "name": path.name,
-        "dir": path,
-        "config": config,
-        "generation_config": read_json("generation_config.json"),
-        "preset": read_json("preset.json"),
-        "training_args": read_json("training_args.json"),
-        "card_template": card.read_text(encoding="utf-8") if card.is_file() else None,
-    }
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -531,7 +507,7 @@ def _model_card(
     repo_id: str | None,
     settings: Mapping[str, Any],
     has_tokenizer: bool,
-) -> str:
+) -> Any:
     import transformers
 
     from . import __version__
@@ -605,7 +581,7 @@ def _model_card(
             "\n\nVision tower: ${vision_source}. GPT-2 config / tokenizer: ${text_source}.\n\n${settings_table}\n\n"
             '## Usage\n\n${usage}\n\nDecoding stops at the "." token${eos_note}.\n'
         )
-    return string.Template(template).safe_substitute(values)
+    return fill_card(template, values)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -774,7 +750,7 @@ def convert_original_checkpoint(
             settings,
             has_tokenizer,
         )
-        (out / "README.md").write_text(card, encoding="utf-8")
+        card.save(out / "README.md")
         provenance = {
             "source_checkpoint": checkpoint.name,
             "source_sha256": sha256,
@@ -848,6 +824,8 @@ def push_converted_directory(
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``clipcap convert``."""
+    from .cli import add_bool_argument
+
     parser.add_argument("--checkpoint", required=True, help="the original .pt file (coco_weights.pt, ...)")
     parser.add_argument("--output_dir", help="folder to write the converted model to")
     parser.add_argument(
@@ -864,18 +842,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image_embed_dim", type=int, help="CLIP embedding width without --vision_model (512, 640)"
     )
-    parser.add_argument(
-        "--normalize_prefix",
-        action=argparse.BooleanOptionalAction,
+    add_bool_argument(
+        parser,
+        "normalize_prefix",
         default=None,
+        negative=True,
         help="L2-normalise image embeddings before the mapper (the transformer checkpoint was trained so)",
     )
-    parser.add_argument(
-        "--freeze_language_model",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="for later training",
-    )
+    add_bool_argument(parser, "freeze_language_model", default=None, negative=True, help="for later training")
+    for name in ("normalize_prefix", "freeze_language_model"):  # the earlier spellings, kept working
+        parser.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
     parser.add_argument(
         "--vision_model", help="local full CLIP or CLIP-vision checkpoint folder (ViT-B/32 variants)"
     )
@@ -886,16 +862,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max_new_tokens", type=int, help="default token limit in generation_config.json (67)"
     )
-    parser.add_argument(
-        "--no_stop_on_eos",
-        dest="stop_on_eos",
-        action="store_false",
-        help="stop only on '.', exactly as the original code (default: also on <|endoftext|>)",
+    add_bool_argument(
+        parser,
+        "stop_on_eos",
+        default=True,
+        help="stop on <|endoftext|> as well as on '.' (default); --no_stop_on_eos: only on '.', as the original",
     )
-    parser.add_argument("--no_verify", dest="verify", action="store_false", help="skip reloading the output")
-    parser.add_argument("--push_to_hub", action="store_true", help="upload the output folder to the Hub")
+    add_bool_argument(parser, "verify", default=True, help="reload the output and compare (default)")
+    add_bool_argument(parser, "push_to_hub", help="upload the output folder to the Hub")
     parser.add_argument("--hub_model_id", help="ORG/NAME of the Hub repository")
-    parser.add_argument("--private", action="store_true", help="create the Hub repository private")
+    add_bool_argument(parser, "private", help="create the Hub repository private")
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -1048,6 +1048,8 @@ def _with_model_index(
 
 def add_cli_arguments(parser: Any) -> None:
     """Arguments of ``clipcap evaluate`` (see :func:`cli_main`)."""
+    from .cli import add_bool_argument
+
     parser.add_argument(
         "--model", required=True, help="local ClipCap model directory (save_pretrained output)"
     )
@@ -1081,7 +1083,9 @@ def add_cli_arguments(parser: Any) -> None:
         default="auto",
         help="SPICE: auto computes it when Java <= 11 and CoreNLP are present (default)",
     )
-    parser.add_argument("--no_meteor", action="store_true", help="skip METEOR (saves ~10 s of java start-up)")
+    add_bool_argument(
+        parser, "meteor", default=True, help="METEOR (--no_meteor saves ~10 s of java start-up)"
+    )
     parser.add_argument(
         "--clip_model", default=None, help="local CLIPModel folder: also report CLIP-S and RefCLIP-S"
     )
@@ -1092,12 +1096,10 @@ def add_cli_arguments(parser: Any) -> None:
         default="fail",
         help="unreadable images: stop (default) or skip and report them",
     )
-    parser.add_argument(
-        "--update_model_card",
-        action="store_true",
-        help="write the metrics table into the model directory's README.md",
+    add_bool_argument(
+        parser, "update_model_card", help="write the metrics table into the model directory's README.md"
     )
-    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_bool_argument(parser, "progress", default=True, help="show a progress bar (default)")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -1141,11 +1143,11 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
         spice=spice,
-        meteor=not args.no_meteor,
+        meteor=args.meteor,
         clip_model=clip_model,
         clip_processor=clip_processor,
         on_bad_image=args.on_bad_image,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     metrics["config"] = {
         "model": str(model_dir),

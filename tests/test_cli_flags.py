@@ -1,0 +1,118 @@
+"""Flags of ``clipcap convert`` and ``clipcap evaluate`` that no other test checks change what the command does,
+and the one boolean-flag style (``--name``, ``--name true|false``, ``--no_name`` for flags on by default)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_tokenizer, tiny_text_config
+from test_convert import original_mlp_state_dict, save
+
+from modeling_clipcap import convert_original
+from modeling_clipcap.cli import add_bool_argument, main
+
+
+def test_bool_flags_take_a_value_or_none_and_default_on_flags_have_a_no_form():
+    parser = argparse.ArgumentParser()
+    add_bool_argument(parser, "push_to_hub")
+    add_bool_argument(parser, "verify", default=True)
+    add_bool_argument(parser, "freeze", default=None, negative=True)
+    assert vars(parser.parse_args([])) == {"push_to_hub": False, "verify": True, "freeze": None}
+    assert vars(parser.parse_args(["--push_to_hub", "--no_verify", "--no_freeze"])) == {
+        "push_to_hub": True,
+        "verify": False,
+        "freeze": False,
+    }
+    assert parser.parse_args(["--verify", "false", "--freeze", "yes"]).verify is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--verify", "maybe"])
+    with pytest.raises(SystemExit):  # no --no_ form for a flag that is off by default
+        parser.parse_args(["--no_push_to_hub"])
+
+
+@pytest.fixture()
+def original(tmp_path):
+    tokenizer = build_tiny_tokenizer(tmp_path / "gpt2")
+    text_config = tiny_text_config(len(tokenizer))
+    text_config.save_pretrained(tmp_path / "gpt2")
+    checkpoint = save(original_mlp_state_dict(text_config, 24, 10, seed=3), tmp_path / "coco_weights.pt")
+    base = ["convert", "--preset", "coco-mlp", "--checkpoint", str(checkpoint), "--image_embed_dim", "24"]
+    return base + ["--text_model", str(tmp_path / "gpt2")], tokenizer
+
+
+def test_convert_flags_reach_the_output(tmp_path, original, monkeypatch):
+    argv, tokenizer = original
+    verified = []
+    real_verify = convert_original.verify_converted_directory
+    monkeypatch.setattr(
+        convert_original,
+        "verify_converted_directory",
+        lambda path, model: verified.append(path) or real_verify(path, model),
+    )
+    default = tmp_path / "default"
+    assert main(argv + ["--output_dir", str(default)]) == 0
+    flags = ["--normalize_prefix", "--freeze_language_model", "true", "--no_stop_on_eos", "--no_verify"]
+    flags += ["--num_beams", "3", "--max_new_tokens", "7"]
+    flagged = tmp_path / "flagged"
+    assert main(argv + ["--output_dir", str(flagged), *flags]) == 0
+    assert verified == [default]  # --no_verify: the second output was not reloaded and compared
+
+    configs = {
+        name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("default", "flagged")
+    }
+    assert (configs["default"]["normalize_prefix"], configs["flagged"]["normalize_prefix"]) == (False, True)
+    assert configs["flagged"]["freeze_language_model"] is True
+    generation = {n: json.loads((tmp_path / n / "generation_config.json").read_text()) for n in configs}
+    assert generation["default"]["eos_token_id"] == [13, tokenizer.eos_token_id]  # "." and <|endoftext|>
+    assert generation["flagged"]["eos_token_id"] == 13  # --no_stop_on_eos: only ".", as the original
+    assert (generation["flagged"]["num_beams"], generation["flagged"]["max_new_tokens"]) == (3, 7)
+
+    # the earlier --no-NAME spelling still works
+    old = tmp_path / "old"
+    assert main(argv + ["--output_dir", str(old), "--normalize_prefix", "--no-normalize_prefix"]) == 0
+    assert json.loads((old / "config.json").read_text())["normalize_prefix"] is False
+
+
+def test_evaluate_limit_beams_tokens_and_meteor_flags(tmp_path, tiny_model, tiny_processor, capsys):
+    from PIL import Image
+
+    model_dir = tmp_path / "model"
+    tiny_model.generation_config.max_new_tokens = 20
+    tiny_model.save_pretrained(model_dir)
+    tiny_processor.save_pretrained(model_dir)
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i in range(5):
+        g = torch.Generator().manual_seed(i)
+        pixels = torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels, "RGB").save(images / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "captions": ["a red circle.", "a circle"]}))
+    (images / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval"
+    argv = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(images / "metadata.jsonl"),
+        "--device",
+        "cpu",
+    ]
+    argv += ["--output_dir", str(out), "--spice", "off", "--no_meteor", "--no_progress", "--limit", "3"]
+    argv += ["--num_beams", "2", "--max_new_tokens", "2", "--batch_size", "2"]
+    assert main(argv) == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 3  # --limit 3
+    assert all(len(tokenizer_ids) <= 2 for tokenizer_ids in _token_ids(predictions, tiny_processor))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "METEOR" not in metrics and "METEOR" in metrics["skipped"]  # --no_meteor
+    assert "SPICE" not in metrics and "disabled" in metrics["skipped"]["SPICE"]  # --spice off
+    assert "captioning" not in capsys.readouterr().err  # --no_progress: no progress bar
+
+
+def _token_ids(predictions: list[dict], processor) -> list[list[int]]:
+    return [processor.tokenizer(p["caption"], add_special_tokens=False)["input_ids"] for p in predictions]
