@@ -9,15 +9,23 @@ images (embeddings or pixels) with their row index; :func:`stream_caption_pairs`
 
 from __future__ import annotations
 
+import logging
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 
-from .embedding_cache import build_embedding_cache
+from .captioning import caption_batch
+from .data import CaptionCollator, explode_captions, load_caption_dataset
+from .embedding_cache import build_embedding_cache, encoder_fingerprint
 from .image_io import load_image
+
+logger = logging.getLogger(__name__)
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -150,7 +158,234 @@ def _explode_batch(
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The data of one training run (``args``: the parsed arguments of training/train.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_splits(args: Any, accelerator: Any) -> dict[str, Any]:
+    """The training split (a ``datasets`` image table, or a stream) and the validation split (or None)."""
+
+    splits: dict[str, Any] = {"reports": [], "skipped": [], "train": None, "validation": None}
+
+    def read(source: str, split: str | None, image_dir: str | None, limit: int | None) -> datasets.Dataset:
+        dataset, report = load_caption_dataset(
+            source,
+            split,
+            image_dir=image_dir,
+            config_name=args.dataset_config_name,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            on_bad_image=args.on_bad_image,
+        )
+        if accelerator.is_main_process:
+            logger.info(report.summary())
+        splits["reports"].append(report.to_dict())
+        splits["skipped"] += [tuple(s) for s in report.skipped_images]
+        return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
+
+    source = args.train_file or args.dataset_name
+    train_file = Path(args.train_file) if args.train_file else None
+    if args.validation_file or args.dataset_name:
+        validation_source = args.validation_file or args.dataset_name
+    elif train_file is not None and (
+        train_file.suffix.lower() == ".json"  # a Karpathy JSON holds the val split too
+        or (train_file.is_dir() and (train_file / args.validation_split).is_dir())  # <folder>/<split>/
+    ):
+        validation_source = args.train_file
+    else:
+        validation_source = None
+    with accelerator.main_process_first():
+        if args.streaming:
+            splits["train"] = datasets.load_dataset(
+                args.dataset_name, args.dataset_config_name, split=args.train_split, streaming=True
+            )
+        else:
+            splits["train"] = read(source, args.train_split, args.image_dir, args.max_train_samples)
+        if validation_source is not None:
+            image_dir = args.validation_image_dir or args.image_dir
+            try:
+                splits["validation"] = read(
+                    validation_source, args.validation_split, image_dir, args.max_eval_samples
+                )
+            except (ValueError, KeyError) as err:
+                if args.validation_file:
+                    raise
+                logger.warning(f"no validation split found ({err}); validation is off.")
+    return splits
+
+
+def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> dict[str, Any]:
+    """Training rows, validation captions (for the loss) and validation images (for generation).
+
+    With a frozen vision tower, both splits' images are encoded once into the embedding cache and the
+    datasets hold ``image_embeds``; otherwise they hold images that the collator turns into pixels.
+    """
+    splits = read_splits(args, accelerator)
+    train, validation = splits["train"], splits["validation"]
+    frozen_vision = model.vision_model is None or model.config.freeze_vision
+    use_cache = frozen_vision and not args.streaming and args.embedding_cache
+    if use_cache and model.vision_model is None:
+        raise ValueError(
+            "This model has no vision tower (embeddings only): train it on precomputed image_embeds "
+            "through the Python API; train.py reads images."
+        )
+    if not frozen_vision and args.embedding_cache:
+        logger.info("freeze_vision=False: images are encoded at every step (no embedding cache).")
+    embed_validation = validation is not None and len(validation) > 0 and frozen_vision
+    data: dict[str, Any] = {"encode_stats": {}, "skipped": splits["skipped"], "reports": splits["reports"]}
+    cache_kwargs: dict[str, Any] = {}
+    if use_cache or (embed_validation and model.vision_model is not None):
+        model.to(accelerator.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        cache_kwargs = {
+            "cache_dir": args.embedding_cache_dir
+            or str(Path(datasets.config.HF_DATASETS_CACHE) / "clipcap_embeddings"),
+            "batch_size": args.embedding_batch_size,
+            "dtype": dtype,
+            "device": accelerator.device,
+            "num_workers": args.preprocessing_num_workers,
+            "on_bad_image": args.on_bad_image,
+            "show_progress": accelerator.is_local_main_process,
+            "encoder_hash": encoder_fingerprint(model, processor.image_processor, dtype or torch.float32),
+        }
+
+    def embedded(images: datasets.Dataset, desc: str) -> tuple[torch.Tensor, datasets.Dataset]:
+        with accelerator.main_process_first():  # the main process encodes; the others read its cache
+            split = embed_split(model, processor.image_processor, images, desc=desc, **cache_kwargs)
+        if accelerator.is_main_process:
+            logger.info(f"{desc}: {split.stats['encoded']} images encoded, {split.stats['reused']} reused")
+        data["encode_stats"][desc] = split.stats
+        data["skipped"].extend(split.skipped)
+        return split.embeds, split.images
+
+    source = args.train_file or args.dataset_name
+    if use_cache:
+        embeds, train = embedded(train, "Encoding train images")
+        flat = explode_captions(train.add_column("embed_row", list(range(len(train)))))
+        data["train"] = CachedCaptionDataset(embeds, flat["embed_row"], flat["caption"])
+    elif args.streaming:
+        data["train"] = stream_caption_pairs(
+            train, args.image_column or "image", args.caption_column or "caption"
+        )
+    else:
+        data["train"] = explode_captions(train).select_columns(["image", "caption"])
+    if args.streaming:
+        data["description"] = f"{args.dataset_name} (streaming)"
+    else:
+        data["description"] = f"{source} ({len(train)} images, {len(data['train'])} captions)"
+        if len(data["train"]) == 0:
+            raise ValueError(f"{source}: no training captions left (see the data report above).")
+
+    data["val_images"] = data["val_captions"] = data["val_references"] = None
+    if validation is not None and len(validation) > 0:
+        if embed_validation and model.vision_model is not None:
+            embeds, validation = embedded(validation, "Encoding validation images")
+            flat = explode_captions(validation.add_column("embed_row", list(range(len(validation)))))
+            data["val_images"] = EvalImageDataset(embeds=embeds)
+            data["val_captions"] = CachedCaptionDataset(embeds, flat["embed_row"], flat["caption"])
+        else:  # validation encodes on the fly
+            data["val_images"] = EvalImageDataset(
+                images=validation["image"], image_processor=processor.image_processor
+            )
+            data["val_captions"] = explode_captions(validation).select_columns(["image", "caption"])
+        data["val_references"] = validation["captions"]
+    return data
+
+
+def make_dataloaders(
+    args: Any, data: dict[str, Any], processor: Any
+) -> tuple[torch.utils.data.DataLoader, dict[str, torch.utils.data.DataLoader] | None]:
+    """The training loader (seeded epoch shuffling) and the validation loaders (images, captions) or None.
+
+    Every loader has its own generator, so iterating one never moves the global RNG (exact resume).
+    """
+    collator = CaptionCollator(
+        processor.tokenizer, args.max_caption_length, image_processor=processor.image_processor
+    )
+    loader_kwargs: dict[str, Any] = {"batch_size": args.per_device_train_batch_size, "collate_fn": collator}
+    if not args.streaming:
+        loader_kwargs["sampler"] = EpochShuffleSampler(len(data["train"]), args.seed)
+        loader_kwargs["num_workers"] = 0 if data["encode_stats"] else args.preprocessing_num_workers
+        loader_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
+    train_dataloader = torch.utils.data.DataLoader(data["train"], **loader_kwargs)
+    if data["val_images"] is None:
+        return train_dataloader, None
+    kwargs = {"batch_size": args.per_device_eval_batch_size, "shuffle": False, "generator": torch.Generator()}
+    return train_dataloader, {
+        "images": torch.utils.data.DataLoader(data["val_images"], **kwargs),
+        "captions": torch.utils.data.DataLoader(data["val_captions"], collate_fn=collator, **kwargs),
+    }
+
+
+@torch.no_grad()
+def validate(
+    accelerator: Any,
+    model: Any,
+    processor: Any,
+    loaders: dict[str, Any],
+    references: list[list[str]],
+    meteor: bool,
+) -> dict[str, Any]:
+    """Validation loss over all captions, then metrics of generated captions (main process).
+
+    The RNG states are put back afterwards, so runs with and without validation (or resumed around it)
+    draw the same dropout masks.
+    """
+    from tqdm.auto import tqdm
+
+    from .evaluation import compute_caption_metrics, exact_match_rate
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    metrics: dict[str, Any] = {}
+    unwrapped = accelerator.unwrap_model(model)
+    model.eval()
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        loss_sum = torch.zeros((), device=accelerator.device)
+        tokens = torch.zeros((), device=accelerator.device)
+        for batch in loaders["captions"]:
+            n = (batch["labels"] != -100).sum()
+            loss_sum += model(**batch, num_items_in_batch=n.clamp_min(1), logits_to_keep=1).loss.float() * n
+            tokens += n
+        loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
+        metrics["eval_loss"] = (loss_sum / tokens.clamp_min(1)).item()
+        pairs: list[tuple[int, str]] = []
+        for batch in tqdm(
+            loaders["images"], desc="Validation captions", disable=not accelerator.is_local_main_process
+        ):
+            captions = caption_batch(
+                unwrapped,
+                processor,
+                image_embeds=batch.get("image_embeds"),
+                pixel_values=batch.get("pixel_values"),
+                generation_config=unwrapped.generation_config,
+            )
+            pairs += accelerator.gather_for_metrics(
+                list(zip(batch["index"].tolist(), captions)), use_gather_object=True
+            )
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    model.train()
+    if accelerator.is_main_process:
+        predictions = dict(pairs)
+        refs = {i: list(references[i]) for i in predictions}
+        try:
+            scores = compute_caption_metrics(predictions, refs, spice=False, meteor=meteor)
+            metrics.update({f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)})
+        except ImportError as err:  # pycocoevalcap missing: keep training, say why
+            logger.warning(f"caption metrics unavailable ({err}); logging the loss only.")
+        metrics["eval_exact_match"] = exact_match_rate(predictions, refs)
+        metrics["eval_samples"] = [
+            {"prediction": predictions[i], "references": refs[i][:2]} for i in sorted(predictions)[:3]
+        ]
+    return metrics
+
+
 __all__ = [
+    "make_dataloaders",
+    "validate",
+    "build_datasets",
+    "read_splits",
     "CachedCaptionDataset",
     "EmbeddedSplit",
     "EpochShuffleSampler",

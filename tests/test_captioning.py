@@ -168,11 +168,22 @@ def test_cli_json_lists_failures(run_cli, saved_model, mixed_folder):
     assert f"error: {folder / 'missing.png'}: no such file or folder" in proc.stderr
 
 
-def test_cli_bfloat16(run_cli, saved_model, mixed_folder):
+def test_cli_bfloat16(run_cli, saved_model, mixed_folder, monkeypatch):
+    from modeling_clipcap import ClipCapForConditionalGeneration
+
+    seen = []  # (parameter dtypes, pixel_values dtype) of every generate call the command makes
+    generate = ClipCapForConditionalGeneration.generate
+
+    def recording_generate(self, *args, **kwargs):
+        seen.append(({p.dtype for p in self.parameters()}, kwargs["pixel_values"].dtype))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClipCapForConditionalGeneration, "generate", recording_generate)
     folder, good, _ = mixed_folder
     proc = run_cli(str(folder / good[0]), "--model", str(saved_model), "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 1
+    assert seen == [({torch.bfloat16}, torch.bfloat16)]  # the whole model and its input in bf16
 
 
 @pytest.mark.parametrize(

@@ -276,11 +276,33 @@ def test_unfrozen_vision_trains_from_pixels_without_a_cache(setup, tmp_path):
     from modeling_clipcap import ClipCapForConditionalGeneration
 
     assert ClipCapForConditionalGeneration.from_pretrained(out).config.freeze_vision is False
+    # the same run with the tower frozen keeps its initial weights: the unfrozen one changed every matrix
+    frozen = tmp_path / "frozen"
+    argv_frozen = [
+        "--config",
+        str(setup["preset"]),
+        "--train_file",
+        str(setup["data"]),
+        "--output_dir",
+        str(frozen),
+    ]
+    train.main(argv_frozen + ["--embedding_cache_dir", str(tmp_path / "cache"), "--max_train_steps", "2"])
+    trained, kept = load_file(out / "model.safetensors"), load_file(frozen / "model.safetensors")
+    vision = [k for k in kept if "vision_model." in k and kept[k].ndim == 2]
+    assert vision and all(not torch.equal(trained[k], kept[k]) for k in vision)
 
 
 def test_streaming_reads_a_dataset_lazily_and_encodes_on_the_fly(setup, tmp_path):
+    import shutil
+
+    # The last training image is broken: a run that read the stream up front would fail on it; a lazy one
+    # decodes only the images of the batches it trains on.
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    rows = (data / "train" / "metadata.jsonl").read_text().splitlines()
+    (data / "train" / json.loads(rows[-1])["file_name"]).write_bytes(b"not an image")
     out = tmp_path / "stream"
-    argv = ["--config", str(setup["preset"]), "--dataset_name", str(setup["data"]), "--streaming"]
+    argv = ["--config", str(setup["preset"]), "--dataset_name", str(data), "--streaming"]
     argv += ["--caption_column", "captions", "--max_train_steps", "3", "--output_dir", str(out)]
     summary = train.main(argv + ["--embedding_cache_dir", str(tmp_path / "cache")])
     assert summary["completed_steps"] == 3 and "streaming" in summary["training_data"]

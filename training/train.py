@@ -32,14 +32,12 @@ import contextlib
 import json
 import logging
 import math
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
@@ -47,15 +45,11 @@ from accelerate.logging import get_logger
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_scheduler
-from transformers.hf_argparser import string_to_bool as str2bool
 
 import modeling_clipcap  # noqa: F401  (registers the Auto classes)
 from modeling_clipcap import ClipCapForConditionalGeneration
-from modeling_clipcap.captioning import caption_batch
 from modeling_clipcap.checkpointing import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from modeling_clipcap.data import CaptionCollator, explode_captions, load_caption_dataset
-from modeling_clipcap.embedding_cache import encoder_fingerprint
-from modeling_clipcap.evaluation import compute_caption_metrics, exact_match_rate
+from modeling_clipcap.cli import add_bool_argument
 from modeling_clipcap.hub import (
     load_training_model,
     load_training_processor,
@@ -63,13 +57,7 @@ from modeling_clipcap.hub import (
     render_training_card,
 )
 from modeling_clipcap.presets import find_preset, read_preset
-from modeling_clipcap.training_data import (
-    CachedCaptionDataset,
-    EpochShuffleSampler,
-    EvalImageDataset,
-    embed_split,
-    stream_caption_pairs,
-)
+from modeling_clipcap.training_data import build_datasets, make_dataloaders, validate
 from modeling_clipcap.training_utils import optimizer_parameter_groups
 
 logger = get_logger(__name__)
@@ -103,104 +91,89 @@ def build_parser() -> argparse.ArgumentParser:
     """All flags. Defaults of ``None`` mean "from the preset, else the built-in default" (see DEFAULTS)."""
     p = argparse.ArgumentParser(description="Train a ClipCap image captioner with Accelerate.")
     g = p.add_argument_group("preset and model")
-    g.add_argument("--config", type=str, default=None, help="Preset folder (hub_configs/<name>, or a path).")
-    g.add_argument("--model_name_or_path", type=str, default=None, help="Continue from a ClipCap checkpoint.")
-    g.add_argument("--vision_model_name_or_path", type=str, default=None, help="CLIP (vision) checkpoint.")
-    g.add_argument("--text_model_name_or_path", type=str, default=None, help="GPT-2 checkpoint.")
-    g.add_argument("--tokenizer_name", type=str, default=None, help="Tokenizer (default: the text model's).")
-    g.add_argument(
-        "--image_processor_name", type=str, default=None, help="Image processor (default: CLIP's)."
-    )
-    g.add_argument("--mapping_type", type=str, default=None, choices=["mlp", "transformer"])
+    g.add_argument("--config", help="Preset folder (hub_configs/<name>, or a path).")
+    g.add_argument("--model_name_or_path", help="Continue from a ClipCap checkpoint.")
+    g.add_argument("--vision_model_name_or_path", help="CLIP (vision) checkpoint.")
+    g.add_argument("--text_model_name_or_path", help="GPT-2 checkpoint.")
+    g.add_argument("--tokenizer_name", help="Tokenizer (default: the text model's).")
+    g.add_argument("--image_processor_name", help="Image processor (default: CLIP's).")
+    g.add_argument("--mapping_type", choices=["mlp", "transformer"])
     g.add_argument("--prefix_length", type=int, default=None, help="K, prefix vectors given to GPT-2.")
     g.add_argument("--clip_length", type=int, default=None, help="Transformer mapper: CLIP tokens.")
-    g.add_argument("--normalize_prefix", type=str2bool, nargs="?", const=True, default=None)
-    g.add_argument(
-        "--freeze_language_model",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=None,
-        help="Train only the mapping network (GPT-2 frozen).",
+    add_bool_argument(g, "normalize_prefix", default=None)
+    add_bool_argument(
+        g, "freeze_language_model", default=None, help="Train only the mapping network (GPT-2 frozen)."
     )
-    g.add_argument(
-        "--freeze_vision",
-        type=str2bool,
-        nargs="?",
-        const=True,
+    add_bool_argument(
+        g,
+        "freeze_vision",
         default=None,
         help="Keep the CLIP tower frozen (default true; false trains it from pixels, without the embedding cache).",
     )
 
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--train_file", type=str, default=None, help="Karpathy JSON, metadata JSONL/CSV, or a folder."
-    )
-    g.add_argument("--validation_file", type=str, default=None)
-    g.add_argument("--image_dir", type=str, default=None, help="Folder the file names are relative to.")
-    g.add_argument("--validation_image_dir", type=str, default=None, help="Default: --image_dir.")
-    g.add_argument("--dataset_name", type=str, default=None, help="A datasets dataset (name or local path).")
-    g.add_argument("--dataset_config_name", type=str, default=None)
-    g.add_argument("--train_split", type=str, default=None)
-    g.add_argument("--validation_split", type=str, default=None)
-    g.add_argument("--image_column", type=str, default=None)
-    g.add_argument("--caption_column", type=str, default=None)
-    g.add_argument("--streaming", type=str2bool, nargs="?", const=True, default=None)
+    g.add_argument("--train_file", help="Karpathy JSON, metadata JSONL/CSV, or a folder.")
+    g.add_argument("--validation_file")
+    g.add_argument("--image_dir", help="Folder the file names are relative to.")
+    g.add_argument("--validation_image_dir", help="Default: --image_dir.")
+    g.add_argument("--dataset_name", help="A datasets dataset (name or local path).")
+    g.add_argument("--dataset_config_name")
+    g.add_argument("--train_split")
+    g.add_argument("--validation_split")
+    g.add_argument("--image_column")
+    g.add_argument("--caption_column")
+    add_bool_argument(g, "streaming", default=None)
     g.add_argument("--max_train_samples", type=int, default=None, help="Use the first N training images.")
     g.add_argument("--max_eval_samples", type=int, default=None, help="Use the first N validation images.")
     g.add_argument("--max_caption_length", type=int, default=None, help="Tokens per caption, eos included.")
-    g.add_argument("--on_bad_image", type=str, default=None, choices=["fail", "skip"])
-    g.add_argument("--embedding_cache_dir", type=str, default=None, help="Where image embeddings are cached.")
-    g.add_argument("--no_embedding_cache", type=str2bool, nargs="?", const=True, default=None)
-    g.add_argument("--embedding_batch_size", type=int, default=None)
-    g.add_argument("--preprocessing_num_workers", type=int, default=None)
+    g.add_argument("--on_bad_image", choices=["fail", "skip"])
+    g.add_argument("--embedding_cache_dir", help="Where image embeddings are cached.")
+    add_bool_argument(g, "embedding_cache", default=None, negative=True, help="Encode images once (default).")
+    g.add_argument("--embedding_batch_size", type=int)
+    g.add_argument("--preprocessing_num_workers", type=int)
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--output_dir", type=str, default=None)
-    g.add_argument("--per_device_train_batch_size", type=int, default=None)
-    g.add_argument("--per_device_eval_batch_size", type=int, default=None)
-    g.add_argument("--learning_rate", type=float, default=None)
-    g.add_argument("--weight_decay", type=float, default=None)
-    g.add_argument("--lr_scheduler_type", type=str, default=None)
-    g.add_argument("--num_warmup_steps", type=int, default=None)
-    g.add_argument("--num_train_epochs", type=int, default=None)
+    g.add_argument("--output_dir")
+    g.add_argument("--per_device_train_batch_size", type=int)
+    g.add_argument("--per_device_eval_batch_size", type=int)
+    g.add_argument("--learning_rate", type=float)
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--lr_scheduler_type")
+    g.add_argument("--num_warmup_steps", type=int)
+    g.add_argument("--num_train_epochs", type=int)
     g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=None)
+    g.add_argument("--gradient_accumulation_steps", type=int)
     g.add_argument("--max_grad_norm", type=float, default=None, help="0 disables clipping.")
-    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    g.add_argument("--seed", type=int)
 
     g = p.add_argument_group("checkpoints, logging, validation")
-    g.add_argument("--checkpointing_steps", type=str, default=None, help='N optimizer steps, or "epoch".')
+    g.add_argument("--checkpointing_steps", help='N optimizer steps, or "epoch".')
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep the newest N checkpoints.")
-    g.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder or "latest".'
-    )
-    g.add_argument(
-        "--allow_rng_state_loss",
-        type=str2bool,
-        nargs="?",
-        const=True,
+    g.add_argument("--resume_from_checkpoint", help='A checkpoint folder or "latest".')
+    add_bool_argument(
+        g,
+        "allow_rng_state_loss",
         default=None,
         help="Resume even if the checkpoint's RNG state cannot be restored (warns; no longer bit-exact).",
     )
     g.add_argument(
         "--stop_after_steps", type=int, default=None, help="Save a checkpoint and stop after N steps."
     )
-    g.add_argument("--logging_steps", type=int, default=None)
-    g.add_argument("--report_to", type=str, default=None, help='"none", "all", "tensorboard", "wandb", ...')
+    g.add_argument("--logging_steps", type=int)
+    g.add_argument("--report_to", help='"none", "all", "tensorboard", "wandb", ...')
     g.add_argument(
         "--eval_steps", type=int, default=None, help="Validate every N steps (0: at the end only)."
     )
     g.add_argument("--num_beams", type=int, default=None, help="Beams for validation captions.")
     g.add_argument("--max_new_tokens", type=int, default=None, help="Longest validation caption.")
-    g.add_argument("--eval_meteor", type=str2bool, nargs="?", const=True, default=None)
+    add_bool_argument(g, "eval_meteor", default=None)
 
     g = p.add_argument_group("publishing")
-    g.add_argument("--push_to_hub", type=str2bool, nargs="?", const=True, default=None)
-    g.add_argument("--hub_model_id", type=str, default=None)
-    g.add_argument("--hub_token", type=str, default=None)
-    g.add_argument("--hub_private_repo", type=str2bool, nargs="?", const=True, default=None)
+    add_bool_argument(g, "push_to_hub", default=None)
+    g.add_argument("--hub_model_id")
+    g.add_argument("--hub_token")
+    add_bool_argument(g, "hub_private_repo", default=None)
     return p
 
 
@@ -210,7 +183,7 @@ DEFAULTS: dict[str, Any] = {
     "streaming": False,
     "max_caption_length": 64,
     "on_bad_image": "fail",
-    "no_embedding_cache": False,
+    "embedding_cache": True,
     "embedding_batch_size": 64,
     "preprocessing_num_workers": 0,
     "output_dir": "clipcap-output",
@@ -314,197 +287,6 @@ def build_model_and_processor(args: argparse.Namespace) -> tuple[ClipCapForCondi
     )
     model.generation_config = generation
     return model, processor
-
-
-def read_splits(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
-    """The training split (a ``datasets`` image table, or a stream) and the validation split (or None)."""
-
-    splits: dict[str, Any] = {"reports": [], "skipped": [], "train": None, "validation": None}
-
-    def read(source: str, split: str | None, image_dir: str | None, limit: int | None) -> datasets.Dataset:
-        dataset, report = load_caption_dataset(
-            source,
-            split,
-            image_dir=image_dir,
-            config_name=args.dataset_config_name,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            on_bad_image=args.on_bad_image,
-        )
-        if accelerator.is_main_process:
-            logger.info(report.summary())
-        splits["reports"].append(report.to_dict())
-        splits["skipped"] += [tuple(s) for s in report.skipped_images]
-        return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
-
-    source = args.train_file or args.dataset_name
-    train_file = Path(args.train_file) if args.train_file else None
-    if args.validation_file or args.dataset_name:
-        validation_source = args.validation_file or args.dataset_name
-    elif train_file is not None and (
-        train_file.suffix.lower() == ".json"  # a Karpathy JSON holds the val split too
-        or (train_file.is_dir() and (train_file / args.validation_split).is_dir())  # <folder>/<split>/
-    ):
-        validation_source = args.train_file
-    else:
-        validation_source = None
-    with accelerator.main_process_first():
-        if args.streaming:
-            splits["train"] = datasets.load_dataset(
-                args.dataset_name, args.dataset_config_name, split=args.train_split, streaming=True
-            )
-        else:
-            splits["train"] = read(source, args.train_split, args.image_dir, args.max_train_samples)
-        if validation_source is not None:
-            image_dir = args.validation_image_dir or args.image_dir
-            try:
-                splits["validation"] = read(
-                    validation_source, args.validation_split, image_dir, args.max_eval_samples
-                )
-            except (ValueError, KeyError) as err:
-                if args.validation_file:
-                    raise
-                logger.warning(f"no validation split found ({err}); validation is off.")
-    return splits
-
-
-def build_datasets(
-    args: argparse.Namespace, accelerator: Accelerator, model: ClipCapForConditionalGeneration, processor: Any
-) -> dict[str, Any]:
-    """Training rows, validation captions (for the loss) and validation images (for generation).
-
-    With a frozen vision tower, both splits' images are encoded once into the embedding cache and the
-    datasets hold ``image_embeds``; otherwise they hold images that the collator turns into pixels.
-    """
-    splits = read_splits(args, accelerator)
-    train, validation = splits["train"], splits["validation"]
-    frozen_vision = model.vision_model is None or model.config.freeze_vision
-    use_cache = frozen_vision and not args.streaming and not args.no_embedding_cache
-    if use_cache and model.vision_model is None:
-        raise ValueError(
-            "This model has no vision tower (embeddings only): train it on precomputed image_embeds "
-            "through the Python API; train.py reads images."
-        )
-    if not frozen_vision and not args.no_embedding_cache:
-        logger.info("freeze_vision=False: images are encoded at every step (no embedding cache).")
-    embed_validation = validation is not None and len(validation) > 0 and frozen_vision
-    data: dict[str, Any] = {"encode_stats": {}, "skipped": splits["skipped"], "reports": splits["reports"]}
-    cache_kwargs: dict[str, Any] = {}
-    if use_cache or (embed_validation and model.vision_model is not None):
-        model.to(accelerator.device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-        cache_kwargs = {
-            "cache_dir": args.embedding_cache_dir
-            or str(Path(datasets.config.HF_DATASETS_CACHE) / "clipcap_embeddings"),
-            "batch_size": args.embedding_batch_size,
-            "dtype": dtype,
-            "device": accelerator.device,
-            "num_workers": args.preprocessing_num_workers,
-            "on_bad_image": args.on_bad_image,
-            "show_progress": accelerator.is_local_main_process,
-            "encoder_hash": encoder_fingerprint(model, processor.image_processor, dtype or torch.float32),
-        }
-
-    def embedded(images: datasets.Dataset, desc: str) -> tuple[torch.Tensor, datasets.Dataset]:
-        with accelerator.main_process_first():  # the main process encodes; the others read its cache
-            split = embed_split(model, processor.image_processor, images, desc=desc, **cache_kwargs)
-        if accelerator.is_main_process:
-            logger.info(f"{desc}: {split.stats['encoded']} images encoded, {split.stats['reused']} reused")
-        data["encode_stats"][desc] = split.stats
-        data["skipped"].extend(split.skipped)
-        return split.embeds, split.images
-
-    source = args.train_file or args.dataset_name
-    if use_cache:
-        embeds, train = embedded(train, "Encoding train images")
-        flat = explode_captions(train.add_column("embed_row", list(range(len(train)))))
-        data["train"] = CachedCaptionDataset(embeds, flat["embed_row"], flat["caption"])
-    elif args.streaming:
-        data["train"] = stream_caption_pairs(
-            train, args.image_column or "image", args.caption_column or "caption"
-        )
-    else:
-        data["train"] = explode_captions(train).select_columns(["image", "caption"])
-    if args.streaming:
-        data["description"] = f"{args.dataset_name} (streaming)"
-    else:
-        data["description"] = f"{source} ({len(train)} images, {len(data['train'])} captions)"
-        if len(data["train"]) == 0:
-            raise ValueError(f"{source}: no training captions left (see the data report above).")
-
-    data["val_images"] = data["val_captions"] = data["val_references"] = None
-    if validation is not None and len(validation) > 0:
-        if embed_validation and model.vision_model is not None:
-            embeds, validation = embedded(validation, "Encoding validation images")
-            flat = explode_captions(validation.add_column("embed_row", list(range(len(validation)))))
-            data["val_images"] = EvalImageDataset(embeds=embeds)
-            data["val_captions"] = CachedCaptionDataset(embeds, flat["embed_row"], flat["caption"])
-        else:  # validation encodes on the fly
-            data["val_images"] = EvalImageDataset(
-                images=validation["image"], image_processor=processor.image_processor
-            )
-            data["val_captions"] = explode_captions(validation).select_columns(["image", "caption"])
-        data["val_references"] = validation["captions"]
-    return data
-
-
-@torch.no_grad()
-def validate(
-    accelerator: Accelerator,
-    model: Any,
-    processor: Any,
-    loaders: dict[str, Any],
-    references: list[list[str]],
-    meteor: bool,
-) -> dict[str, Any]:
-    """Validation loss over all captions, then metrics of generated captions (main process).
-
-    The RNG states are put back afterwards, so runs with and without validation (or resumed around it)
-    draw the same dropout masks.
-    """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    metrics: dict[str, Any] = {}
-    unwrapped = accelerator.unwrap_model(model)
-    model.eval()
-    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-        loss_sum = torch.zeros((), device=accelerator.device)
-        tokens = torch.zeros((), device=accelerator.device)
-        for batch in loaders["captions"]:
-            n = (batch["labels"] != -100).sum()
-            loss_sum += model(**batch, num_items_in_batch=n.clamp_min(1), logits_to_keep=1).loss.float() * n
-            tokens += n
-        loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
-        metrics["eval_loss"] = (loss_sum / tokens.clamp_min(1)).item()
-        pairs: list[tuple[int, str]] = []
-        for batch in tqdm(
-            loaders["images"], desc="Validation captions", disable=not accelerator.is_local_main_process
-        ):
-            captions = caption_batch(
-                unwrapped,
-                processor,
-                image_embeds=batch.get("image_embeds"),
-                pixel_values=batch.get("pixel_values"),
-                generation_config=unwrapped.generation_config,
-            )
-            pairs += accelerator.gather_for_metrics(
-                list(zip(batch["index"].tolist(), captions)), use_gather_object=True
-            )
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
-    model.train()
-    if accelerator.is_main_process:
-        predictions = dict(pairs)
-        refs = {i: list(references[i]) for i in predictions}
-        try:
-            scores = compute_caption_metrics(predictions, refs, spice=False, meteor=meteor)
-            metrics.update({f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)})
-        except ImportError as err:  # pycocoevalcap missing: keep training, say why
-            logger.warning(f"caption metrics unavailable ({err}); logging the loss only.")
-        metrics["eval_exact_match"] = exact_match_rate(predictions, refs)
-        metrics["eval_samples"] = [
-            {"prediction": predictions[i], "references": refs[i][:2]} for i in sorted(predictions)[:3]
-        ]
-    return metrics
 
 
 def optimizer_step(
@@ -672,31 +454,6 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
     accelerator.wait_for_everyone()
 
     return accelerator
-
-
-def make_dataloaders(
-    args: argparse.Namespace, data: dict[str, Any], processor: Any
-) -> tuple[torch.utils.data.DataLoader, dict[str, torch.utils.data.DataLoader] | None]:
-    """The training loader (seeded epoch shuffling) and the validation loaders (images, captions) or None.
-
-    Every loader has its own generator, so iterating one never moves the global RNG (exact resume).
-    """
-    collator = CaptionCollator(
-        processor.tokenizer, args.max_caption_length, image_processor=processor.image_processor
-    )
-    loader_kwargs: dict[str, Any] = {"batch_size": args.per_device_train_batch_size, "collate_fn": collator}
-    if not args.streaming:
-        loader_kwargs["sampler"] = EpochShuffleSampler(len(data["train"]), args.seed)
-        loader_kwargs["num_workers"] = 0 if data["encode_stats"] else args.preprocessing_num_workers
-        loader_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
-    train_dataloader = torch.utils.data.DataLoader(data["train"], **loader_kwargs)
-    if data["val_images"] is None:
-        return train_dataloader, None
-    kwargs = {"batch_size": args.per_device_eval_batch_size, "shuffle": False, "generator": torch.Generator()}
-    return train_dataloader, {
-        "images": torch.utils.data.DataLoader(data["val_images"], **kwargs),
-        "captions": torch.utils.data.DataLoader(data["val_captions"], collate_fn=collator, **kwargs),
-    }
 
 
 def make_summary(

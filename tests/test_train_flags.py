@@ -1,0 +1,203 @@
+"""Every user-facing flag of training/train.py changes what the run does: a few tiny runs check several flags
+each (what a flag does is read from the outputs, so a flag that were ignored would fail its assertion).
+
+Flags covered elsewhere: --config, --train_file, --output_dir, --embedding_cache_dir, --num_train_epochs,
+--eval_steps (test_train.py); --model_name_or_path, --freeze_language_model, --freeze_vision, --on_bad_image,
+--dataset_name, --streaming, --caption_column, --max_train_steps (test_train.py); --gradient_accumulation_steps,
+--checkpointing_steps, --stop_after_steps, --resume_from_checkpoint, --push_to_hub, --hub_model_id (slow tests
+in test_train.py and test_kill_resume.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, build_tiny_tokenizer, tiny_text_config, tiny_vision_config
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(REPO_ROOT / "training"))
+
+import synthetic_data  # noqa: E402
+import train  # noqa: E402
+from test_train import _argv, _losses, _write_preset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """test_train.py's set-up: a tiny preset, 12 training + 4 validation synthetic images."""
+    root = tmp_path_factory.mktemp("flags_setup")
+    synthetic_data.write_to_disk(root / "data", sizes={"train": 12, "validation": 4}, show_progress=False)
+    preset = _write_preset(root / "preset", len(build_tiny_tokenizer()), dropout=True)
+    return {"root": root, "preset": preset, "data": root / "data"}
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture()
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state; a run in another precision needs it cleared (before and after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_model_data_schedule_generation_and_checkpoint_flags(setup, tmp_path, fresh_accelerator_state):
+    out = tmp_path / "run"
+    argv = _argv(setup, out, "--max_train_steps", "3", "--seed", "3")
+    argv += [
+        "--mapping_type",
+        "transformer",
+        "--prefix_length",
+        "3",
+        "--clip_length",
+        "2",
+        "--normalize_prefix",
+    ]
+    argv += ["--max_train_samples", "5", "--max_eval_samples", "2"]
+    argv += [
+        "--max_caption_length",
+        "5",
+        "--per_device_train_batch_size",
+        "2",
+        "--per_device_eval_batch_size",
+        "1",
+    ]
+    argv += ["--learning_rate", "0.003", "--lr_scheduler_type", "constant", "--num_warmup_steps", "0"]
+    argv += ["--num_beams", "2", "--max_new_tokens", "4", "--eval_steps", "2"]
+    argv += ["--checkpointing_steps", "1", "--checkpoints_total_limit", "1", "--logging_steps", "1"]
+    argv += ["--mixed_precision", "bf16", "--embedding_batch_size", "2", "--preprocessing_num_workers", "0"]
+    summary = train.main(argv)
+
+    config = json.loads((out / "config.json").read_text())
+    assert (config["mapping_type"], config["prefix_length"], config["clip_length"]) == ("transformer", 3, 2)
+    assert config["normalize_prefix"] is True
+    stats = summary["embedding_cache"]
+    assert (
+        stats["Encoding train images"]["encoded"] == 5 and stats["Encoding validation images"]["encoded"] == 2
+    )
+    steps = [r for r in _log(out) if "loss" in r]
+    assert all(r["tokens"] <= 2 * 5 for r in steps)  # 2 captions of at most 5 tokens a step
+    assert [r["lr"] for r in steps] == pytest.approx([0.003] * 3)  # constant, no warm-up
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["num_beams"], generation["max_new_tokens"]) == (2, 4)
+    assert [r["step"] for r in _log(out) if "eval_loss" in r] == [2, 3]  # --eval_steps 2, then the final one
+    assert [p.name for p in train.list_checkpoints(out)] == ["step_3"]  # a checkpoint a step, the newest kept
+    assert summary["mixed_precision"] == "bf16"
+
+
+def test_seed_weight_decay_and_grad_norm_each_change_the_weights(setup, tmp_path):
+    common = ["--max_train_steps", "2", "--eval_steps", "0", "--max_eval_samples", "1", "--lr_scheduler_type"]
+    common += ["constant", "--num_warmup_steps", "0"]
+    cache = tmp_path / "cache"
+
+    def weights(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        train.main(_argv(setup, tmp_path / name, *common, *extra, cache=cache))
+        return load_file(tmp_path / name / "model.safetensors")
+
+    base = weights("base")
+    assert all(torch.equal(base[k], v) for k, v in weights("again").items())  # runs repeat exactly
+    for name, extra in {
+        "seed": ["--seed", "5"],
+        "weight_decay": ["--weight_decay", "50"],
+        "max_grad_norm": ["--max_grad_norm", "1e-6"],
+    }.items():
+        other = weights(name, *extra)
+        assert any(not torch.equal(base[k], other[k]) for k in base), f"--{name} changed nothing"
+
+
+def test_accumulation_splits_and_no_embedding_cache(setup, tmp_path):
+    """--train_split / --validation_split swap the roles of the folders; --gradient_accumulation_steps 2
+    halves the optimizer steps of an epoch; --no_embedding_cache encodes training images in every step."""
+    out = tmp_path / "swapped"
+    argv = _argv(setup, out, "--train_split", "validation", "--validation_split", "train")
+    argv += [
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+    ]
+    argv += ["--no_embedding_cache", "--max_eval_samples", "3"]
+    summary = train.main(argv)
+    assert "Encoding train images" not in summary["embedding_cache"]  # read from pixels at every step
+    assert summary["embedding_cache"]["Encoding validation images"]["encoded"] == 3
+    assert summary["training_data"].startswith(f"{setup['data']} (4 images, ")  # the validation folder's 4
+    num_captions = int(summary["training_data"].split(", ")[-1].split()[0])
+    assert summary["completed_steps"] == math.ceil(math.ceil(num_captions / 2) / 2)
+
+
+def test_metadata_file_with_image_dirs(setup, tmp_path):
+    """--train_file / --validation_file as JSONL files away from their images: --image_dir and
+    --validation_image_dir say where the images are (each folder holds only its own split's files)."""
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    shutil.copy(setup["data"] / "train" / "metadata.jsonl", meta / "train.jsonl")
+    shutil.copy(setup["data"] / "validation" / "metadata.jsonl", meta / "val.jsonl")
+    argv = ["--config", str(setup["preset"]), "--train_file", str(meta / "train.jsonl")]
+    argv += ["--image_dir", str(setup["data"] / "train"), "--validation_file", str(meta / "val.jsonl")]
+    argv += ["--validation_image_dir", str(setup["data"] / "validation"), "--output_dir", str(tmp_path / "o")]
+    argv += ["--embedding_cache_dir", str(tmp_path / "cache"), "--max_train_steps", "1"]
+    summary = train.main(argv)
+    assert summary["embedding_cache"]["Encoding train images"]["encoded"] == 12
+    assert summary["embedding_cache"]["Encoding validation images"]["encoded"] == 4
+    with pytest.raises(Exception, match="val"):  # without --validation_image_dir: looked up in --image_dir
+        train.main(
+            [a for a in argv if a not in (str(setup["data"] / "validation"), "--validation_image_dir")]
+        )
+
+
+def test_pretrained_parts_tokenizer_and_image_processor_flags(tmp_path, setup):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, GPT2LMHeadModel
+
+    tokenizer = build_tiny_tokenizer(tmp_path / "gpt2")
+    GPT2LMHeadModel(tiny_text_config(len(tokenizer) + 8)).save_pretrained(tmp_path / "gpt2")
+    CLIPVisionModelWithProjection(tiny_vision_config(projection_dim=20)).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip"
+    )
+    odd = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 28, "width": 28})
+    odd.save_pretrained(tmp_path / "odd_processor")
+    bigger = build_tiny_tokenizer(tmp_path / "tokenizer")
+    bigger.add_tokens(["<shape>"])
+    bigger.save_pretrained(tmp_path / "tokenizer")
+
+    argv = ["--train_file", "unused", "--vision_model_name_or_path", str(tmp_path / "clip")]
+    argv += ["--text_model_name_or_path", str(tmp_path / "gpt2"), "--prefix_length", "2"]
+    model, processor = train.build_model_and_processor(train.parse_args(argv))
+    assert model.config.vision_config.projection_dim == 20 and model.config.prefix_length == 2
+    assert model.config.text_config.vocab_size == len(tokenizer) + 8
+    assert processor.image_processor.crop_size["height"] == 32  # CLIP's own processor by default
+    assert len(processor.tokenizer) == len(tokenizer)
+    argv += [
+        "--image_processor_name",
+        str(tmp_path / "odd_processor"),
+        "--tokenizer_name",
+        str(tmp_path / "tokenizer"),
+    ]
+    _, processor = train.build_model_and_processor(train.parse_args(argv))
+    assert processor.image_processor.crop_size["height"] == 28
+    assert len(processor.tokenizer) == len(tokenizer) + 1
+
+
+def test_allow_rng_state_loss_is_needed_to_resume_without_rng_state(setup, tmp_path):
+    out = tmp_path / "run"
+    argv = _argv(setup, out, "--max_train_steps", "3", "--eval_steps", "0", "--max_eval_samples", "1")
+    train.main(argv + ["--stop_after_steps", "1"])
+    (checkpoint,) = train.list_checkpoints(out)
+    (checkpoint / "random_states_0.pkl").unlink()
+    with pytest.raises(ValueError, match="random_states_0.pkl.*--allow_rng_state_loss"):
+        train.main(argv + ["--resume_from_checkpoint", "latest"])
+    with pytest.warns(UserWarning, match="not bit-exactly"):
+        summary = train.main(argv + ["--resume_from_checkpoint", "latest", "--allow_rng_state_loss"])
+    assert summary["completed_steps"] == 3 and len(_losses(out)) == 3
