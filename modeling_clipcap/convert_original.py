@@ -589,6 +589,100 @@ def _model_card(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _load_parts(
+    vision_model: str | os.PathLike | None,
+    text_model: str | os.PathLike | None,
+    image_embed_dim: int | None,
+    settings: dict[str, Any],
+    preset_data: dict[str, Any] | None,
+) -> tuple[Any, Any, Any, Any, int]:
+    """GPT-2 config and tokenizer, the CLIP tower and image processor (or None), and the stop token id;
+    ``settings["image_embed_dim"]`` is cleared when the tower gives it."""
+    text_config, tokenizer = _load_text_parts(text_model)
+    tower, image_processor = (None, None)
+    if vision_model is not None:
+        tower, image_processor = _load_vision_parts(vision_model)
+        if image_embed_dim is not None and image_embed_dim != tower.config.projection_dim:
+            raise ConversionError(
+                f"--image_embed_dim {image_embed_dim} contradicts --vision_model {vision_model}, whose "
+                f"projection_dim is {tower.config.projection_dim}."
+            )
+        settings["image_embed_dim"] = None  # taken from the tower
+    elif settings["image_embed_dim"] is None:
+        raise ConversionError(
+            "Without --vision_model the model takes image embeddings: give --image_embed_dim (512 for CLIP "
+            "ViT-B/32, 640 for RN50x4) or a --preset."
+        )
+    stop_token_id = int((preset_data or {}).get("preset", {}).get("stop_token_id", GPT2_STOP_TOKEN_ID))
+    if tokenizer is not None:
+        dot = tokenizer.convert_tokens_to_ids(".")
+        if dot != stop_token_id:
+            raise ConversionError(
+                f"The tokenizer of --text_model {text_model} maps '.' to id {dot}, but the original model stops on "
+                f"GPT-2's id {stop_token_id}: use GPT-2's tokenizer."
+            )
+    return text_config, tokenizer, tower, image_processor, stop_token_id
+
+
+def _write_output_directory(
+    out: Path,
+    model: ClipCapForConditionalGeneration,
+    tokenizer: Any,
+    image_processor: Any,
+    checkpoint: Path,
+    num_original_keys: int,
+    preset_data: dict[str, Any] | None,
+    settings: dict[str, Any],
+    *,
+    vision_model: str | os.PathLike | None,
+    text_model: str | os.PathLike | None,
+    hub_model_id: str | None,
+) -> None:
+    """The converted model folder: weights, processor (or tokenizer / image processor), model card, provenance."""
+    config = model.config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    has_tokenizer = tokenizer is not None
+    if image_processor is not None and tokenizer is not None:
+        from .processing_clipcap import ClipCapProcessor
+
+        ClipCapProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    elif image_processor is not None:
+        image_processor.save_pretrained(out)
+    sha256 = _sha256(checkpoint)
+    vision_source = (
+        f"CLIP vision tower from `{Path(vision_model).name}`"
+        if vision_model is not None
+        else f"none: takes `image_embeds` of width {config.image_embed_dim}"
+    )
+    text_source = f"`{Path(text_model).name}`" if text_model is not None else "GPT-2 small (default config)"
+    card = _model_card(
+        preset_data,
+        model,
+        checkpoint,
+        sha256,
+        vision_source,
+        text_source,
+        hub_model_id,
+        settings,
+        has_tokenizer,
+    )
+    card.save(out / "README.md")
+    provenance = {
+        "source_checkpoint": checkpoint.name,
+        "source_sha256": sha256,
+        "preset": preset_data["name"] if preset_data else None,
+        "variant": (preset_data or {}).get("preset", {}).get("variant"),
+        "vision_model": str(vision_model) if vision_model is not None else None,
+        "text_model": str(text_model) if text_model is not None else None,
+        "num_original_keys": num_original_keys,
+        "converted_on": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / "conversion_info.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+
+
 def convert_original_checkpoint(
     checkpoint_path: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -664,29 +758,9 @@ def convert_original_checkpoint(
     steps.update()
 
     steps.set_postfix_str("loading CLIP / GPT-2 parts")
-    text_config, tokenizer = _load_text_parts(text_model)
-    tower, image_processor = (None, None)
-    if vision_model is not None:
-        tower, image_processor = _load_vision_parts(vision_model)
-        if image_embed_dim is not None and image_embed_dim != tower.config.projection_dim:
-            raise ConversionError(
-                f"--image_embed_dim {image_embed_dim} contradicts --vision_model {vision_model}, whose "
-                f"projection_dim is {tower.config.projection_dim}."
-            )
-        settings["image_embed_dim"] = None  # taken from the tower
-    elif settings["image_embed_dim"] is None:
-        raise ConversionError(
-            "Without --vision_model the model takes image embeddings: give --image_embed_dim (512 for CLIP "
-            "ViT-B/32, 640 for RN50x4) or a --preset."
-        )
-    stop_token_id = int((preset_data or {}).get("preset", {}).get("stop_token_id", GPT2_STOP_TOKEN_ID))
-    if tokenizer is not None:
-        dot = tokenizer.convert_tokens_to_ids(".")
-        if dot != stop_token_id:
-            raise ConversionError(
-                f"The tokenizer of --text_model {text_model} maps '.' to id {dot}, but the original model stops on "
-                f"GPT-2's id {stop_token_id}: use GPT-2's tokenizer."
-            )
+    text_config, tokenizer, tower, image_processor, stop_token_id = _load_parts(
+        vision_model, text_model, image_embed_dim, settings, preset_data
+    )
     steps.update()
 
     steps.set_postfix_str("mapping keys")
@@ -719,49 +793,10 @@ def convert_original_checkpoint(
     if output_dir is not None:
         steps.set_postfix_str("saving")
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        has_tokenizer = tokenizer is not None
-        if image_processor is not None and tokenizer is not None:
-            from .processing_clipcap import ClipCapProcessor
-
-            ClipCapProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-        elif tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        elif image_processor is not None:
-            image_processor.save_pretrained(out)
-        sha256 = _sha256(checkpoint)
-        vision_source = (
-            f"CLIP vision tower from `{Path(vision_model).name}`"
-            if vision_model is not None
-            else f"none: takes `image_embeds` of width {config.image_embed_dim}"
-        )
-        text_source = (
-            f"`{Path(text_model).name}`" if text_model is not None else "GPT-2 small (default config)"
-        )
-        card = _model_card(
-            preset_data,
-            model,
-            checkpoint,
-            sha256,
-            vision_source,
-            text_source,
-            hub_model_id,
-            settings,
-            has_tokenizer,
-        )
-        card.save(out / "README.md")
-        provenance = {
-            "source_checkpoint": checkpoint.name,
-            "source_sha256": sha256,
-            "preset": preset_data["name"] if preset_data else None,
-            "variant": (preset_data or {}).get("preset", {}).get("variant"),
-            "vision_model": str(vision_model) if vision_model is not None else None,
-            "text_model": str(text_model) if text_model is not None else None,
-            "num_original_keys": len(state_dict),
-            "converted_on": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        (out / "conversion_info.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        _write_output_directory(
+            out, model, tokenizer, image_processor, checkpoint, len(state_dict), preset_data, settings,
+            vision_model=vision_model, text_model=text_model, hub_model_id=hub_model_id,
+        )  # fmt: skip
         steps.update()
         if verify:
             steps.set_postfix_str("verifying")
