@@ -1,17 +1,27 @@
-"""Configuration of ClipCap: a CLIP vision tower, a mapping network and GPT-2.
+"""Configuration of ClipCap: an image tower, a mapping network and a causal language model.
 
 ``ClipCapConfig`` is a transformers composite configuration:
 
-* ``vision_config``: a CLIP vision config (``model_type="clip_vision_model"``), or ``None`` for an
-  embeddings-only model that takes ``image_embeds`` of width ``image_embed_dim`` (features from any
-  encoder, e.g. the original RN50x4 checkpoints).
-* ``text_config``: a GPT-2 config (``model_type="gpt2"``).
+* ``vision_config``: the config of a supported image tower (CLIP vision by default; SigLIP, SigLIP2, DINOv2,
+  ViT, ConvNeXt, ConvNeXt V2, ResNet: ``towers.VISION_FAMILIES``; a full CLIP / SigLIP config gives its
+  vision part), or ``None`` for an embeddings-only model that takes ``image_embeds`` of width
+  ``image_embed_dim`` (features from any encoder, e.g. the original RN50x4 checkpoints).
+* ``text_config``: the config of a decoder-only causal LM (GPT-2 by default; Llama, Qwen2, Qwen3, OPT,
+  GPT-NeoX, Gemma tested).
 * the ClipCap fields below (mapping network, prefix and freezing).
 """
 
 from __future__ import annotations
 
 from .compat import require_supported_transformers  # noqa: F401  (fails clearly outside the supported range)
+from .towers import (
+    check_language_config,
+    image_embed_dim,
+    position_limit,
+    text_embed_dim,
+    vision_family,
+    vision_tower_config,
+)
 
 # isort: split
 from typing import Literal
@@ -26,23 +36,28 @@ class ClipCapConfig(PreTrainedConfig):
     r"""Configuration of [`ClipCapForConditionalGeneration`].
 
     Args:
-        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
-            The CLIP vision tower. ``None`` together with ``image_embed_dim`` builds an embeddings-only model;
-            ``None`` without ``image_embed_dim`` builds the default CLIP ViT-B/32 tower.
-        text_config (`dict` or `GPT2Config`, *optional*):
-            The GPT-2 language model. Defaults to GPT-2 small.
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            The image tower (any family of ``towers.VISION_FAMILIES``). ``None`` together with ``image_embed_dim``
+            builds an embeddings-only model; ``None`` without ``image_embed_dim`` builds the default CLIP ViT-B/32.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            A decoder-only causal language model (built with ``AutoModelForCausalLM``). Defaults to GPT-2 small.
         mapping_type (`"mlp"` or `"transformer"`, defaults to `"mlp"`):
             ``"mlp"``: Linear(D, E*K/2) -> Tanh -> Linear(E*K/2, E*K) (paper's "MLP + GPT-2 tuning").
             ``"transformer"``: Linear(D, clip_length*E) plus a learned constant of K vectors through
             ``mapping_num_layers`` pre-LN transformer layers; the output is the constant's K positions.
-        prefix_length (`int`, defaults to 10): K, the number of prefix vectors given to GPT-2.
-        clip_length (`int`, defaults to 10): number of vectors the CLIP embedding is expanded to (transformer only).
+        mapping_input (`"pooled"` or `"tokens"`, defaults to `"pooled"`): what the mapper reads. ``"pooled"``: one
+            image embedding (B, D) per image (the paper). ``"tokens"``: the tower's token / patch features
+            (B, N, D) (a CNN's feature map flattened), attended over by the transformer mapper instead of
+            ``clip_length`` projected copies of one vector; needs ``mapping_type="transformer"``.
+        prefix_length (`int`, defaults to 10): K, the number of prefix vectors given to the language model.
+        clip_length (`int`, defaults to 10): number of vectors the image embedding is expanded to (transformer
+            mapper with ``mapping_input="pooled"`` only).
         mapping_num_layers (`int`, defaults to 8): transformer mapper depth.
         mapping_num_heads (`int`, defaults to 8): transformer mapper attention heads; must divide GPT-2's width.
         mapping_mlp_ratio (`float`, defaults to 2.0): transformer mapper MLP hidden width / GPT-2 width.
         mapping_hidden_size (`int`, *optional*): MLP mapper hidden width; defaults to E*K/2 as in the paper.
-        image_embed_dim (`int`, *optional*): D, width of the image embedding. Defaults to the vision tower's
-            ``projection_dim``; required when ``vision_config`` is ``None``.
+        image_embed_dim (`int`, *optional*): D, width of what the mapper reads. Derived from the vision tower (per
+            family, ``towers.image_embed_dim``; CLIP: ``projection_dim``); required when ``vision_config`` is ``None``.
         normalize_prefix (`bool`, defaults to `False`): L2-normalise each image embedding before the mapper.
         freeze_vision (`bool`, defaults to `True`): the CLIP tower gets no gradients and stays in eval mode.
         freeze_language_model (`bool`, defaults to `False`): GPT-2 gets no weight gradients and stays in eval
@@ -75,6 +90,7 @@ class ClipCapConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     mapping_type: Literal["mlp", "transformer"] = "mlp"
+    mapping_input: Literal["pooled", "tokens"] = "pooled"
     prefix_length: int = 10
     clip_length: int = 10
     mapping_num_layers: int = 8
@@ -93,14 +109,19 @@ class ClipCapConfig(PreTrainedConfig):
             self.vision_config = {"model_type": "clip_vision_model"}
         super().__post_init__(**kwargs)
         if self.vision_config is not None:
-            projection_dim = getattr(self.vision_config, "projection_dim", None)
+            self.vision_config = vision_tower_config(self.vision_config)
+            family = vision_family(self.vision_config)
+            derived = image_embed_dim(self.vision_config, self.mapping_input)
             if self.image_embed_dim is None:
-                self.image_embed_dim = projection_dim
-            elif projection_dim is not None and self.image_embed_dim != projection_dim:
+                self.image_embed_dim = derived
+            elif self.image_embed_dim != derived:
                 raise ValueError(
-                    f"image_embed_dim={self.image_embed_dim} does not match the vision tower's "
-                    f"projection_dim={projection_dim}; leave image_embed_dim unset when a vision_config is given."
+                    f"image_embed_dim={self.image_embed_dim} does not match the vision tower's width "
+                    f"{family.pooled_width if self.mapping_input == 'pooled' else family.token_width}={derived} "
+                    f"(mapping_input={self.mapping_input!r}); leave image_embed_dim unset when a vision_config is given."
                 )
+        if self.text_config is not None and not isinstance(self.text_config, dict):
+            check_language_config(self.text_config)
         # Raise a plain ValueError at construction (the @strict validator below re-checks on assignment).
         self.validate_clipcap_fields()
 
@@ -108,6 +129,12 @@ class ClipCapConfig(PreTrainedConfig):
         """Reject values the model cannot be built with (runs as a ``@strict`` validator)."""
         if self.mapping_type not in ("mlp", "transformer"):
             raise ValueError(f"mapping_type must be 'mlp' or 'transformer', got {self.mapping_type!r}.")
+        if self.mapping_input not in ("pooled", "tokens"):
+            raise ValueError(f"mapping_input must be 'pooled' or 'tokens', got {self.mapping_input!r}.")
+        if self.mapping_input == "tokens" and self.mapping_type != "transformer":
+            raise ValueError(
+                "mapping_input='tokens' needs mapping_type='transformer' (the MLP mapper reads one vector per image)."
+            )
         for name in ("prefix_length", "clip_length", "mapping_num_layers", "mapping_num_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -122,23 +149,23 @@ class ClipCapConfig(PreTrainedConfig):
             raise ValueError(f"image_embed_dim must be a positive integer, got {self.image_embed_dim!r}.")
         text = self.text_config
         if text is not None and not isinstance(text, dict):
-            width = text.hidden_size
+            width = text_embed_dim(text)
             if self.mapping_type == "transformer" and width % self.mapping_num_heads != 0:
                 raise ValueError(
-                    f"mapping_num_heads={self.mapping_num_heads} must divide GPT-2's width n_embd={width} "
-                    "for the transformer mapper."
+                    f"mapping_num_heads={self.mapping_num_heads} must divide the language model's width "
+                    f"hidden_size={width} for the transformer mapper."
                 )
-            max_positions = getattr(text, "n_positions", None)
-            if max_positions is not None and self.prefix_length >= max_positions:
+            limit = position_limit(text)
+            if limit is not None and self.prefix_length >= limit[1]:
                 raise ValueError(
-                    f"prefix_length={self.prefix_length} leaves no room for a caption in GPT-2's "
-                    f"n_positions={max_positions}."
+                    f"prefix_length={self.prefix_length} leaves no room for a caption in the language model's "
+                    f"{limit[0]}={limit[1]}."
                 )
 
     @property
     def hidden_size(self) -> int:
-        """GPT-2's width E (the size of each prefix vector)."""
-        return self.text_config.hidden_size
+        """The language model's width E (the size of each prefix vector)."""
+        return text_embed_dim(self.text_config)
 
 
 __all__ = ["ClipCapConfig"]

@@ -1,13 +1,14 @@
-"""ClipCap: CLIP prefix captioning on transformers building blocks.
+"""ClipCap: prefix captioning (an image tower, a mapping network, a causal LM) on transformers building blocks.
 
-Data flow (B images, K = ``prefix_length``, D = ``image_embed_dim``, E = GPT-2 width, L = caption tokens)::
+Data flow (B images, K = ``prefix_length``, D = ``image_embed_dim``, E = the LM's width, L = caption tokens)::
 
-    pixel_values (B, 3, H, W) -> CLIPVisionModelWithProjection -> image_embeds (B, D)      } ClipCapModel
-    image_embeds (B, D) -> [optional per-vector L2 norm] -> mapping network -> prefix (B, K, E) } (the base)
-    [prefix ; wte(input_ids)] (B, K + L, E) -> GPT2LMHeadModel -> logits (B, K + L, V)
+    pixel_values (B, 3, H, W) -> image tower -> image_embeds (B, D) or token features (B, N, D) } ClipCapModel
+    image_embeds -> [optional per-vector L2 norm] -> mapping network -> prefix (B, K, E)        } (the base)
+    [prefix ; embed(input_ids)] (B, K + L, E) -> causal LM -> logits (B, K + L, V)
 
-The CLIP tower and GPT-2 are the unmodified transformers classes; this file adds the two mapping
-networks of the paper and wires generation through ``GenerationMixin`` with ``inputs_embeds``.
+The tower (CLIP by default) and the LM (GPT-2 by default) are unmodified transformers models built through the
+Auto classes (``towers.py`` says what is read from each family); this file adds the paper's two mapping
+networks and wires generation through ``GenerationMixin`` with ``inputs_embeds``.
 """
 
 from __future__ import annotations
@@ -28,17 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoConfig,
-    CLIPVisionModelWithProjection,
-    GenerationMixin,
-    GPT2LMHeadModel,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast, ModelOutput
-from transformers.utils import logging as hf_logging
 
 from .configuration_clipcap import ClipCapConfig
 from .fast_decoding import (
@@ -47,6 +41,16 @@ from .fast_decoding import (
     shared_prefill_expand_size,
     swap_min_length_processors,
 )
+from .towers import (
+    build_language_model,
+    build_vision_tower,
+    check_language_config,
+    has_fast_paths,
+    image_features,
+    load_pretrained_tower,
+    tower_dtype,
+)
+from .validation import check_generation_kwargs, check_image_inputs
 
 # ---------------------------------------------------------------------------------------------------------
 # Mapping networks
@@ -133,15 +137,17 @@ class ClipCapTransformerMapper(nn.Module):
 
     ``image_embeds`` (B, D) -> Linear -> (B, clip_length, E), concatenated with a learned constant (K, E)
     -> ``mapping_num_layers`` pre-LN layers over clip_length + K tokens -> the constant's K positions
-    (B, K, E).
+    (B, K, E). With ``mapping_input="tokens"`` the tower's features (B, N, D) -> Linear(D, E) -> (B, N, E)
+    take the place of the clip_length projected vectors.
     """
 
     def __init__(self, config: ClipCapConfig):
         super().__init__()
         e = config.hidden_size
+        self.tokens = config.mapping_input == "tokens"
         self.clip_length = config.clip_length
         self.hidden_size = e
-        self.linear = nn.Linear(config.image_embed_dim, config.clip_length * e)
+        self.linear = nn.Linear(config.image_embed_dim, e if self.tokens else config.clip_length * e)
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_length, e))
         self.layers = nn.ModuleList(
             ClipCapMapperLayer(e, config.mapping_num_heads, config.mapping_mlp_ratio)
@@ -149,20 +155,16 @@ class ClipCapTransformerMapper(nn.Module):
         )
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, K, E)."""
+        """(B, D), or (B, N, D) token features -> (B, K, E)."""
         b = image_embeds.shape[0]
-        clip_tokens = self.linear(image_embeds).view(b, self.clip_length, self.hidden_size)
+        clip_tokens = self.linear(image_embeds)  # (B, N, E) for tokens
+        if not self.tokens:
+            clip_tokens = clip_tokens.view(b, self.clip_length, self.hidden_size)
         const = self.prefix_const.unsqueeze(0).expand(b, -1, -1).to(clip_tokens.dtype)
         hidden_states = torch.cat([clip_tokens, const], dim=1)
         for layer in self.layers:
             hidden_states = layer(hidden_states)
-        return hidden_states[:, self.clip_length :]
-
-
-MAPPING_NETWORKS: dict[str, type[nn.Module]] = {
-    "mlp": ClipCapMLPMapper,
-    "transformer": ClipCapTransformerMapper,
-}
+        return hidden_states[:, clip_tokens.shape[1] :]
 
 
 MAPPING_NETWORKS: dict[str, type[nn.Module]] = {
@@ -178,9 +180,8 @@ LEGACY_KEY_RENAMES = {
 }
 _RENAMES_REGISTERED = register_key_renames("ClipCapForConditionalGeneration", LEGACY_KEY_RENAMES)
 
-#: ``generate`` options that verify draft tokens by re-running the model on ``input_ids`` alone, without the
-#: image prefix: their captions would silently differ from plain decoding.
-_ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+#: Extra image inputs some towers take next to ``pixel_values`` (SigLIP2's NaFlex patches).
+_TOWER_INPUTS = ("pixel_attention_mask", "spatial_shapes")
 
 
 @dataclass
@@ -189,11 +190,11 @@ class ClipCapOutput(CausalLMOutputWithPast):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*): caption cross-entropy (with ``labels``).
-        logits (`torch.FloatTensor` of shape `(B, S, V)`): GPT-2 logits, S = K + L positions with an image
+        logits (`torch.FloatTensor` of shape `(B, S, V)`): language-model logits, S = K + L positions with an image
             (or the positions ``logits_to_keep`` selects).
-        cache (`Cache`, *optional*): GPT-2's key/value cache, ``past_key_values`` under transformers < 5.24.
+        cache (`Cache`, *optional*): the language model's key/value cache, ``past_key_values`` under transformers < 5.24.
         prefix_embeds (`torch.FloatTensor` of shape `(B, K, E)`, *optional*): the mapped prefix.
-        image_embeds (`torch.FloatTensor` of shape `(B, D)`, *optional*): the image embedding used.
+        image_embeds (`torch.FloatTensor` of shape `(B, D)` or `(B, N, D)`, *optional*): what the mapper read.
     """
 
     prefix_embeds: torch.FloatTensor | None = None
@@ -234,7 +235,7 @@ class ClipCapPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # CLIP and GPT-2 are PreTrainedModels: transformers hands their modules to their own _init_weights.
+        # The tower and the LM are PreTrainedModels: transformers hands their modules to their own _init_weights.
         if isinstance(module, ClipCapTransformerMapper):
             init.normal_(module.prefix_const, mean=0.0, std=1.0)  # torch.randn, as in the paper's code
         elif isinstance(module, nn.Linear):
@@ -247,13 +248,13 @@ class ClipCapPreTrainedModel(PreTrainedModel):
 
 
 class ClipCapModel(ClipCapPreTrainedModel):
-    """The base model: images -> GPT-2 prefix. ``vision_model`` (`CLIPVisionModelWithProjection`, absent for an
-    embeddings-only config) and ``mapping_network`` (`ClipCapMLPMapper` or `ClipCapTransformerMapper`)."""
+    """The base model: images -> LM prefix. ``vision_model`` (the image tower, absent for an embeddings-only
+    config) and ``mapping_network`` (`ClipCapMLPMapper` or `ClipCapTransformerMapper`)."""
 
     def __init__(self, config: ClipCapConfig):
         super().__init__(config)
         vision = config.vision_config
-        self.vision_model = CLIPVisionModelWithProjection(vision) if vision is not None else None
+        self.vision_model = build_vision_tower(vision) if vision is not None else None
         self.mapping_network = MAPPING_NETWORKS[config.mapping_type](config)
         self.post_init()
 
@@ -261,78 +262,40 @@ class ClipCapModel(ClipCapPreTrainedModel):
         self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None
     ) -> None:
         """Validate the image input (exactly one of the two, right type, shape, finite) before any work."""
-        if (pixel_values is None) == (image_embeds is None):
-            got = "both" if pixel_values is not None else "neither"
-            raise ValueError(
-                f"Give exactly one of `pixel_values` (B, 3, H, W) or `image_embeds` (B, D); got {got}."
-            )
-        if pixel_values is not None:
-            if self.vision_model is None:
-                raise ValueError(
-                    "This ClipCap model has no vision tower (vision_config=None): pass `image_embeds` of width "
-                    f"{self.config.image_embed_dim} computed by the image encoder it was trained with."
-                )
-            if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point():
-                kind = (
-                    type(pixel_values).__name__ if not torch.is_tensor(pixel_values) else pixel_values.dtype
-                )
-                raise ValueError(
-                    f"`pixel_values` must be a floating-point tensor, got {kind}; use the model's processor to "
-                    "turn images into pixel values."
-                )
-            vc = self.config.vision_config
-            expected = (vc.num_channels, vc.image_size, vc.image_size)
-            if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-                raise ValueError(
-                    f"`pixel_values` must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), got "
-                    f"{tuple(pixel_values.shape)}; use the model's processor to resize and normalise images."
-                )
-            if not torch.isfinite(pixel_values).all():
-                raise ValueError(
-                    "`pixel_values` contains NaN or infinite values; use the model's processor on the images "
-                    "(it gives finite, normalised values)."
-                )
-        else:
-            if not torch.is_tensor(image_embeds) or not image_embeds.is_floating_point():
-                raise ValueError(
-                    "`image_embeds` must be a floating-point tensor of shape (batch, image_embed_dim)."
-                )
-            if image_embeds.ndim != 2 or image_embeds.shape[1] != self.config.image_embed_dim:
-                raise ValueError(
-                    f"`image_embeds` must have shape (batch, {self.config.image_embed_dim}), got "
-                    f"{tuple(image_embeds.shape)}: the embedding width must match the encoder this model uses."
-                )
-            if not torch.isfinite(image_embeds).all():
-                raise ValueError("`image_embeds` contains NaN or infinite values.")
-        if (pixel_values if pixel_values is not None else image_embeds).shape[0] == 0:
-            raise ValueError("Got an empty batch (0 images); pass at least one image.")
+        check_image_inputs(self.config, self.vision_model is not None, pixel_values, image_embeds)
 
     def get_image_features(
         self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs: Any
     ) -> BaseModelOutputWithPooling | tuple:
-        """CLIP's vision tower on (B, 3, H, W): ``pooler_output`` is the projected embedding (B, D) ClipCap maps
-        (``encode_image``); ``last_hidden_state`` (B, N, H) and, when asked (``output_hidden_states``,
-        ``output_attentions``), the tower's hidden states and attentions. A tuple with ``return_dict=False``."""
+        """The image tower on ``pixel_values`` (B, 3, H, W): ``pooler_output`` is the image embedding (B, D) of the
+        tower's family (CLIP: the projected embedding, ``encode_image``; see ``towers.VISION_FAMILIES``),
+        ``last_hidden_state`` the token features (B, N, D_tokens) (a CNN's map flattened) and, when asked
+        (``output_hidden_states``, ``output_attentions``), the tower's hidden states and attentions. A tuple with
+        ``return_dict=False``. SigLIP2 also takes ``pixel_attention_mask`` and ``spatial_shapes``."""
         if self.vision_model is None:
             raise ValueError("This ClipCap model has no vision tower; it takes `image_embeds` directly.")
-        vision_dtype = self.vision_model.visual_projection.weight.dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            out = self.vision_model(pixel_values=pixel_values.to(vision_dtype), return_dict=True, **kwargs)
-        features = BaseModelOutputWithPooling(
-            last_hidden_state=out.last_hidden_state,
-            pooler_output=out.image_embeds,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
+            features = image_features(
+                self.vision_model,
+                self.config.vision_config,
+                pixel_values.to(tower_dtype(self.vision_model)),
+                **kwargs,
+            )
         return features if return_dict is not False else features.to_tuple()
 
     def get_prefix(
-        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **image_kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D)) -> ``(prefix (B, K, E), image_embeds)``."""
+        """Images (``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D), (B, N, D) with
+        ``mapping_input="tokens"``) -> ``(prefix (B, K, E), image_embeds)``."""
         self.check_image_inputs(pixel_values, image_embeds)
         if image_embeds is None:
-            image_embeds = self.get_image_features(pixel_values).pooler_output
+            features = self.get_image_features(pixel_values, **image_kwargs)
+            tokens = self.config.mapping_input == "tokens"
+            image_embeds = features.last_hidden_state if tokens else features.pooler_output
         embeds = image_embeds.to(next(self.mapping_network.parameters()).dtype)
         if self.config.normalize_prefix:
             embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
@@ -345,12 +308,12 @@ class ClipCapModel(ClipCapPreTrainedModel):
         **kwargs: Any,
     ) -> ClipCapModelOutput:
         """Images -> [`ClipCapModelOutput`] with ``prefix_embeds`` (B, K, E) and ``image_embeds`` (B, D)."""
-        prefix, image_embeds = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)
+        prefix, image_embeds = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds, **kwargs)
         return ClipCapModelOutput(prefix_embeds=prefix, image_embeds=image_embeds)
 
 
 class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
-    """ClipCap: ``model`` ([`ClipCapModel`], images -> prefix) and ``language_model`` (`GPT2LMHeadModel`).
+    """ClipCap: ``model`` ([`ClipCapModel`], images -> prefix) and ``language_model`` (a causal LM, GPT-2 by default).
 
     Example:
 
@@ -371,17 +334,21 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     ```
     """
 
-    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.transformer.wte.weight"}
-
-    #: CPU speed paths (``fast_decoding.py``): in-place EOS suppression, and the output layer in blocks of this
-    #: many vocabulary rows (None: one ``lm_head`` call). Set on an instance to compare with the stock paths.
+    #: CPU speed paths (``fast_decoding.py``): in-place EOS suppression, the output layer in blocks of this
+    #: many vocabulary rows (None: one call), one prefill shared by the beams of an image. Set on an instance to
+    #: compare with the stock paths. The last two need a language model of ``towers.FAST_PATH_LANGUAGE_FAMILIES``.
     fast_eos_suppression: bool = True
     cpu_output_layer_block: int | None = 1024
+    shared_prefill: bool = True
 
     def __init__(self, config: ClipCapConfig):
         super().__init__(config)
         self.model = ClipCapModel(config)
-        self.language_model = GPT2LMHeadModel(config.text_config)
+        self.language_model = build_language_model(config.text_config)  # ties its own embeddings
+        parts = [self.language_model, self.model.vision_model]
+        self._no_split_modules = sorted(
+            {"ClipCapMapperLayer"}.union(*(p._no_split_modules or [] for p in parts if p is not None))
+        )
         self.post_init()
         self._apply_freezing()
 
@@ -435,7 +402,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     def get_decoder(self) -> nn.Module:
-        return self.language_model.transformer
+        return self.language_model.base_model
 
     def get_image_features(
         self, pixel_values: torch.Tensor, **kwargs: Any
@@ -444,10 +411,15 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         return self.model.get_image_features(pixel_values, **kwargs)
 
     def get_prefix(
-        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **image_kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prefix (B, K, E) in GPT-2's dtype, image_embeds (B, D))``; see [`ClipCapModel.get_prefix`]."""
-        prefix, image_embeds = self.model.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)
+        """``(prefix (B, K, E) in the LM's dtype, image_embeds)``; see [`ClipCapModel.get_prefix`]."""
+        prefix, image_embeds = self.model.get_prefix(
+            pixel_values=pixel_values, image_embeds=image_embeds, **image_kwargs
+        )
         return prefix.to(self.get_input_embeddings().weight.dtype), image_embeds
 
     def forward(
@@ -475,20 +447,23 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         have unpadded. ``shift_labels`` (B, L) (the target of each text position), ``num_items_in_batch`` and
         ``ignore_index`` reach ``self.loss_function`` as in every transformers causal LM.
 
-        Without an image, ``input_ids`` or ``inputs_embeds`` go straight to GPT-2 (the decoding steps of
+        Without an image, ``input_ids`` or ``inputs_embeds`` go straight to the LM (the decoding steps of
         ``generate``); ``attention_mask`` and ``position_ids`` then cover the whole sequence.
 
-        ``cache`` is GPT-2's key/value cache (``past_key_values`` is accepted too). Returns a [`ClipCapOutput`]
+        ``cache`` is the LM's key/value cache (``past_key_values`` is accepted too). Returns a [`ClipCapOutput`]
         with ``logits`` (B, K + L, V) (or the ``logits_to_keep`` positions), or its tuple with ``return_dict=False``.
         """
         cache = pop_cache_argument(cache, kwargs)
         loss_kwargs = {
             k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs
         }
+        image_kwargs = {k: kwargs.pop(k) for k in _TOWER_INPUTS if k in kwargs}
         prefix = None
         k = 0
         if pixel_values is not None or image_embeds is not None:
-            prefix, image_embeds = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)
+            prefix, image_embeds = self.get_prefix(
+                pixel_values=pixel_values, image_embeds=image_embeds, **image_kwargs
+            )
             batch, k = prefix.shape[:2]
             inputs_embeds, attention_mask, position_ids = self._join_prefix(
                 prefix, input_ids, inputs_embeds, attention_mask, position_ids
@@ -503,7 +478,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         elif labels is not None or "shift_labels" in loss_kwargs:
             raise ValueError("`labels` need an image: pass `pixel_values` or `image_embeds` with them.")
 
-        outputs = self.language_model.transformer(
+        lm_inputs = dict(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -513,11 +488,23 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             **cache_kwargs(cache),
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state  # (B, K + L, E)
-        logits = self._output_layer(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, S, V)
+        with_loss = labels is not None or "shift_labels" in loss_kwargs
+        if has_fast_paths(
+            self.config.text_config
+        ):  # the LM's body, then its plain output layer (blocked on CPU)
+            outputs = self.get_decoder()(**lm_inputs)
+            hidden_states = outputs.last_hidden_state  # (B, K + L, E)
+            logits = self._output_layer(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, S, V)
+            head = self.get_output_embeddings()
+            text_logits = lambda window: head(hidden_states[:, window])  # noqa: E731
+        else:  # the LM's own forward: soft-capping, logit scaling... stay its own
+            outputs = self.language_model(**lm_inputs, logits_to_keep=0 if with_loss else logits_to_keep)
+            all_logits = outputs.logits
+            logits = slice_logits_to_keep(all_logits, logits_to_keep) if with_loss else all_logits
+            text_logits = lambda window: all_logits[:, window]  # noqa: E731
         loss = None
-        if labels is not None or "shift_labels" in loss_kwargs:
-            loss = self._caption_loss(hidden_states, logits, logits_to_keep, k, labels, **loss_kwargs)
+        if with_loss:
+            loss = self._caption_loss(text_logits, k, labels, **loss_kwargs)
         result = ClipCapOutput(
             loss=loss,
             logits=logits,
@@ -581,27 +568,19 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
     def _caption_loss(
         self,
-        hidden_states: torch.Tensor,
-        logits: torch.Tensor,
-        logits_to_keep: int | torch.Tensor,
+        text_logits: Any,
         k: int,
         labels: torch.Tensor | None,
         shift_labels: torch.Tensor | None = None,
         **loss_kwargs: Any,
     ) -> torch.Tensor:
         """``self.loss_function`` on the positions that predict text: K-1 .. K+L-2 for ``labels`` (B, L), whose
-        token i comes after position K-1+i; K .. K+L-1 for ``shift_labels`` (B, L), already one step ahead."""
+        token i comes after position K-1+i; K .. K+L-1 for ``shift_labels`` (B, L), already one step ahead.
+        ``text_logits(window)`` gives the logits (B, L, V) of a slice of positions."""
         start = k - 1 if shift_labels is None else k
         targets = labels if shift_labels is None else shift_labels
-        window = slice(start, start + targets.shape[1])
-        all_kept = isinstance(logits_to_keep, int) and logits_to_keep == 0
-        text_logits = (
-            logits[:, window].contiguous()
-            if all_kept
-            else self.language_model.lm_head(hidden_states[:, window])
-        )
         return self.loss_function(
-            logits=text_logits,
+            logits=text_logits(slice(start, start + targets.shape[1])),
             labels=None,
             vocab_size=self.config.text_config.vocab_size,
             shift_labels=targets,
@@ -609,8 +588,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         )
 
     def _output_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """GPT-2's output layer (..., E) -> (..., V); in vocabulary blocks when decoding on CPU."""
-        return blocked_output_layer(self.language_model.lm_head, hidden_states, self.cpu_output_layer_block)
+        """The LM's output layer (..., E) -> (..., V); in vocabulary blocks when decoding on CPU."""
+        return blocked_output_layer(self.get_output_embeddings(), hidden_states, self.cpu_output_layer_block)
 
     # ------------------------------------------------------------------ generation
 
@@ -631,54 +610,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             mask = torch.gather(mask, 1, order)
         return embeds, mask
 
-    def _validate_generation_kwargs(self, inputs: Any, kwargs: dict[str, Any]) -> None:
-        """Clear errors for arguments ``generate`` cannot honour, before any model work."""
-        if inputs is not None and (not torch.is_tensor(inputs) or inputs.is_floating_point()):
-            raise TypeError(
-                "The first positional argument of `generate` is the text prompt `inputs` (token ids, B x L), as for "
-                "every transformers model; pass images by keyword: generate(pixel_values=...) or image_embeds=...."
-            )
-        config = kwargs.get("generation_config") or self.generation_config
-        for name in _ASSISTED_DECODING_OPTIONS:
-            if kwargs.get(name, getattr(config, name, None)) is not None:
-                raise ValueError(
-                    f"ClipCap does not support assisted / speculative decoding (`{name}`): the draft tokens are "
-                    "verified on the text alone, without the image prefix, so captions would silently change. "
-                    "Drop it (plain greedy, beam search or sampling give the same captions)."
-                )
-        for name in ("max_new_tokens", "num_beams", "num_return_sequences", "top_k", "max_length"):
-            value = kwargs.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        min_new = kwargs.get("min_new_tokens")
-        if min_new is not None and (not isinstance(min_new, int) or min_new < 0):
-            raise ValueError(f"`min_new_tokens` must be a non-negative integer, got {min_new!r}.")
-        temperature, top_p = kwargs.get("temperature"), kwargs.get("top_p")
-        if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
-        num_beams, nrs = kwargs.get("num_beams") or 1, kwargs.get("num_return_sequences")
-        if nrs is not None and not kwargs.get("do_sample", False) and nrs > num_beams:
-            raise ValueError(
-                f"`num_return_sequences`={nrs} needs `num_beams` >= {nrs} (or `do_sample=True`); got num_beams={num_beams}."
-            )
-        max_new, n_positions = (
-            kwargs.get("max_new_tokens"),
-            getattr(self.config.text_config, "n_positions", None),
-        )
-        if (
-            max_new is not None
-            and n_positions is not None
-            and self.config.prefix_length + max_new > n_positions
-        ):
-            raise ValueError(
-                f"prefix_length ({self.config.prefix_length}) + max_new_tokens ({max_new}) exceeds GPT-2's "
-                f"{n_positions} positions; lower max_new_tokens."
-            )
-
     def _shared_prefill_expand_size(self, kwargs: dict[str, Any]) -> int:
         return shared_prefill_expand_size(self.generation_config, kwargs)
+
+    def _shares_prefill(self) -> bool:
+        """Shared prefill needs the LM's body to fill a plain ``DynamicCache`` (``towers.has_fast_paths``)."""
+        return self.shared_prefill and has_fast_paths(self.config.text_config)
 
     def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> LogitsProcessorList:
         # Private GenerationMixin hook (see compat.py): if a release drops it, generate stops calling this
@@ -703,8 +640,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
         Args:
             inputs / input_ids: optional text prompt (B, L) the caption continues (left-padded for a batch).
-            pixel_values: (B, 3, H, W) processed images, or
-            image_embeds: (B, D) precomputed image embeddings (keyword arguments).
+            pixel_values: (B, 3, H, W) processed images (SigLIP2: with ``pixel_attention_mask``, ``spatial_shapes``), or
+            image_embeds: (B, D) (or (B, N, D) with ``mapping_input="tokens"``) precomputed image embeddings.
             attention_mask: (B, L) mask of the prompt.
             **generate_kwargs: anything ``GenerationMixin.generate`` takes (``num_beams``, ``max_new_tokens``,
                 ``do_sample``, ``return_dict_in_generate``, ``past_key_values`` / ``cache`` to continue...).
@@ -715,15 +652,16 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             Token ids (B * num_return_sequences, T): without a prompt only the generated tokens; with a prompt the
             prompt followed by them (the decoder-only convention). Or a ``GenerateOutput`` when asked.
         """
-        self._validate_generation_kwargs(inputs, generate_kwargs)
+        check_generation_kwargs(self.config, self.generation_config, inputs, generate_kwargs)
         if inputs is not None and input_ids is not None:
             raise ValueError("Pass the prompt once: as `inputs` or as `input_ids`.")
         input_ids = inputs if input_ids is None else input_ids
         if pixel_values is None and image_embeds is None and "inputs_embeds" in generate_kwargs:
-            # Plain decoder-only use: GPT-2 continuing given embeddings.
+            # Plain decoder-only use: the LM continuing given embeddings.
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         cache = pop_cache_argument(generate_kwargs.pop("cache", None), generate_kwargs)
-        prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)
+        image_kwargs = {k: generate_kwargs.pop(k) for k in _TOWER_INPUTS if k in generate_kwargs}
+        prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds, **image_kwargs)
         inputs_embeds, full_mask = self._build_prompt_embeds(prefix, input_ids, attention_mask)
         if input_ids is not None and attention_mask is not None and bool((attention_mask == 0).any()):
             # keep returned prompt ids aligned with their (left-padded) rows
@@ -731,11 +669,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 input_ids, 1, torch.sort(attention_mask.long(), dim=1, stable=True).indices
             )
         expand_size = self._shared_prefill_expand_size({**generate_kwargs, "cache": cache})
-        if expand_size > 1 and inputs_embeds.shape[1] > 1:
+        if expand_size > 1 and inputs_embeds.shape[1] > 1 and self._shares_prefill():
             # Beams / returned sequences of one image share [prefix ; prompt]: run it once per image.
-            cache = prefill_shared_prefix(
-                self.language_model.transformer, inputs_embeds, full_mask, expand_size
-            )
+            cache = prefill_shared_prefix(self.get_decoder(), inputs_embeds, full_mask, expand_size)
         if cache is not None:
             generate_kwargs[CACHE_KWARG] = cache
         return super().generate(
@@ -752,7 +688,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         tokenizer: Any = None,
         top_k: int = 1,
     ) -> list[list[Any]]:
-        """Nearest GPT-2 vocabulary tokens (cosine similarity) of each prefix vector (paper, section 4.7).
+        """Nearest language-model vocabulary tokens (cosine similarity) of each prefix vector (paper, section 4.7).
 
         Returns one list of K entries per image. Each entry is a token string (with a tokenizer) or a token
         id (without); with ``top_k > 1`` each entry is a list of the ``top_k`` nearest, best first.
@@ -760,7 +696,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
         prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)  # (B, K, E)
-        vocab = self.language_model.transformer.wte.weight  # (V, E)
+        vocab = self.get_input_embeddings().weight  # (V, E)
         sims = F.normalize(prefix.float(), dim=-1) @ F.normalize(vocab.float(), dim=-1).T  # (B, K, V)
         top = sims.topk(min(top_k, vocab.shape[0]), dim=-1).indices.tolist()  # (B, K, top_k)
 
@@ -786,15 +722,17 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         text_model_name_or_path: str,
         **config_kwargs: Any,
     ) -> ClipCapForConditionalGeneration:
-        """Build a ClipCap model around pretrained CLIP and GPT-2 weights; the mapping network is new.
+        """Build a ClipCap model around a pretrained image tower and causal LM; the mapping network is new.
 
         Args:
-            vision_model_name_or_path: a full CLIP checkpoint (``CLIPModel``) or a CLIP vision checkpoint
-                (``CLIPVisionModelWithProjection``); ``None`` for an embeddings-only model (then pass
-                ``image_embed_dim``).
-            text_model_name_or_path: a GPT-2 checkpoint.
-            **config_kwargs: ClipCap fields (``mapping_type``, ``prefix_length``, ...) and ``from_pretrained``
-                options (``dtype``, ``revision``, ``cache_dir``, ``local_files_only``, ``token``).
+            vision_model_name_or_path: a checkpoint of a supported image tower (``towers.VISION_FAMILIES``), or a
+                full CLIP / SigLIP / SigLIP2 checkpoint (its vision tower is taken); ``None`` for an
+                embeddings-only model (then pass ``image_embed_dim``).
+            text_model_name_or_path: a decoder-only causal LM checkpoint (GPT-2, Llama, Qwen, OPT, Pythia, Gemma...).
+            **config_kwargs: ClipCap fields (``mapping_type``, ``mapping_input``, ``prefix_length``, ...) and
+                ``from_pretrained`` options (``dtype``, ``revision``, ``cache_dir``, ``local_files_only``, ``token``).
+
+        The matching processor: ``ClipCapProcessor.from_vision_text_pretrained(vision_path, text_path)``.
         """
         load_keys = (
             "revision",
@@ -806,45 +744,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             "torch_dtype",
         )
         load_kwargs = {k: config_kwargs.pop(k) for k in load_keys if k in config_kwargs}
+        config_load_kwargs = {k: v for k, v in load_kwargs.items() if k not in ("dtype", "torch_dtype")}
         vision = None
         if vision_model_name_or_path is not None:
-            vision_config = AutoConfig.from_pretrained(
-                vision_model_name_or_path,
-                **{k: v for k, v in load_kwargs.items() if k not in ("dtype", "torch_dtype")},
-            )
-            if getattr(vision_config, "vision_config", None) is not None:
-                # A full CLIP checkpoint: its projection width lives on the top-level config.
-                projection_dim = vision_config.projection_dim
-                vision_config = vision_config.vision_config
-                vision_config.projection_dim = projection_dim
-                # Its text tower's weights are expected leftovers: don't print them as "UNEXPECTED".
-                verbosity = hf_logging.get_verbosity()
-                hf_logging.set_verbosity_error()
-            else:
-                verbosity = None
-            try:
-                vision, loading_info = CLIPVisionModelWithProjection.from_pretrained(
-                    vision_model_name_or_path, config=vision_config, output_loading_info=True, **load_kwargs
-                )
-            finally:
-                if verbosity is not None:
-                    hf_logging.set_verbosity(verbosity)
-            missing = sorted(loading_info.get("missing_keys") or [])
-            if "visual_projection.weight" in missing:
-                raise ValueError(
-                    f"{vision_model_name_or_path} has no visual projection (visual_projection.weight); ClipCap "
-                    "needs CLIP's projected image_embeds: give a full CLIP or a CLIPVisionModelWithProjection checkpoint."
-                )
-            if missing:
-                raise ValueError(
-                    f"{vision_model_name_or_path} lacks CLIP vision weights {missing[:5]} ({len(missing)} missing); "
-                    "give a CLIP or CLIP-vision checkpoint."
-                )
-            if vision.visual_projection is None:
-                raise ValueError(
-                    f"{vision_model_name_or_path} has no visual projection; ClipCap needs CLIP's image_embeds."
-                )
-        text = GPT2LMHeadModel.from_pretrained(text_model_name_or_path, **load_kwargs)
+            vision = load_pretrained_tower(vision_model_name_or_path, **load_kwargs)
+        check_language_config(AutoConfig.from_pretrained(text_model_name_or_path, **config_load_kwargs))
+        text = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **load_kwargs)
         config = ClipCapConfig(
             vision_config=vision.config if vision is not None else None,
             text_config=text.config,

@@ -1,4 +1,4 @@
-"""ClipCapProcessor: the CLIP image processor and the GPT-2 tokenizer behind one object."""
+"""ClipCapProcessor: the image tower's image processor and the language model's tokenizer behind one object."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ class ClipCapProcessor(ProcessorMixin):
     generated ids into clean caption strings.
 
     Args:
-        image_processor: a CLIP image processor (``CLIPImageProcessor``).
-        tokenizer: a GPT-2 tokenizer. When it has no pad token, its eos token is used for padding.
+        image_processor: the image tower's own image processor (CLIP's by default; SigLIP's, DINOv2's,
+            ConvNeXt's... for those towers).
+        tokenizer: the language model's tokenizer. When it has no pad token, its eos token is used for padding.
 
     Example:
 
@@ -101,9 +102,24 @@ class ClipCapProcessor(ProcessorMixin):
         """Decode one generated sequence (T,) into a caption string."""
         return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs).strip()
 
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **kwargs: Any
+    ) -> ClipCapProcessor:
+        """The processor of ``ClipCapForConditionalGeneration.from_vision_text_pretrained(vision, text)``: the image
+        processor saved with the vision checkpoint and the tokenizer saved with the language model.
+        ``kwargs`` (``revision``, ``cache_dir``, ``token``, ``local_files_only``...) go to both loaders."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return cls(
+            image_processor=AutoImageProcessor.from_pretrained(vision_model_name_or_path, **kwargs),
+            tokenizer=AutoTokenizer.from_pretrained(text_model_name_or_path, **kwargs),
+        )
+
     @property
     def model_input_names(self) -> list[str]:
-        return ["pixel_values", "input_ids", "attention_mask"]
+        image_names = getattr(self.image_processor, "model_input_names", None) or ["pixel_values"]
+        return list(dict.fromkeys([*image_names, "input_ids", "attention_mask"]))
 
 
 __all__ = ["ClipCapProcessor"]
