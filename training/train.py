@@ -386,19 +386,29 @@ def print_summary(accelerator: Accelerator, summary: dict[str, Any], output_dir:
     accelerator.print("\n".join(lines))
 
 
-def training_state(
-    completed_steps: int, epoch: int, batches_in_epoch: int, num_processes: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Where the loop is (``training_state.json`` of a checkpoint) and the launch it needs to continue."""
-    accum, per_device = args.gradient_accumulation_steps, args.per_device_train_batch_size
-    return {
+def save_training_checkpoint(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    name: str,
+    completed_steps: int,
+    epoch: int,
+    batches: int,
+) -> None:
+    """``checkpoints/<name>`` with the loop's position (``training_state.json``) and the launch it needs."""
+    num_processes = accelerator.num_processes
+    state = {
         "completed_steps": completed_steps,
         "epoch": epoch,
-        "batches_in_epoch": batches_in_epoch,
-        "num_processes": num_processes,
-        "total_batch_size": per_device * num_processes * accum,
+        "batches_in_epoch": batches,
         "seed": args.seed,
     }
+    state |= {
+        "num_processes": num_processes,
+        "total_batch_size": args.per_device_train_batch_size
+        * num_processes
+        * args.gradient_accumulation_steps,
+    }
+    save_checkpoint(accelerator, args.output_dir, name, state, args.checkpoints_total_limit)
 
 
 def write_log(accelerator: Accelerator, args: argparse.Namespace, path: Path, record: dict[str, Any]) -> None:
@@ -453,6 +463,9 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
+    if args.report_to != "none":
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("clipcap", tracker_config)
     return accelerator
 
 
@@ -528,8 +541,7 @@ def resume(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one training; returns the summary that is also printed and written to ``train_results.json``."""
-    start_time = time.time()
-    args = parse_args(argv)
+    start, args = time.time(), parse_args(argv)
     accelerator = setup_accelerator(args)
     output_dir = Path(args.output_dir)
 
@@ -540,19 +552,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Optimizer and schedule
     accum = args.gradient_accumulation_steps
+    batches_per_process = (
+        None if args.streaming else math.ceil(len(train_dataloader) / accelerator.num_processes)
+    )
     optimizer, lr_scheduler, max_train_steps, num_epochs = make_optimizer(
-        args,
-        model,
-        None if args.streaming else math.ceil(len(train_dataloader) / accelerator.num_processes),
-        accelerator.num_processes,
+        args, model, batches_per_process, accelerator.num_processes
     )
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
     val_loaders = {k: accelerator.prepare(v) for k, v in val_dataloaders.items()} if val_dataloaders else None
-    if args.report_to != "none":
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("clipcap", tracker_config)
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * accum
     logger.info(
         f"***** Running training *****\n  {data['description']}, {num_epochs} epoch(s), {max_train_steps} "
@@ -607,16 +616,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 bool(args.stop_after_steps) and args.stop_after_steps <= completed_steps < max_train_steps
             )
             if stopped_early or (checkpoint_every and completed_steps % checkpoint_every == 0):
-                state = training_state(
-                    completed_steps, epoch, batches_in_epoch, accelerator.num_processes, args
-                )
-                save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    f"step_{completed_steps}",
-                    state,
-                    args.checkpoints_total_limit,
-                )
+                name = f"step_{completed_steps}"
+                save_training_checkpoint(accelerator, args, name, completed_steps, epoch, batches_in_epoch)
             if args.eval_steps and completed_steps % args.eval_steps == 0 and val_loaders is not None:
                 last_metrics = validate(
                     accelerator, model, processor, val_loaders, data["val_references"], args.eval_meteor
@@ -625,10 +626,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if stopped_early:
                 break
         if args.checkpointing_steps == "epoch" and not stopped_early:
-            state = training_state(completed_steps, epoch, batches_in_epoch, accelerator.num_processes, args)
-            save_checkpoint(
-                accelerator, args.output_dir, f"epoch_{epoch}", state, args.checkpoints_total_limit
-            )
+            name = f"epoch_{epoch}"
+            save_training_checkpoint(accelerator, args, name, completed_steps, epoch, batches_in_epoch)
     progress_bar.close()
     if not stopped_early and val_loaders is not None:
         last_metrics = validate(
@@ -648,7 +647,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "samples": last_metrics.get("eval_samples", []),
     }
     summary["hyperparameters"]["max_train_steps"] = max_train_steps
-    summary["train_seconds"] = round(time.time() - start_time, 1)
+    summary["train_seconds"] = round(time.time() - start, 1)
     save_outputs(args, accelerator, model, processor, summary)
     accelerator.end_training()
     if accelerator.is_main_process:
