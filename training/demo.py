@@ -269,6 +269,170 @@ def resolve(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any
     }
 
 
+def pretrain_tiny_clip(
+    data_dir: Path, preset: Path, out: Path, cfg: dict[str, Any], env: dict[str, str]
+) -> None:
+    """``training/pretrain_clip.py``: a tiny CLIP trained contrastively on the training captions -> ``out/clip``."""
+    run(
+        [
+            sys.executable,
+            str(TRAINING_DIR / "pretrain_clip.py"),
+            "--train_file",
+            str(data_dir / "train" / "metadata.jsonl"),
+            "--config",
+            str(preset),
+            "--tokenizer_name",
+            str(out / "tokenizer"),
+            "--output_dir",
+            str(out / "clip"),
+            "--max_steps",
+            str(cfg["clip_steps"]),
+            "--seed",
+            str(cfg["seed"]),
+        ],
+        env,
+    )
+
+
+def write_recipe_preset(
+    preset: Path, train_preset: Path, recipe: str, model_config: dict[str, Any], tokenizer: Any
+) -> Path:
+    """A copy of the preset for the ``random`` / ``end2end`` recipes (no pretrained CLIP): the tokenizer's special
+    ids in the GPT-2 config, and ``freeze_vision=False`` for end2end."""
+    shutil.copytree(preset, train_preset, dirs_exist_ok=True)
+    model_config["text_config"].update(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    if recipe == "end2end":
+        model_config["freeze_vision"] = False
+    (train_preset / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+    return train_preset
+
+
+def evaluate_splits(
+    model_dir: Path,
+    data_dir: Path,
+    eval_root: Path,
+    cfg: dict[str, Any],
+    no_meteor: bool,
+    env: dict[str, str],
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """``clipcap evaluate`` on test and test_novel: per split its metrics and exact-match rates, and its rows."""
+    splits: dict[str, Any] = {}
+    split_rows: dict[str, list[dict[str, Any]]] = {}
+    predictions: dict[str, dict[str, str]] = {}  # file name -> caption, per split
+    for split in ("test", "test_novel"):
+        eval_dir = eval_root / split
+        cmd = [
+            sys.executable,
+            "-m",
+            "modeling_clipcap.cli",
+            "evaluate",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_dir / split / "metadata.jsonl"),
+            "--split",
+            split,
+            "--output_dir",
+            str(eval_dir),
+            "--batch_size",
+            "64",
+            "--num_beams",
+            str(cfg["num_beams"]),
+            "--spice",
+            "off",
+        ]
+        if no_meteor:
+            cmd.append("--no_meteor")
+        run(cmd, env)
+        scores = json.loads((eval_dir / "metrics.json").read_text())
+        rows = read_captions(data_dir / split / "metadata.jsonl")
+        preds = prediction_map(eval_dir / "predictions.json")
+        key = match_key(preds, rows, data_dir / split)
+        predictions[split] = {row["file_name"]: preds[key(row)] for row in rows if key(row) in preds}
+        split_rows[split] = rows
+        keep = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+        splits[split] = {
+            "images": len(rows),
+            "metrics": {k: scores[k] for k in keep if isinstance(scores.get(k), (int, float))},
+            "exact_match": exact_match_rates(predictions[split], rows, key=lambda row: row["file_name"]),
+            "skipped_metrics": scores.get("skipped", {}),
+        }
+    return splits, split_rows
+
+
+def caption_samples(
+    model_dir: Path,
+    data_dir: Path,
+    sample_dir: Path,
+    report_dir: Path,
+    split_rows: dict[str, list[dict[str, Any]]],
+    cfg: dict[str, Any],
+    env: dict[str, str],
+) -> tuple[list[dict[str, Any]], Path]:
+    """Copy sample images (1- and 2-object test scenes, novel ones) and caption them with ``clipcap caption``."""
+    n = int(cfg["num_samples"])
+    test_rows = split_rows["test"]
+    one = [r for r in test_rows if r["num_objects"] == 1][: (n + 1) // 2]
+    two = [r for r in test_rows if r["num_objects"] == 2][: n - len(one)]
+    novel = split_rows["test_novel"][: max(2, n // 4)]
+    if sample_dir.exists():
+        shutil.rmtree(sample_dir)
+    sample_dir.mkdir()
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    for split, rows in (("test", one + two), ("test_novel", novel)):
+        for row in rows:
+            name = f"{split}__{row['file_name']}"
+            shutil.copyfile(data_dir / split / row["file_name"], sample_dir / name)
+            chosen.append((name, row))
+    caption_json = report_dir / "sample_captions.jsonl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "modeling_clipcap.cli",
+        "caption",
+        str(sample_dir),
+        "--model",
+        str(model_dir),
+        "--num_beams",
+        str(cfg["num_beams"]),
+        "--json",
+    ]
+    print("$ " + " ".join(cmd) + f" > {caption_json}", flush=True)
+    with open(caption_json, "w", encoding="utf-8") as f:
+        status = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=f).returncode
+    if status != 0:
+        raise SystemExit(f"demo: clipcap caption failed with exit status {status}.")
+    captions = {
+        Path(r["image"]).name: r["caption"] for r in map(json.loads, caption_json.read_text().splitlines())
+    }
+    samples = []
+    for name, row in chosen:
+        prediction = captions.get(name) or ""
+        refs = {exact_match_text(c) for c in row["captions"]}
+        samples.append(
+            {
+                "path": str(sample_dir / name),
+                "split": name.split("__")[0],
+                "prediction": prediction,
+                "reference": row["captions"][0],
+                "exact": exact_match_text(prediction) in refs,
+            }
+        )
+    return samples, sample_dir
+
+
+def run_records(model_dir: Path, clip_dir: Path, recipe: str) -> dict[str, Any]:
+    """What train.py (``train_results.json``) and, for the clip recipe, pretrain_clip.py recorded."""
+    records: dict[str, Any] = {}
+    if (model_dir / "train_results.json").is_file():
+        records["training"] = json.loads((model_dir / "train_results.json").read_text())
+    if recipe == "clip" and (clip_dir / "pretrain_results.json").is_file():
+        records["clip_pretraining"] = json.loads((clip_dir / "pretrain_results.json").read_text())
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
@@ -334,25 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     if recipe == "clip":
         log("3/6 tiny CLIP, contrastive pretraining (CLIPModel, return_loss=True)")
         t0 = time.time()
-        run(
-            [
-                sys.executable,
-                str(TRAINING_DIR / "pretrain_clip.py"),
-                "--train_file",
-                str(data_dir / "train" / "metadata.jsonl"),
-                "--config",
-                str(preset),
-                "--tokenizer_name",
-                str(out / "tokenizer"),
-                "--output_dir",
-                str(out / "clip"),
-                "--max_steps",
-                str(cfg["clip_steps"]),
-                "--seed",
-                str(cfg["seed"]),
-            ],
-            env,
-        )
+        pretrain_tiny_clip(data_dir, preset, out, cfg, env)
         write_random_gpt2(model_config["text_config"], tokenizer, out / "gpt2", int(cfg["seed"]))
         stage_done("clip_pretraining", t0)
         train_cmd += [
@@ -366,15 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             str(out / "tokenizer"),
         ]
     else:
-        # the preset with the tokenizer's special ids (and freeze_vision=False for end2end)
-        train_preset = out / f"preset_{recipe}"
-        shutil.copytree(preset, train_preset, dirs_exist_ok=True)
-        model_config["text_config"].update(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-        )
-        if recipe == "end2end":
-            model_config["freeze_vision"] = False
-        (train_preset / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+        train_preset = write_recipe_preset(preset, out / f"preset_{recipe}", recipe, model_config, tokenizer)
         train_cmd += ["--config", str(train_preset), "--tokenizer_name", str(out / "tokenizer")]
     log(f"4/6 ClipCap training (training/train.py, recipe {recipe!r})")
     t0 = time.time()
@@ -386,111 +524,23 @@ def main(argv: list[str] | None = None) -> int:
     # 5. evaluation on test and test_novel
     log("5/6 clipcap evaluate on test and test_novel")
     t0 = time.time()
-    metrics: dict[str, Any] = {"recipe": recipe, "settings": cfg, "splits": {}}
-    split_rows: dict[str, list[dict[str, Any]]] = {}
-    predictions: dict[str, dict[str, str]] = {}
-    for split in ("test", "test_novel"):
-        eval_dir = out / "evaluate" / split
-        cmd = [
-            sys.executable,
-            "-m",
-            "modeling_clipcap.cli",
-            "evaluate",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(data_dir / split / "metadata.jsonl"),
-            "--split",
-            split,
-            "--output_dir",
-            str(eval_dir),
-            "--batch_size",
-            "64",
-            "--num_beams",
-            str(cfg["num_beams"]),
-            "--spice",
-            "off",
-        ]
-        if args.no_meteor:
-            cmd.append("--no_meteor")
-        run(cmd, env)
-        scores = json.loads((eval_dir / "metrics.json").read_text())
-        rows = read_captions(data_dir / split / "metadata.jsonl")
-        preds = prediction_map(eval_dir / "predictions.json")
-        key = match_key(preds, rows, data_dir / split)
-        predictions[split] = {row["file_name"]: preds[key(row)] for row in rows if key(row) in preds}
-        split_rows[split] = rows
-        keep = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
-        metrics["splits"][split] = {
-            "images": len(rows),
-            "metrics": {k: scores[k] for k in keep if isinstance(scores.get(k), (int, float))},
-            "exact_match": exact_match_rates(predictions[split], rows, key=lambda row: row["file_name"]),
-            "skipped_metrics": scores.get("skipped", {}),
-        }
+    metrics: dict[str, Any] = {"recipe": recipe, "settings": cfg}
+    metrics["splits"], split_rows = evaluate_splits(
+        model_dir, data_dir, out / "evaluate", cfg, args.no_meteor, env
+    )
     stage_done("evaluation", t0)
 
     # 6. captions of sample images with `clipcap caption`, grid, report
     log("6/6 clipcap caption on sample images, report")
     t0 = time.time()
-    n = int(cfg["num_samples"])
-    test_rows = split_rows["test"]
-    one = [r for r in test_rows if r["num_objects"] == 1][: (n + 1) // 2]
-    two = [r for r in test_rows if r["num_objects"] == 2][: n - len(one)]
-    novel = split_rows["test_novel"][: max(2, n // 4)]
-    sample_dir = out / "samples"
-    if sample_dir.exists():
-        shutil.rmtree(sample_dir)
-    sample_dir.mkdir()
-    chosen: list[tuple[str, dict[str, Any]]] = []
-    for split, rows in (("test", one + two), ("test_novel", novel)):
-        for row in rows:
-            name = f"{split}__{row['file_name']}"
-            shutil.copyfile(data_dir / split / row["file_name"], sample_dir / name)
-            chosen.append((name, row))
-    caption_json = report_dir / "sample_captions.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "modeling_clipcap.cli",
-        "caption",
-        str(sample_dir),
-        "--model",
-        str(model_dir),
-        "--num_beams",
-        str(cfg["num_beams"]),
-        "--json",
-    ]
-    print("$ " + " ".join(cmd) + f" > {caption_json}", flush=True)
-    with open(caption_json, "w", encoding="utf-8") as f:
-        status = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=f).returncode
-    if status != 0:
-        raise SystemExit(f"demo: clipcap caption failed with exit status {status}.")
-    captions = {
-        Path(r["image"]).name: r["caption"] for r in map(json.loads, caption_json.read_text().splitlines())
-    }
-    samples = []
-    for name, row in chosen:
-        prediction = captions.get(name) or ""
-        refs = {exact_match_text(c) for c in row["captions"]}
-        samples.append(
-            {
-                "path": str(sample_dir / name),
-                "split": name.split("__")[0],
-                "prediction": prediction,
-                "reference": row["captions"][0],
-                "exact": exact_match_text(prediction) in refs,
-            }
-        )
+    samples, sample_dir = caption_samples(
+        model_dir, data_dir, out / "samples", report_dir, split_rows, cfg, env
+    )
     grid_path = report_dir / "samples.png"
     draw_grid(samples, grid_path)
     stage_done("captions_and_report", t0)
 
-    train_results_path = model_dir / "train_results.json"
-    if train_results_path.is_file():
-        metrics["training"] = json.loads(train_results_path.read_text())
-    clip_results = out / "clip" / "pretrain_results.json"
-    if recipe == "clip" and clip_results.is_file():
-        metrics["clip_pretraining"] = json.loads(clip_results.read_text())
+    metrics |= run_records(model_dir, out / "clip", recipe)
     timings["total"] = round(time.time() - start, 1)
     metrics["timings_seconds"] = timings
     metrics["samples"] = [

@@ -24,6 +24,7 @@ every image of the batch with one of its reference captions, drawn at random.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -113,47 +114,15 @@ def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def pretrain_clip(
-    train_file: str | Path,
-    output_dir: str | Path,
-    vision_config: dict[str, Any],
+def build_clip(
     tokenizer_name: str | Path,
-    text_config: dict[str, Any] | None = None,
-    image_dir: str | Path | None = None,
-    batch_size: int = 256,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 0.1,
-    warmup_steps: int = 50,
-    max_steps: int = 600,
-    max_minutes: float | None = None,
-    seed: int = 0,
-    max_train_samples: int | None = None,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """Train a CLIPModel contrastively and save it (plus image processor and tokenizer) to ``output_dir``.
-
-    Args:
-        vision_config: ``CLIPVisionConfig`` fields (``image_size``, ``patch_size``, ``hidden_size``,
-            ``projection_dim``, ...); ``projection_dim`` is the joint embedding width.
-        tokenizer_name: the captioning tokenizer (GPT-2 style); a ``<|startoftext|>`` bos is added.
-        text_config: ``CLIPTextConfig`` fields (width, depth); vocabulary and special ids come from the tokenizer.
-        max_steps: optimizer steps (the cosine schedule's length); ``max_minutes`` stops earlier if set.
-
-    Returns:
-        A summary: steps, final loss (mean of the last 20 steps), in-batch retrieval accuracy on the last
-        batches, seconds, and the output folder.
-    """
+    captions: list[list[str]],
+    vision_config: dict[str, Any],
+    text_config: dict[str, Any] | None,
+) -> tuple[Any, Any, Any, list[torch.Tensor]]:
+    """A randomly initialised ``CLIPModel`` sized for the captions, its tokenizer (a ``<|startoftext|>`` bos
+    added) and image processor, and per image its captions' token ids (n_captions, L), padded with eos."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    start = time.time()
-    paths, captions = read_metadata(train_file, image_dir)
-    if max_train_samples is not None:
-        paths, captions = paths[:max_train_samples], captions[:max_train_samples]
-    if len(paths) < 2:
-        raise ValueError("contrastive pretraining needs at least 2 images.")
-    batch_size = min(batch_size, len(paths))
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
     if tokenizer.eos_token_id is None:
@@ -187,8 +156,6 @@ def pretrain_clip(
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    pixels = load_pixels(paths, image_size, show_progress=show_progress)
-
     # per image: its captions' token ids, padded to one length with eos
     width = longest
     caption_ids: list[torch.Tensor] = []
@@ -198,6 +165,63 @@ def pretrain_clip(
         cursor += len(caps)
         caption_ids.append(torch.tensor([r + [eos_id] * (width - len(r)) for r in rows], dtype=torch.long))
 
+    return model, tokenizer, image_processor, caption_ids
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int) -> float:
+    """Learning-rate factor: linear warm-up, then a cosine to 0 at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pretrain_clip(
+    train_file: str | Path,
+    output_dir: str | Path,
+    vision_config: dict[str, Any],
+    tokenizer_name: str | Path,
+    text_config: dict[str, Any] | None = None,
+    image_dir: str | Path | None = None,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.1,
+    warmup_steps: int = 50,
+    max_steps: int = 600,
+    max_minutes: float | None = None,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train a CLIPModel contrastively and save it (plus image processor and tokenizer) to ``output_dir``.
+
+    Args:
+        vision_config: ``CLIPVisionConfig`` fields (``image_size``, ``patch_size``, ``hidden_size``,
+            ``projection_dim``, ...); ``projection_dim`` is the joint embedding width.
+        tokenizer_name: the captioning tokenizer (GPT-2 style); a ``<|startoftext|>`` bos is added.
+        text_config: ``CLIPTextConfig`` fields (width, depth); vocabulary and special ids come from the tokenizer.
+        max_steps: optimizer steps (the cosine schedule's length); ``max_minutes`` stops earlier if set.
+
+    Returns:
+        A summary: steps, final loss (mean of the last 20 steps), in-batch retrieval accuracy on the last
+        batches, seconds, and the output folder.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    start = time.time()
+    paths, captions = read_metadata(train_file, image_dir)
+    if max_train_samples is not None:
+        paths, captions = paths[:max_train_samples], captions[:max_train_samples]
+    if len(paths) < 2:
+        raise ValueError("contrastive pretraining needs at least 2 images.")
+    batch_size = min(batch_size, len(paths))
+
+    model, tokenizer, image_processor, caption_ids = build_clip(
+        tokenizer_name, captions, vision_config, text_config
+    )
+    image_size = model.config.vision_config.image_size
+    pixels = load_pixels(paths, image_size, show_progress=show_progress)
+
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
@@ -205,13 +229,8 @@ def pretrain_clip(
         lr=learning_rate,
     )
 
-    def lr_factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedule = functools.partial(cosine_with_warmup, warmup_steps=warmup_steps, max_steps=max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     order: list[int] = []
     losses: list[float] = []
