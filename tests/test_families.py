@@ -260,9 +260,10 @@ def test_speed_paths_give_the_stock_tokens_for_every_family(family, language_mod
     beam = dict(num_beams=3, num_return_sequences=2, max_new_tokens=5, min_new_tokens=3, pad_token_id=0)
     prefills = _count_calls(monkeypatch, modeling, "prefill_shared_prefix")
     blocks = _count_calls(monkeypatch, modeling, "blocked_output_layer")
+    swaps = _count_calls(monkeypatch, modeling, "swap_min_length_processors")
     model.cpu_output_layer_block = 7  # several vocabulary blocks on the tiny vocabulary
     fast = model.generate(**inputs, **beam, return_dict_in_generate=True, output_scores=True)
-    assert prefills and blocks, "the speed paths did not run"
+    assert prefills and blocks and swaps, "the speed paths did not run"
     model.shared_prefill, model.fast_eos_suppression, model.cpu_output_layer_block = False, False, None
     try:
         stock = model.generate(**inputs, **beam, return_dict_in_generate=True, output_scores=True)
@@ -273,7 +274,7 @@ def test_speed_paths_give_the_stock_tokens_for_every_family(family, language_mod
     torch.testing.assert_close(fast.sequences_scores, stock.sequences_scores)
 
 
-def test_other_causal_lm_runs_its_own_forward(tokenizer):
+def test_other_causal_lm_runs_its_own_forward(tokenizer, monkeypatch):
     """A decoder outside the fast-path families (Gemma 2: logit soft-capping) keeps its own head and cache."""
     torch.manual_seed(0)
     text = AutoConfig.for_model("gemma2", vocab_size=len(tokenizer), **ROPE, final_logit_softcapping=2.0,
@@ -288,7 +289,11 @@ def test_other_causal_lm_runs_its_own_forward(tokenizer):
         embeds = torch.cat([prefix, model.get_input_embeddings()(ids)], dim=1)
         torch.testing.assert_close(logits, model.language_model(inputs_embeds=embeds).logits)
     assert logits.abs().max() <= 2.0  # soft-capped
+    import modeling_clipcap.modeling_clipcap as modeling
+
+    prefills = _count_calls(monkeypatch, modeling, "prefill_shared_prefix")
     assert_batched_equals_single(model, inputs, 2, num_beams=2)
+    assert prefills == []  # its cache is its own: no shared prefill
 
 
 # ----------------------------------------------------------------------------- save / load
