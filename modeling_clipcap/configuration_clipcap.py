@@ -53,14 +53,14 @@ class ClipCapConfig(PreTrainedConfig):
         clip_length (`int`, defaults to 10): number of vectors the image embedding is expanded to (transformer
             mapper with ``mapping_input="pooled"`` only).
         mapping_num_layers (`int`, defaults to 8): transformer mapper depth.
-        mapping_num_heads (`int`, defaults to 8): transformer mapper attention heads; must divide GPT-2's width.
-        mapping_mlp_ratio (`float`, defaults to 2.0): transformer mapper MLP hidden width / GPT-2 width.
+        mapping_num_heads (`int`, defaults to 8): transformer mapper attention heads; must divide the LM's width E.
+        mapping_mlp_ratio (`float`, defaults to 2.0): transformer mapper MLP hidden width / E.
         mapping_hidden_size (`int`, *optional*): MLP mapper hidden width; defaults to E*K/2 as in the paper.
         image_embed_dim (`int`, *optional*): D, width of what the mapper reads. Derived from the vision tower (per
             family, ``towers.image_embed_dim``; CLIP: ``projection_dim``); required when ``vision_config`` is ``None``.
         normalize_prefix (`bool`, defaults to `False`): L2-normalise each image embedding before the mapper.
-        freeze_vision (`bool`, defaults to `True`): the CLIP tower gets no gradients and stays in eval mode.
-        freeze_language_model (`bool`, defaults to `False`): GPT-2 gets no weight gradients and stays in eval
+        freeze_vision (`bool`, defaults to `True`): the image tower gets no gradients and stays in eval mode.
+        freeze_language_model (`bool`, defaults to `False`): the language model gets no weight gradients and stays in eval
             mode (the paper's transformer recipe); gradients still reach the prefix through its activations.
 
     Example:
