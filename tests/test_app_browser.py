@@ -120,6 +120,8 @@ def test_page_in_chromium_captions_an_upload_and_shows_the_error_of_a_corrupt_fi
 
     browser.get(url)
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.ID, "clipcap-run"))
+    # the frontend sets the title once it has loaded the app's config (later than the button in Gradio 6.0)
+    WebDriverWait(browser, 30).until(lambda d: "ClipCap" in d.title)
     assert "ClipCap" in browser.title
 
     upload_and_run(browser, shared_images[0])
