@@ -317,7 +317,7 @@ _FORMATS_FOR_MODE = {
     "1": ["PNG", "BMP", "TIFF"],
     "CMYK": ["JPEG", "TIFF"],
     "I;16": ["PNG", "TIFF"],
-    "I": ["PNG", "TIFF"],
+    "I": ["TIFF"],  # Pillow 12 deprecates (13 drops) writing mode I as PNG; I;16 covers 16-bit PNG
     "F": ["TIFF"],
 }
 
