@@ -129,7 +129,7 @@ def run_original(model: Any, pixel_values: torch.Tensor, num_beams: int) -> list
 def run_clip_batch1(model: Any, pixel_values: torch.Tensor) -> None:
     with torch.no_grad():
         for i in range(pixel_values.shape[0]):
-            model.get_image_features(pixel_values[i : i + 1]).pooler_output
+            _ = model.get_image_features(pixel_values[i : i + 1]).pooler_output
 
 
 # --------------------------------------------------------------------------------------------- ours

@@ -26,7 +26,10 @@ HEADER = """\
 
 def main(python: str) -> int:
     frozen = subprocess.run(
-        [python, "-m", "pip", "freeze", "--exclude-editable", "--all"], check=True, capture_output=True, text=True
+        [python, "-m", "pip", "freeze", "--exclude-editable", "--all"],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.splitlines()
     lines = []
     for line in frozen:
