@@ -134,10 +134,9 @@ def _launch(argv: list[str], env: dict[str, str], kill_after_step: int | None = 
 
 
 def _checkpoints(out: Path) -> list[str]:
-    sys.path.insert(0, str(TRAINING_DIR))
-    import train
+    from modeling_clipcap import checkpointing
 
-    return [p.name for p in train.list_checkpoints(out)]
+    return [p.name for p in checkpointing.list_checkpoints(out)]
 
 
 def _last_loss_per_step(out: Path) -> dict[int, float]:

@@ -17,6 +17,8 @@ import torch
 from conftest import REPO_ROOT, build_tiny_tokenizer, subprocess_env, tiny_clipcap_config
 from safetensors.torch import load_file
 
+from modeling_clipcap import checkpointing
+
 sys.path.insert(0, str(REPO_ROOT / "training"))
 
 import synthetic_data  # noqa: E402
@@ -113,7 +115,7 @@ def test_preset_values_are_defaults_and_flags_win(setup):
     args = train.parse_args(_argv(setup, setup["root"] / "o", "--learning_rate", "0.5"))
     assert args.learning_rate == 0.5  # flag beats preset (1e-2)
     assert args.per_device_train_batch_size == 8  # from the preset
-    assert args.weight_decay == train.DEFAULTS["weight_decay"]  # neither: built-in default
+    assert args.weight_decay == train.build_parser().get_default("weight_decay") == 0.0  # neither: built-in default
     args = train.parse_args(_argv(setup, setup["root"] / "o", "--freeze_language_model"))
     assert args.freeze_language_model is True
     args = train.parse_args(_argv(setup, setup["root"] / "o", "--freeze_language_model", "false"))
@@ -206,7 +208,7 @@ def test_checkpoint_write_is_atomic(setup, tmp_path):
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(torch.nn.Linear(3, 2))
     out = tmp_path / "ckpt"
-    first = train.save_checkpoint(
+    first = checkpointing.save_checkpoint(
         accelerator, str(out), "step_2", {"completed_steps": 2, "epoch": 0, "batches_in_epoch": 2}, None
     )
     saved = model.weight.detach().clone()
@@ -220,8 +222,8 @@ def test_checkpoint_write_is_atomic(setup, tmp_path):
     with torch.no_grad():
         model.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(accelerator, str(out), "step_4", {"completed_steps": 4}, None)
-    assert train.list_checkpoints(out) == [first]  # the half-written step_4 is not a checkpoint
+        checkpointing.save_checkpoint(accelerator, str(out), "step_4", {"completed_steps": 4}, None)
+    assert checkpointing.list_checkpoints(out) == [first]  # the half-written step_4 is not a checkpoint
     assert (out / "checkpoints" / ".tmp-step_4").exists() and not (out / "checkpoints" / "step_4").exists()
     accelerator.load_state(str(first))
     assert torch.equal(model.weight, saved)
@@ -392,7 +394,7 @@ def test_stop_and_resume_gives_the_same_weights(setup, tmp_path):
         ],
         env,
     )
-    assert [p.name for p in train.list_checkpoints(resumed)] == ["step_4", "step_6"]
+    assert [p.name for p in checkpointing.list_checkpoints(resumed)] == ["step_4", "step_6"]
     assert not (resumed / "model.safetensors").exists()
     proc = _run(
         [

@@ -21,6 +21,8 @@ import torch
 from conftest import REPO_ROOT, build_tiny_tokenizer, tiny_text_config, tiny_vision_config
 from safetensors.torch import load_file
 
+from modeling_clipcap import checkpointing
+
 sys.path.insert(0, str(REPO_ROOT / "training"))
 
 import synthetic_data  # noqa: E402
@@ -91,7 +93,9 @@ def test_model_data_schedule_generation_and_checkpoint_flags(setup, tmp_path, fr
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["num_beams"], generation["max_new_tokens"]) == (2, 4)
     assert [r["step"] for r in _log(out) if "eval_loss" in r] == [2, 3]  # --eval_steps 2, then the final one
-    assert [p.name for p in train.list_checkpoints(out)] == ["step_3"]  # a checkpoint a step, the newest kept
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == [
+        "step_3"
+    ]  # a checkpoint a step, the newest kept
     assert summary["mixed_precision"] == "bf16"
 
 
@@ -194,7 +198,7 @@ def test_allow_rng_state_loss_is_needed_to_resume_without_rng_state(setup, tmp_p
     out = tmp_path / "run"
     argv = _argv(setup, out, "--max_train_steps", "3", "--eval_steps", "0", "--max_eval_samples", "1")
     train.main(argv + ["--stop_after_steps", "1"])
-    (checkpoint,) = train.list_checkpoints(out)
+    (checkpoint,) = checkpointing.list_checkpoints(out)
     (checkpoint / "random_states_0.pkl").unlink()
     with pytest.raises(ValueError, match="random_states_0.pkl.*--allow_rng_state_loss"):
         train.main(argv + ["--resume_from_checkpoint", "latest"])
