@@ -1,20 +1,33 @@
 #!/usr/bin/env python
-"""Pretrain a tiny CLIP contrastively on a captioned image folder (the demo's stand-in for OpenAI CLIP).
+"""Pretrain an image tower contrastively on a captioned image folder (the demo's stand-in for OpenAI CLIP).
 
-No pretrained CLIP can be downloaded offline, so the demo trains its own: a small ViT image tower and a
-small text tower, with transformers' ``CLIPModel(..., return_loss=True)`` (the symmetric cross-entropy over
-the batch's image-text cosine similarities, learned temperature). The result is saved with
-``save_pretrained`` together with a ``CLIPImageProcessor`` and the tokenizer, so
-``training/train.py --vision_model_name_or_path OUT`` (``from_vision_text_pretrained``) takes its vision
-tower and visual projection as a frozen ClipCap encoder.
+No pretrained encoder can be downloaded offline, so the demo trains its own: any image tower ClipCap supports
+(``modeling_clipcap.towers.VISION_FAMILIES``: a CLIP ViT, a small ResNet or ConvNeXt, a DINOv2-style ViT, ...),
+built from its transformers config through the Auto classes, against a small CLIP text tower, with one of two
+objectives:
+
+* ``clip``: one global embedding per image (the tower's pooled image embedding, projected) and per caption (the
+  text tower's eos token, projected), L2-normalised; the symmetric cross-entropy over the batch's cosine
+  similarities times a learned temperature (as ``CLIPModel(return_loss=True)``).
+* ``filip``: token-wise late interaction (FILIP): every image token (patch, or CNN feature-map cell) and every
+  caption token is projected and L2-normalised; an image-caption pair's image-to-text similarity is the mean over
+  the image tokens of each one's best-matching caption token, its text-to-image similarity the mean over the
+  caption's tokens of each one's best-matching image token (padding tokens are neither matched nor averaged).
+  The same symmetric cross-entropy is taken over the two similarity matrices.
+
+The trained tower alone is saved with ``save_pretrained`` (a ``CLIPVisionModelWithProjection`` for the CLIP ViT,
+whose ``visual_projection`` is the image side of the joint space), with a ``CLIPImageProcessor`` for its image size
+and the tokenizer, so ``training/train.py --vision_model_name_or_path OUT`` (``from_vision_text_pretrained``)
+takes it as a frozen ClipCap encoder. The text tower and the other projections are training scaffolding and are
+not saved.
 
     python training/pretrain_clip.py --train_file data/shapes/train/metadata.jsonl \
         --config hub_configs/clipcap-synthetic-tiny --tokenizer_name demo_output/tokenizer \
-        --output_dir demo_output/clip --max_steps 600
+        --output_dir demo_output/clip --max_steps 600 [--objective filip] [--vision_config tower.json]
 
 Text side: the captioning tokenizer (GPT-2 style, ``<|endoftext|>`` as bos = eos) gets an extra
 ``<|startoftext|>`` bos token, because the CLIP text tower pools at the *first* eos token: each caption
-becomes ``<|startoftext|> caption <|endoftext|>`` padded with ``<|endoftext|>``.
+becomes ``<|startoftext|> caption <|endoftext|>`` padded with ``<|endoftext|>`` (masked out).
 
 Images are decoded once into a uint8 tensor (N, 3, H, W) (the synthetic images are small: 20k 64x64
 images take 245 MB) and normalised per batch with the image processor's mean and std; each step pairs
@@ -35,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +56,15 @@ if str(REPO_ROOT) not in sys.path:  # `python training/pretrain_clip.py` from a 
     sys.path.insert(0, str(REPO_ROOT))
 
 from modeling_clipcap.image_io import load_image  # noqa: E402
+from modeling_clipcap.towers import (  # noqa: E402
+    build_vision_tower,
+    image_embed_dim,
+    image_features,
+    vision_family,
+)
 
 BOS_TOKEN = "<|startoftext|>"
+OBJECTIVES = ("clip", "filip")
 
 #: defaults, overridden by the preset's ``clip_pretraining.json`` and then by the command line
 DEFAULTS: dict[str, Any] = {
@@ -54,6 +75,9 @@ DEFAULTS: dict[str, Any] = {
         "num_attention_heads": 4,
         "max_position_embeddings": 32,
     },
+    "objective": "clip",
+    "projection_dim": 128,
+    "image_size": 64,
     "batch_size": 256,
     "learning_rate": 1e-3,
     "weight_decay": 0.1,
@@ -114,15 +138,138 @@ def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def build_clip(
-    tokenizer_name: str | Path,
-    captions: list[list[str]],
-    vision_config: dict[str, Any],
-    text_config: dict[str, Any] | None,
-) -> tuple[Any, Any, Any, list[torch.Tensor]]:
-    """A randomly initialised ``CLIPModel`` sized for the captions, its tokenizer (a ``<|startoftext|>`` bos
-    added) and image processor, and per image its captions' token ids (n_captions, L), padded with eos."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+# ------------------------------------------------------------------------------------------ the objectives
+
+
+def filip_similarity(
+    image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FILIP's token-wise late interaction between every image and every caption of a batch.
+
+    Args:
+        image_tokens: (B_img, N, D) image token embeddings (L2-normalised for FILIP).
+        text_tokens: (B_txt, L, D) caption token embeddings (L2-normalised for FILIP).
+        text_mask: (B_txt, L), 1 for a real token, 0 for padding (never matched, never averaged).
+
+    Returns:
+        ``(image_to_text, text_to_image)``, both (B_img, B_txt): for image i and caption j, the mean over i's
+        tokens of each one's best dot product with a real token of j; and the mean over j's real tokens of each
+        one's best dot product with a token of i.
+    """
+    if text_mask.shape != text_tokens.shape[:2]:
+        raise ValueError(
+            f"text_mask has shape {tuple(text_mask.shape)}; expected {tuple(text_tokens.shape[:2])}."
+        )
+    real = text_mask.bool()
+    if not real.any(dim=1).all():
+        raise ValueError("every caption needs at least one real (unmasked) token in text_mask.")
+    sim = torch.einsum("ind,tld->itnl", image_tokens, text_tokens)  # (B_img, B_txt, N, L)
+    best_text = sim.masked_fill(~real[None, :, None, :], float("-inf")).amax(dim=3)  # (B_img, B_txt, N)
+    image_to_text = best_text.mean(dim=2)
+    best_image = sim.amax(dim=2)  # (B_img, B_txt, L)
+    weights = real.to(sim.dtype)[None]  # (1, B_txt, L)
+    text_to_image = (best_image * weights).sum(dim=2) / weights.sum(dim=2)
+    return image_to_text, text_to_image
+
+
+def contrastive_loss(image_to_text: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy over (B, B) logits whose diagonal holds the matching pairs (rows: images):
+    images classify their caption with ``image_to_text``, captions their image with ``text_to_image``."""
+    target = torch.arange(image_to_text.shape[0], device=image_to_text.device)
+    image_loss = nn.functional.cross_entropy(image_to_text, target)
+    text_loss = nn.functional.cross_entropy(text_to_image.t(), target)
+    return (image_loss + text_loss) / 2
+
+
+def text_attention_mask(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, L) ids padded with eos -> (B, L) mask: 1 up to and including the first eos, 0 on the padding."""
+    is_eos = (input_ids == eos_token_id).long()
+    return ((is_eos.cumsum(dim=1) - is_eos) == 0).long()
+
+
+class ContrastiveDualEncoder(nn.Module):
+    """An image tower of any supported family and a CLIP text tower, projected into one joint space.
+
+    The CLIP ViT keeps its own ``visual_projection`` (and, for FILIP, its ``post_layernorm``) as the image
+    side, so the saved ``CLIPVisionModelWithProjection`` gives joint-space ``image_embeds``; other towers get a
+    new linear projection of their pooled embedding (``clip``) or token features (``filip``).
+    """
+
+    def __init__(self, vision_config: Any, text_config: Any, projection_dim: int, objective: str) -> None:
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        self.objective = objective
+        self.vision_config = vision_config
+        self.vision = build_vision_tower(vision_config)
+        self.text = CLIPTextModel(text_config)
+        if vision_config.model_type == "clip_vision_model":
+            projection_dim = vision_config.projection_dim
+            self.image_projection = None
+        else:
+            width = image_embed_dim(vision_config, "tokens" if objective == "filip" else "pooled")
+            self.image_projection = nn.Linear(width, projection_dim, bias=False)
+        self.text_projection = nn.Linear(text_config.hidden_size, projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> L2-normalised (B, D) (``clip``) or (B, N, D) (``filip``)."""
+        out = image_features(self.vision, self.vision_config, pixel_values)
+        if self.objective == "clip":
+            x = out.pooler_output
+            x = x if self.image_projection is None else self.image_projection(x)
+        elif self.image_projection is None:  # CLIP ViT: its own final norm and projection on every token
+            norm = next(m for n, m in self.vision.named_modules() if n.endswith("post_layernorm"))
+            x = self.vision.visual_projection(norm(out.last_hidden_state))
+        else:
+            x = self.image_projection(out.last_hidden_state)
+        return nn.functional.normalize(x, dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> L2-normalised (B, D) (the eos token, ``clip``) or (B, L, D) (every token, ``filip``)."""
+        out = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        x = out.pooler_output if self.objective == "clip" else out.last_hidden_state
+        return nn.functional.normalize(self.text_projection(x), dim=-1)
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled ``(image_to_text, text_to_image)`` logits, both (B_img, B_txt)."""
+        image = self.encode_image(pixel_values)
+        text = self.encode_text(input_ids, attention_mask)
+        scale = self.logit_scale.exp()
+        if self.objective == "clip":
+            logits = scale * image @ text.t()
+            return logits, logits
+        image_to_text, text_to_image = filip_similarity(image, text, attention_mask)
+        return scale * image_to_text, scale * text_to_image
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def tower_config(vision_config: dict[str, Any] | Any) -> Any:
+    """A tower config from a dict with ``model_type`` (no ``model_type``: a CLIP ViT, as older presets wrote it);
+    a clear error for a family ClipCap does not support."""
+    from transformers import AutoConfig, PreTrainedConfig
+
+    if isinstance(vision_config, PreTrainedConfig):
+        config = vision_config
+    else:
+        fields = {k: v for k, v in dict(vision_config).items() if k != "transformers_version"}
+        config = AutoConfig.for_model(fields.pop("model_type", "clip_vision_model"), **fields)
+    vision_family(config)
+    return config
+
+
+def build_text_side(
+    tokenizer_name: str | Path, captions: list[list[str]], text_config: dict[str, Any] | None
+) -> tuple[Any, Any, list[torch.Tensor]]:
+    """The tokenizer (a ``<|startoftext|>`` bos added), a ``CLIPTextConfig`` sized for the captions, and per image
+    its captions' token ids (n_captions, L), padded with eos."""
+    from transformers import AutoTokenizer, CLIPTextConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
     if tokenizer.eos_token_id is None:
@@ -131,41 +278,23 @@ def build_clip(
     tokenizer.pad_token = tokenizer.eos_token
     bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     assert bos_id != eos_id, "CLIP's text tower needs eos != bos (it pools at the first eos)"
-
-    text_fields = dict(DEFAULTS["text_config"])
-    text_fields.update(text_config or {})
     all_ids = [
         [bos_id, *tokenizer(c, add_special_tokens=False)["input_ids"], eos_id]
         for caps in captions
         for c in caps
     ]
-    longest = max(len(x) for x in all_ids)
-    text_fields["max_position_embeddings"] = max(text_fields.get("max_position_embeddings", 0), longest)
-    text_fields.update(
-        vocab_size=len(tokenizer), bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id
-    )
-    vision_fields = dict(vision_config)
-    projection_dim = vision_fields.get("projection_dim", 512)
-    config = CLIPConfig(
-        text_config={**text_fields, "projection_dim": projection_dim},
-        vision_config=vision_fields,
-        projection_dim=projection_dim,
-    )
-    model = CLIPModel(config)
-    image_size = config.vision_config.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    # per image: its captions' token ids, padded to one length with eos
-    width = longest
+    width = max(len(x) for x in all_ids)
+    fields = dict(DEFAULTS["text_config"])
+    fields.update(text_config or {})
+    fields["max_position_embeddings"] = max(fields.get("max_position_embeddings", 0), width)
+    fields.update(vocab_size=len(tokenizer), bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     caption_ids: list[torch.Tensor] = []
     cursor = 0
     for caps in captions:
         rows = all_ids[cursor : cursor + len(caps)]
         cursor += len(caps)
         caption_ids.append(torch.tensor([r + [eos_id] * (width - len(r)) for r in rows], dtype=torch.long))
-
-    return model, tokenizer, image_processor, caption_ids
+    return tokenizer, CLIPTextConfig(**fields), caption_ids
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int) -> float:
@@ -176,12 +305,40 @@ def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def pretrain_clip(
+def make_optimizer(
+    model: nn.Module, learning_rate: float, weight_decay: float, warmup_steps: int, max_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (no decay on biases, norms, embeddings and the temperature) with warm-up + cosine."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate,
+    )
+    schedule = functools.partial(cosine_with_warmup, warmup_steps=warmup_steps, max_steps=max_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def save_tower(model: ContrastiveDualEncoder, image_processor: Any, tokenizer: Any, out_dir: Path) -> None:
+    """The trained tower alone (``save_pretrained``, safetensors), its image processor and the tokenizer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.vision.save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def pretrain_tower(
     train_file: str | Path,
     output_dir: str | Path,
-    vision_config: dict[str, Any],
+    vision_config: dict[str, Any] | Any,
     tokenizer_name: str | Path,
     text_config: dict[str, Any] | None = None,
+    objective: str = "clip",
+    projection_dim: int = 128,
+    image_size: int | None = None,
     image_dir: str | Path | None = None,
     batch_size: int = 256,
     learning_rate: float = 1e-3,
@@ -193,18 +350,21 @@ def pretrain_clip(
     max_train_samples: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Train a CLIPModel contrastively and save it (plus image processor and tokenizer) to ``output_dir``.
+    """Train an image tower contrastively against a CLIP text tower and save the tower to ``output_dir``.
 
     Args:
-        vision_config: ``CLIPVisionConfig`` fields (``image_size``, ``patch_size``, ``hidden_size``,
-            ``projection_dim``, ...); ``projection_dim`` is the joint embedding width.
+        vision_config: the tower's config, or a dict of its fields with ``model_type`` (any family of
+            ``towers.VISION_FAMILIES``; a CLIP ViT's ``projection_dim`` is then the joint embedding width).
         tokenizer_name: the captioning tokenizer (GPT-2 style); a ``<|startoftext|>`` bos is added.
         text_config: ``CLIPTextConfig`` fields (width, depth); vocabulary and special ids come from the tokenizer.
+        objective: ``"clip"`` (global embeddings) or ``"filip"`` (token-wise late interaction).
+        projection_dim: joint embedding width for towers other than CLIP.
+        image_size: side of the square training images (default: the config's ``image_size``, else 64).
         max_steps: optimizer steps (the cosine schedule's length); ``max_minutes`` stops earlier if set.
 
     Returns:
-        A summary: steps, final loss (mean of the last 20 steps), in-batch retrieval accuracy on the last
-        batches, seconds, and the output folder.
+        A summary: steps, first and final loss (mean of the first / last 20 steps), in-batch image-to-text
+        retrieval accuracy on the last batches, seconds, parameters, and the output folder.
     """
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -215,77 +375,88 @@ def pretrain_clip(
     if len(paths) < 2:
         raise ValueError("contrastive pretraining needs at least 2 images.")
     batch_size = min(batch_size, len(paths))
+    from transformers import CLIPImageProcessor
 
-    model, tokenizer, image_processor, caption_ids = build_clip(
-        tokenizer_name, captions, vision_config, text_config
+    config = tower_config(vision_config)
+    tokenizer, text_cfg, caption_ids = build_text_side(tokenizer_name, captions, text_config)
+    model = ContrastiveDualEncoder(config, text_cfg, projection_dim, objective)
+    image_size = int(image_size or getattr(config, "image_size", None) or DEFAULTS["image_size"])
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    image_size = model.config.vision_config.image_size
     pixels = load_pixels(paths, image_size, show_progress=show_progress)
-
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=learning_rate,
-    )
-
-    schedule = functools.partial(cosine_with_warmup, warmup_steps=warmup_steps, max_steps=max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = make_optimizer(model, learning_rate, weight_decay, warmup_steps, max_steps)
     model.train()
     order: list[int] = []
     losses: list[float] = []
     accuracies: list[float] = []
-    step = 0
     deadline = start + max_minutes * 60 if max_minutes else None
-    bar = tqdm(total=max_steps, desc="CLIP pretraining", unit="step", disable=not show_progress)
-    while step < max_steps:
-        if deadline is not None and time.time() > deadline:
-            break
+    bar = tqdm(total=max_steps, desc=f"{objective} pretraining", unit="step", disable=not show_progress)
+    while len(losses) < max_steps and not (deadline is not None and time.time() > deadline):
         if len(order) < batch_size:
             order = list(range(len(paths)))
             rng.shuffle(order)
         batch, order = order[:batch_size], order[batch_size:]
         pixel_values = normalize(pixels[batch], image_processor.image_mean, image_processor.image_std)
         input_ids = torch.stack([caption_ids[i][rng.randrange(caption_ids[i].shape[0])] for i in batch])
-        out = model(input_ids=input_ids, pixel_values=pixel_values, return_loss=True)
+        image_to_text, text_to_image = model(
+            pixel_values, input_ids, text_attention_mask(input_ids, text_cfg.eos_token_id)
+        )
+        loss = contrastive_loss(image_to_text, text_to_image)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-            hits = (out.logits_per_image.argmax(dim=1) == torch.arange(len(batch))).float().mean().item()
-        losses.append(out.loss.item())
+        hits = (image_to_text.argmax(dim=1) == torch.arange(len(batch))).float().mean().item()
+        losses.append(loss.item())
         accuracies.append(hits)
-        step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", i2t_acc=f"{hits:.2f}")
     bar.close()
 
     model.eval()
     out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    image_processor.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tower(model, image_processor, tokenizer, out_dir)
     summary = {
-        "steps": step,
+        "tower": config.model_type,
+        "objective": objective,
+        "steps": len(losses),
         "train_images": len(paths),
         "batch_size": batch_size,
+        "first_loss": float(np.mean(losses[:20])) if losses else None,
         "final_loss": float(np.mean(losses[-20:])) if losses else None,
         "final_in_batch_image_to_text_accuracy": float(np.mean(accuracies[-20:])) if accuracies else None,
         "seconds": round(time.time() - start, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "tower_parameters": sum(p.numel() for p in model.vision.parameters()),
         "output_dir": str(out_dir),
     }
     (out_dir / "pretrain_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+# ------------------------------------------------------------------------------------------------ command line
+
+
+SETTINGS = (
+    "objective",
+    "projection_dim",
+    "image_size",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "max_steps",
+    "max_minutes",
+    "seed",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Pretrain a tiny CLIP contrastively (CLIPModel, return_loss=True)."
+        description="Pretrain an image tower contrastively against a small text tower (CLIP or FILIP loss)."
     )
     p.add_argument("--train_file", required=True, help="an image folder's metadata.jsonl (or the folder)")
     p.add_argument(
@@ -298,6 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="preset folder: vision tower from its config.json, pretraining settings from clip_pretraining.json",
     )
+    p.add_argument(
+        "--vision_config",
+        default=None,
+        help="a JSON file with the tower's config (with model_type: clip_vision_model, resnet, convnext, dinov2, "
+        "vit, ...); overrides the preset's",
+    )
+    p.add_argument("--objective", choices=OBJECTIVES, default=None, help="clip (default) or filip")
+    p.add_argument("--projection_dim", type=int, default=None, help="joint width (towers other than CLIP)")
+    p.add_argument("--image_size", type=int, default=None, help="for towers without image_size (CNNs)")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--learning_rate", type=float, default=None)
     p.add_argument("--weight_decay", type=float, default=None)
@@ -310,64 +490,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = dict(DEFAULTS)
-    vision_config: dict[str, Any] = {}
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults < the preset (config.json's vision_config, clip_pretraining.json) < --vision_config < flags."""
+    settings = dict(DEFAULTS, vision_config=None)
     if args.config is not None:
         preset = Path(args.config)
         if not preset.is_dir():
             preset = REPO_ROOT / "hub_configs" / args.config
         if not preset.is_dir():
-            print(f"error: --config {args.config}: no such preset folder.", file=sys.stderr)
-            return 2
+            raise FileNotFoundError(f"--config {args.config}: no such preset folder.")
         if (preset / "config.json").is_file():
-            vision_config = json.loads((preset / "config.json").read_text()).get("vision_config") or {}
+            settings["vision_config"] = json.loads((preset / "config.json").read_text()).get("vision_config")
         if (preset / "clip_pretraining.json").is_file():
-            settings.update(
-                {
-                    k: v
-                    for k, v in json.loads((preset / "clip_pretraining.json").read_text()).items()
-                    if k != "_comment"
-                }
+            extra = json.loads((preset / "clip_pretraining.json").read_text())
+            settings.update({k: v for k, v in extra.items() if k != "_comment"})
+    if args.vision_config is not None:
+        path = Path(args.vision_config)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--vision_config {path} does not exist; pass a JSON file of tower config fields."
             )
-    if not vision_config:
-        print(
-            "error: no vision tower config: pass --config a preset whose config.json has vision_config.",
-            file=sys.stderr,
-        )
-        return 2
-    for key in (
-        "batch_size",
-        "learning_rate",
-        "weight_decay",
-        "warmup_steps",
-        "max_steps",
-        "max_minutes",
-        "seed",
-    ):
+        settings["vision_config"] = json.loads(path.read_text())
+    for key in SETTINGS:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    vision_config = {
-        k: v for k, v in vision_config.items() if k not in ("model_type", "transformers_version")
-    }
+    if not settings["vision_config"]:
+        raise ValueError(
+            "no vision tower config: pass --vision_config, or --config a preset with vision_config."
+        )
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        summary = pretrain_clip(
+        settings = resolve_settings(args)
+        summary = pretrain_tower(
             args.train_file,
             args.output_dir,
-            vision_config=vision_config,
+            vision_config=settings["vision_config"],
             tokenizer_name=args.tokenizer_name,
             text_config=settings.get("text_config"),
             image_dir=args.image_dir,
-            batch_size=settings["batch_size"],
-            learning_rate=settings["learning_rate"],
-            weight_decay=settings["weight_decay"],
-            warmup_steps=settings["warmup_steps"],
-            max_steps=settings["max_steps"],
-            max_minutes=settings["max_minutes"],
-            seed=settings["seed"],
             max_train_samples=args.max_train_samples,
             show_progress=not args.no_progress,
+            **{key: settings[key] for key in SETTINGS},
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
