@@ -102,27 +102,36 @@ def caption_batch(
     images: list[Any] | None = None,
     pixel_values: torch.Tensor | None = None,
     image_embeds: torch.Tensor | None = None,
+    image_inputs: dict[str, torch.Tensor] | None = None,
     **generation_kwargs: Any,
 ) -> list[str]:
     """The library's one images -> ``generate`` -> text step (captioning, evaluation, training's validation).
 
     Args:
-        model: a ClipCap model; inputs are moved to its device and dtype.
+        model: a ClipCap model; inputs are moved to its device (and floating ones to its dtype).
         processor: its ``ClipCapProcessor`` (``images`` -> ``pixel_values``; ``batch_decode``).
-        images: PIL images, turned into ``pixel_values`` (B, 3, H, W) by the processor; or give
-            ``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D) directly.
+        images: PIL images, turned into ``pixel_values`` (B, 3, H, W) by the processor, with every other tensor
+            it returns (SigLIP2: ``pixel_attention_mask`` (B, N), ``spatial_shapes`` (B, 2)) passed on too; or give
+            ``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D) / (B, N, D) directly.
+        image_inputs: with ``pixel_values``, the other tensors the image tower takes (SigLIP2's mask and shapes).
         **generation_kwargs: passed to ``model.generate`` (``num_beams``, ``max_new_tokens``, ...).
 
     Returns:
         B * ``num_return_sequences`` captions, special tokens removed and white space collapsed.
     """
+    tower_inputs = dict(image_inputs or {})
     if images is not None:
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+        processed = processor(images=images, return_tensors="pt")
+        pixel_values = processed["pixel_values"]
+        tower_inputs.update(
+            {k: v for k, v in processed.items() if k != "pixel_values" and torch.is_tensor(v)}
+        )
     inputs = {
         name: value.to(device=model.device, dtype=model.dtype)
         for name, value in (("pixel_values", pixel_values), ("image_embeds", image_embeds))
         if value is not None
     }
+    inputs.update({name: value.to(model.device) for name, value in tower_inputs.items()})
     output = model.generate(**inputs, **generation_kwargs)  # (B, T) ids, or an output with .sequences
     sequences = output.sequences if hasattr(output, "sequences") else output
     return [" ".join(text.split()) for text in processor.batch_decode(sequences, skip_special_tokens=True)]

@@ -1,14 +1,24 @@
-"""Cache of CLIP image embeddings: each unique image is encoded once, then reused by later runs.
+"""Cache of image embeddings: each unique image is encoded once, then reused by later runs.
 
-With a frozen vision tower, training never needs to run CLIP twice on the same image. This module
+With a frozen vision tower, training never needs to run the tower twice on the same image. This module
 encodes a list of images in batches (decoding in ``DataLoader`` workers, progress bar, optional
-mixed-precision dtype), stores the projected CLIP embeddings (``image_embeds``, (N, D) float32) as
-an Arrow dataset with ``save_to_disk`` and finds them again next time by fingerprint.
+mixed-precision dtype), stores what the mapping network consumes as an Arrow dataset with
+``save_to_disk`` and finds it again next time by fingerprint:
+
+* ``mapping_input="pooled"``: the tower's image embedding (``pooler_output`` of
+  ``get_image_features``; CLIP: the projected embedding), (D,) float32 per image;
+* ``mapping_input="tokens"``: the tower's token features (``last_hidden_state``; a CNN's feature map
+  flattened to (h*w, C)), (N, D) float32 per image. SigLIP2's NaFlex inputs (``pixel_attention_mask``,
+  ``spatial_shapes``) reach the tower with the pixels, and all N patch slots are stored, padded ones
+  included, because that is what the mapper reads when the model is given the pixels.
+
+Every output of the image processor is passed to the tower (not only ``pixel_values``).
 
 The fingerprint covers everything that changes the result:
 
 * the encoder: a SHA-256 of every tensor of the vision tower (weights and buffers), its config,
-  the image processor's settings and the compute dtype;
+  the image processor's settings, the compute dtype and ``mapping_input`` (a pooled cache is never
+  read for a tokens model, nor the reverse);
 * the data: the images' keys and identities (for files: resolved path, size and modification
   time; for bytes and PIL images: a hash of the content);
 * the bad-image policy and the cache format version.
@@ -16,7 +26,8 @@ The fingerprint covers everything that changes the result:
 Layout::
 
     CACHE_DIR/clipcap-embeds-<fingerprint>/     a ``datasets.Dataset`` (``save_to_disk``) with columns
-        image_key (string), image_embeds (list of D float32); plus cache_info.json
+        image_key (string), image_embeds (D float32, or an (N, D) float32 array for tokens);
+        plus cache_info.json
 
 A cache folder is written to a temporary sibling and renamed into place, so an interrupted run
 never leaves a half-written cache that a later run would trust.
@@ -24,8 +35,9 @@ never leaves a half-written cache that a later run would trust.
 Example::
 
     cache = build_embedding_cache(model, processor.image_processor, images=paths, cache_dir="cache")
-    embeds = cache.embeddings()            # (N, D) float32, row i for cache.keys[i]
+    embeds = cache.embeddings()            # (M, D) float32 (tokens: (M, N, D)), row i for cache.keys[i]
     row = cache.index[key]                 # key -> row
+    view = cache.rows([2, 0])              # memory-mapped rows: view[0] is row 2's (D,) or (N, D) tensor
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from .image_io import ImageLoadError, describe_source, load_image
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
+    "CachedRows",
     "EmbeddingCache",
     "build_embedding_cache",
     "encode_images",
@@ -56,7 +69,17 @@ __all__ = [
 ]
 
 #: Bumped whenever the stored layout or the way embeddings are computed changes.
-CACHE_FORMAT_VERSION = "1"
+#: 2: mapping_input in the fingerprint; token features; every image-processor output reaches the tower.
+CACHE_FORMAT_VERSION = "2"
+MAPPING_INPUTS = ("pooled", "tokens")
+
+
+def _mapping_input(model: Any, mapping_input: str | None) -> str:
+    """``mapping_input`` as given, else the model config's (``"pooled"`` for a bare encoder)."""
+    value = mapping_input or getattr(getattr(model, "config", None), "mapping_input", None) or "pooled"
+    if value not in MAPPING_INPUTS:
+        raise ValueError(f"mapping_input must be 'pooled' or 'tokens', got {value!r}.")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,18 +94,25 @@ def _hash_tensor(hasher: Any, tensor: torch.Tensor) -> None:
     hasher.update(t.view(torch.uint8).numpy().tobytes())
 
 
-def encoder_fingerprint(model: Any, image_processor: Any = None, dtype: torch.dtype = torch.float32) -> str:
+def encoder_fingerprint(
+    model: Any,
+    image_processor: Any = None,
+    dtype: torch.dtype = torch.float32,
+    mapping_input: str | None = None,
+) -> str:
     """SHA-256 (hex) of what determines the embeddings: the vision tower's tensors and config, the
-    image processor's settings and the compute dtype.
+    image processor's settings, the compute dtype and what is stored (pooled embedding or tokens).
 
     Args:
         model: a ClipCap model (its ``vision_model`` is hashed) or any ``nn.Module`` encoder.
         image_processor: the processor that turns images into ``pixel_values`` (its settings are hashed).
         dtype: the dtype the encoder runs in.
+        mapping_input: ``"pooled"`` or ``"tokens"`` (default: the model config's ``mapping_input``).
     """
+    mapping_input = _mapping_input(model, mapping_input)
     encoder = getattr(model, "vision_model", None) or model
     hasher = hashlib.sha256()
-    hasher.update(f"clipcap-embedding-cache/{CACHE_FORMAT_VERSION}/{dtype}".encode())
+    hasher.update(f"clipcap-embedding-cache/{CACHE_FORMAT_VERSION}/{dtype}/{mapping_input}".encode())
     config = getattr(encoder, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         hasher.update(config.to_json_string(use_diff=False).encode())
@@ -154,7 +184,11 @@ class _ImageList(torch.utils.data.Dataset):
 
 
 class _ProcessBatch:
-    """Collate: runs the image processor on the good images of a batch (in the worker)."""
+    """Collate: runs the image processor on the good images of a batch (in the worker).
+
+    ``inputs`` holds every tensor the processor returns: ``pixel_values`` and, for SigLIP2's NaFlex
+    processor, ``pixel_attention_mask`` (B, N) and ``spatial_shapes`` (B, 2), which the tower needs too.
+    """
 
     def __init__(self, image_processor: Any):
         self.image_processor = image_processor
@@ -162,10 +196,11 @@ class _ProcessBatch:
     def __call__(self, items: list[tuple[int, Any, str | None]]) -> dict[str, Any]:
         good = [(i, img) for i, img, err in items if err is None]
         bad = [(i, err) for i, _, err in items if err is not None]
-        pixel_values = None
+        inputs = None
         if good:
-            pixel_values = self.image_processor([img for _, img in good], return_tensors="pt")["pixel_values"]
-        return {"indices": [i for i, _ in good], "pixel_values": pixel_values, "bad": bad}
+            processed = self.image_processor([img for _, img in good], return_tensors="pt")
+            inputs = {k: v for k, v in processed.items() if torch.is_tensor(v)}
+        return {"indices": [i for i, _ in good], "inputs": inputs, "bad": bad}
 
 
 @torch.no_grad()
@@ -182,12 +217,14 @@ def encode_images(
     on_bad_image: str = "fail",
     show_progress: bool = True,
     desc: str = "Encoding images",
+    mapping_input: str | None = None,
 ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
-    """Encode images with the model's CLIP tower in batches.
+    """Encode images with the model's image tower in batches.
 
     Args:
         model: a ClipCap model with a vision tower (``get_image_features``).
-        image_processor: turns a list of PIL images into ``pixel_values`` (B, 3, H, W).
+        image_processor: turns a list of PIL images into ``pixel_values`` (B, 3, H, W) (SigLIP2: patches
+            (B, N, 3*p*p) with ``pixel_attention_mask`` and ``spatial_shapes``; all of them reach the tower).
         images: anything :func:`modeling_clipcap.image_io.load_image` reads (paths, bytes, PIL, dicts).
         names: names for error messages (default: described from the sources).
         batch_size: images per encoder call.
@@ -196,10 +233,12 @@ def encode_images(
         num_workers: ``DataLoader`` workers decoding and preprocessing images.
         on_bad_image: ``"fail"`` raises on the first unreadable image; ``"skip"`` leaves it out and reports it.
         show_progress: show a tqdm bar.
+        mapping_input: ``"pooled"`` (the image embedding, ``pooler_output``) or ``"tokens"`` (the token
+            features, ``last_hidden_state``); default: the model config's ``mapping_input``.
 
     Returns:
-        ``(embeds, rows, skipped)``: ``embeds`` (M, D) float32 on CPU for the M readable images,
-        ``rows`` their positions in ``images`` (ascending), ``skipped`` ``(name, reason)`` per bad image.
+        ``(embeds, rows, skipped)``: ``embeds`` (M, D) float32 on CPU for the M readable images ((M, N, D) for
+        tokens), ``rows`` their positions in ``images`` (ascending), ``skipped`` ``(name, reason)`` per bad image.
     """
     from tqdm.auto import tqdm
 
@@ -212,6 +251,7 @@ def encode_images(
             "The model has no vision tower (vision_config=None), so there is nothing to encode: "
             "provide precomputed image_embeds instead."
         )
+    tokens = _mapping_input(model, mapping_input) == "tokens"
     names = list(names) if names is not None else [describe_source(s) for s in images]
     if device is None:
         device = next(model.vision_model.parameters()).device
@@ -240,17 +280,25 @@ def encode_images(
                             source=names[i],
                         )
                     skipped.append((names[i], reason))
-                if batch["pixel_values"] is not None:
-                    pixel_values = batch["pixel_values"].to(device)
+                if batch["inputs"] is not None:
+                    inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
                     with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
-                        embeds = model.get_image_features(pixel_values).pooler_output
+                        features = model.get_image_features(**inputs)
+                    embeds = features.last_hidden_state if tokens else features.pooler_output
+                    if chunks and embeds.shape[1:] != chunks[0].shape[1:]:
+                        raise ValueError(
+                            f"{desc}: the image tower gave features of shape {tuple(embeds.shape[1:])} for one "
+                            f"batch and {tuple(chunks[0].shape[1:])} for another; token features are stored "
+                            "per image at one size: make the image processor give every image the same size "
+                            "(resize and crop)."
+                        )
                     chunks.append(embeds.float().cpu())
                     rows.extend(batch["indices"])
                 bar.update(len(batch["indices"]) + len(batch["bad"]))
     finally:
         model.train(was_training)
     dim = model.config.image_embed_dim
-    embeds = torch.cat(chunks) if chunks else torch.empty(0, dim)
+    embeds = torch.cat(chunks) if chunks else torch.empty((0, 0, dim) if tokens else (0, dim))
     return embeds, rows, skipped
 
 
@@ -259,17 +307,41 @@ def encode_images(
 # ----------------------------------------------------------------------------------------------
 
 
+class CachedRows(torch.utils.data.Dataset):
+    """Rows of a cache read from its memory-mapped Arrow file one at a time: ``view[i]`` is the (D,) or (N, D)
+    float32 tensor of cache row ``order[i]``. Token features of a large data set need not fit in memory.
+
+    ``shape`` is ``(len(view), *row shape)``, like the tensor :meth:`EmbeddingCache.embeddings` would give.
+    """
+
+    def __init__(self, dataset: Any, order: Sequence[int]):
+        self.column = dataset.select_columns(["image_embeds"]).with_format("torch")
+        self.order = [int(i) for i in order]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.column[self.order[i]]["image_embeds"].to(torch.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self[0].shape) if len(self) else (0,)
+
+
 @dataclass
 class EmbeddingCache:
     """Image embeddings stored as an Arrow dataset.
 
     Attributes:
-        dataset: ``datasets.Dataset`` with ``image_key`` (str) and ``image_embeds`` (D float32) columns.
+        dataset: ``datasets.Dataset`` with ``image_key`` (str) and ``image_embeds`` (D float32, or (N, D) float32
+            token features when ``mapping_input="tokens"``) columns.
         path: the folder it lives in (``None`` when not saved).
         fingerprint: the cache key (encoder + data).
         num_encoded: images encoded by this call (0 when everything came from disk).
         num_reused: images read from an existing cache.
         skipped: ``(name, reason)`` of images that could not be read (``on_bad_image="skip"``).
+        mapping_input: ``"pooled"`` or ``"tokens"``: what the rows hold.
     """
 
     dataset: Any
@@ -278,6 +350,7 @@ class EmbeddingCache:
     num_encoded: int
     num_reused: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    mapping_input: str = "pooled"
 
     @property
     def keys(self) -> list[str]:
@@ -290,11 +363,15 @@ class EmbeddingCache:
         return {key: i for i, key in enumerate(self.dataset["image_key"])}
 
     def embeddings(self) -> torch.Tensor:
-        """All embeddings, (N, D) float32, row ``i`` for ``keys[i]``."""
+        """All embeddings in memory, (M, D) float32 ((M, N, D) for tokens), row ``i`` for ``keys[i]``."""
         column = self.dataset.with_format("torch")["image_embeds"]
         if len(self.dataset) == 0:
             return torch.empty(0, 0)
         return column.to(torch.float32) if torch.is_tensor(column) else torch.stack(list(column)).float()
+
+    def rows(self, order: Sequence[int]) -> CachedRows:
+        """Rows ``order`` read lazily from disk (``view[i]`` is row ``order[i]``)."""
+        return CachedRows(self.dataset, order)
 
 
 def _save_atomically(dataset: Any, target: Path, info: dict[str, Any]) -> None:
@@ -330,6 +407,7 @@ def build_embedding_cache(
     show_progress: bool = True,
     desc: str = "Encoding images",
     encoder_hash: str | None = None,
+    mapping_input: str | None = None,
 ) -> EmbeddingCache:
     """Embeddings of ``images`` from the cache when present, else encode each unique image once and store them.
 
@@ -342,6 +420,8 @@ def build_embedding_cache(
         cache_dir: folder of caches; ``None`` computes without storing.
         batch_size, dtype, device, num_workers, on_bad_image, show_progress: see :func:`encode_images`.
         encoder_hash: a precomputed :func:`encoder_fingerprint` (saves re-hashing the weights).
+        mapping_input: store the pooled embedding (D,) or the token features (N, D) of each image (default: the
+            model config's ``mapping_input``); part of the fingerprint.
 
     Returns:
         An :class:`EmbeddingCache`. With ``on_bad_image="skip"`` the unreadable images have no row.
@@ -362,9 +442,10 @@ def build_embedding_cache(
             unique_sources.append(source)
 
     compute_dtype = dtype or torch.float32
-    enc_fp = encoder_hash or encoder_fingerprint(model, image_processor, compute_dtype)
+    mapping_input = _mapping_input(model, mapping_input)
+    enc_fp = encoder_hash or encoder_fingerprint(model, image_processor, compute_dtype, mapping_input)
     data_fp = _data_fingerprint(unique_keys, [image_identity(s) for s in unique_sources], on_bad_image)
-    fingerprint = hashlib.sha256((enc_fp + data_fp).encode()).hexdigest()[:32]
+    fingerprint = hashlib.sha256(f"{enc_fp}{data_fp}{mapping_input}".encode()).hexdigest()[:32]
 
     target = Path(cache_dir) / f"clipcap-embeds-{fingerprint}" if cache_dir is not None else None
     if target is not None and (target / "cache_info.json").exists():
@@ -377,6 +458,7 @@ def build_embedding_cache(
             num_encoded=0,
             num_reused=len(dataset),
             skipped=[tuple(s) for s in info.get("skipped", [])],
+            mapping_input=mapping_input,
         )
 
     start = time.perf_counter()
@@ -395,14 +477,14 @@ def build_embedding_cache(
         on_bad_image=on_bad_image,
         show_progress=show_progress,
         desc=desc,
+        mapping_input=mapping_input,
     )
-    dim = int(embeds.shape[1]) if embeds.ndim == 2 else int(model.config.image_embed_dim)
-    features = datasets.Features(
-        {
-            "image_key": datasets.Value("string"),
-            "image_embeds": datasets.List(datasets.Value("float32"), length=dim),
-        }
-    )
+    dim = int(embeds.shape[-1]) if embeds.shape[-1] else int(model.config.image_embed_dim)
+    if mapping_input == "tokens":  # (N, D) per image
+        column = datasets.Array2D(shape=(int(embeds.shape[1]), dim), dtype="float32")
+    else:
+        column = datasets.List(datasets.Value("float32"), length=dim)
+    features = datasets.Features({"image_key": datasets.Value("string"), "image_embeds": column})
     dataset = datasets.Dataset.from_dict(
         {"image_key": [unique_keys[r] for r in rows], "image_embeds": embeds.numpy()}, features=features
     )
@@ -415,6 +497,8 @@ def build_embedding_cache(
         "num_images": len(unique_keys),
         "num_embeddings": len(rows),
         "image_embed_dim": dim,
+        "mapping_input": mapping_input,
+        "embedding_shape": list(embeds.shape[1:]),
         "skipped": [list(s) for s in skipped],
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -428,4 +512,5 @@ def build_embedding_cache(
         num_encoded=len(rows),
         num_reused=0,
         skipped=skipped,
+        mapping_input=mapping_input,
     )

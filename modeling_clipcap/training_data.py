@@ -53,9 +53,13 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
 
 class CachedCaptionDataset(torch.utils.data.Dataset):
-    """(image, caption) rows over cached embeddings: row ``i`` -> ``{"image_embeds": (D,), "caption": str}``."""
+    """(image, caption) rows over cached embeddings: row ``i`` -> ``{"image_embeds", "caption": str}``.
 
-    def __init__(self, embeds: torch.Tensor, rows: list[int], captions: list[str]):
+    ``image_embeds`` is (D,), or (N, D) token features. ``embeds``: a tensor (M, D) / (M, N, D), or anything
+    indexable the same way (``embedding_cache.CachedRows``).
+    """
+
+    def __init__(self, embeds: Any, rows: list[int], captions: list[str]):
         self.embeds = embeds
         self.rows = rows
         self.captions = captions
@@ -68,12 +72,11 @@ class CachedCaptionDataset(torch.utils.data.Dataset):
 
 
 class EvalImageDataset(torch.utils.data.Dataset):
-    """Validation images: row ``i`` -> ``{"image_embeds": (D,), "index": i}`` from cached embeddings,
-    or ``{"pixel_values": (3, H, W), "index": i}`` from the images (vision tower not frozen)."""
+    """Validation images: row ``i`` -> ``{"image_embeds": (D,) or (N, D), "index": i}`` from cached embeddings,
+    or ``{"pixel_values": (3, H, W), "index": i}`` from the images (vision tower not frozen), with every other
+    tensor the image processor returns (SigLIP2: ``pixel_attention_mask`` (N,), ``spatial_shapes`` (2,))."""
 
-    def __init__(
-        self, embeds: torch.Tensor | None = None, images: list[Any] | None = None, image_processor: Any = None
-    ):
+    def __init__(self, embeds: Any = None, images: list[Any] | None = None, image_processor: Any = None):
         if (embeds is None) == (images is None):
             raise ValueError(
                 "EvalImageDataset takes embeds or images (with image_processor), not both or neither."
@@ -88,18 +91,16 @@ class EvalImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.embeds is not None:
             return {"image_embeds": self.embeds[i], "index": i}
-        image = load_image(self.images[i])
-        return {
-            "pixel_values": self.image_processor([image], return_tensors="pt")["pixel_values"][0],
-            "index": i,
-        }
+        processed = self.image_processor([load_image(self.images[i])], return_tensors="pt")
+        return {**{k: v[0] for k, v in processed.items() if torch.is_tensor(v)}, "index": i}
 
 
 @dataclass
 class EmbeddedSplit:
-    """A split after :func:`embed_split`: ``embeds`` (N, D) row ``i`` belongs to ``images[i]``."""
+    """A split after :func:`embed_split`: ``embeds[i]`` belongs to ``images[i]``: a (M, D) tensor of pooled
+    embeddings, or for token features (N, D) per image a ``CachedRows`` view read from disk row by row."""
 
-    embeds: torch.Tensor
+    embeds: Any
     images: datasets.Dataset
     stats: dict[str, Any] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -124,8 +125,15 @@ def embed_split(
     if len(keep) != len(images):
         images = images.select(keep)
     order = torch.tensor([index[key] for key in images["image_id"]], dtype=torch.long)
-    stats = {"encoded": cache.num_encoded, "reused": cache.num_reused, "path": str(cache.path)}
-    return EmbeddedSplit(cache.embeddings()[order], images, stats, list(cache.skipped))
+    stats = {
+        "encoded": cache.num_encoded,
+        "reused": cache.num_reused,
+        "path": str(cache.path),
+        "mapping_input": cache.mapping_input,
+    }
+    # token features (N, D) per image may not fit in memory: read them from the memory-mapped cache
+    embeds = cache.rows(order.tolist()) if cache.mapping_input == "tokens" else cache.embeddings()[order]
+    return EmbeddedSplit(embeds, images, stats, list(cache.skipped))
 
 
 def stream_caption_pairs(
@@ -358,6 +366,9 @@ def validate(
                 processor,
                 image_embeds=batch.get("image_embeds"),
                 pixel_values=batch.get("pixel_values"),
+                image_inputs={
+                    k: v for k, v in batch.items() if k not in ("index", "pixel_values", "image_embeds")
+                },
                 generation_config=unwrapped.generation_config,
             )
             pairs += accelerator.gather_for_metrics(

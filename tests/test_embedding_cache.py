@@ -150,3 +150,136 @@ def test_keys_must_match_images_and_policy_is_checked(encoder, image_files):
         build_embedding_cache(model, image_processor, image_files, keys=["a"], show_progress=False)
     with pytest.raises(ValueError, match="on_bad_image"):
         build_embedding_cache(model, image_processor, image_files, on_bad_image="ignore", show_progress=False)
+
+
+# ----------------------------------------------------------------------------- what the mapper consumes
+
+
+def _tokens_twin(model, tiny_tokenizer):
+    """A transformer-mapper model reading token features, with ``model``'s vision tower weights."""
+    from conftest import tiny_clipcap_config
+
+    config = tiny_clipcap_config(len(tiny_tokenizer), "transformer", mapping_input="tokens")
+    twin = ClipCapForConditionalGeneration(config).eval()
+    twin.vision_model.load_state_dict(model.vision_model.state_dict())
+    return twin
+
+
+def test_a_tokens_model_caches_token_features_never_the_pooled_cache(
+    encoder, image_files, tiny_tokenizer, tmp_path
+):
+    model, image_processor, counter = encoder
+    pooled = build_embedding_cache(
+        model, image_processor, image_files, cache_dir=tmp_path, show_progress=False
+    )
+    twin = _tokens_twin(model, tiny_tokenizer)
+    # same tower, same processor, same data: only mapping_input differs, and it is part of the fingerprint
+    assert encoder_fingerprint(twin, image_processor) != encoder_fingerprint(model, image_processor)
+    assert encoder_fingerprint(model, image_processor, mapping_input="tokens") == encoder_fingerprint(
+        twin, image_processor
+    )
+    tokens = build_embedding_cache(
+        twin, image_processor, image_files, cache_dir=tmp_path, show_progress=False
+    )
+    assert tokens.num_encoded == 7 and tokens.num_reused == 0 and tokens.path != pooled.path
+    assert pooled.mapping_input == "pooled" and tokens.mapping_input == "tokens"
+    embeds = tokens.embeddings()
+    assert embeds.shape == (7, 17, 32)  # CLS + (32 / 8)**2 patches, CLIP hidden_size (not projection_dim 24)
+    assert pooled.embeddings().shape == (7, 24)
+    info = (tokens.path / "cache_info.json").read_text()
+    assert '"mapping_input": "tokens"' in info and '"embedding_shape": [\n    17,\n    32\n  ]' in info
+    # a row is the tower's last_hidden_state for that image, and feeds the model as image_embeds
+    pixel_values = image_processor([Image.open(image_files[4])], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        direct = twin.get_image_features(pixel_values).last_hidden_state[0]
+    torch.testing.assert_close(embeds[tokens.index[tokens.keys[4]]], direct, rtol=1e-5, atol=1e-6)
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    assert torch.equal(
+        twin.generate(image_embeds=embeds[4:5], **kwargs), twin.generate(pixel_values=pixel_values, **kwargs)
+    )
+    # reread from disk; the lazy view gives the same rows in the asked order
+    again = build_embedding_cache(twin, image_processor, image_files, cache_dir=tmp_path, show_progress=False)
+    assert again.num_reused == 7 and again.num_encoded == 0 and again.mapping_input == "tokens"
+    view = again.rows([3, 0, 3])
+    assert view.shape == (3, 17, 32) and len(view) == 3
+    assert (
+        torch.equal(view[0], embeds[3])
+        and torch.equal(view[1], embeds[0])
+        and torch.equal(view[2], embeds[3])
+    )
+    # and the pooled model still finds its own cache
+    assert (
+        build_embedding_cache(
+            model, image_processor, image_files, cache_dir=tmp_path, show_progress=False
+        ).num_reused
+        == 7
+    )
+
+
+def test_embed_split_gives_token_rows_in_split_order(encoder, image_files, tiny_tokenizer, tmp_path):
+    import datasets
+
+    from modeling_clipcap.embedding_cache import CachedRows
+    from modeling_clipcap.training_data import CachedCaptionDataset, embed_split
+
+    model, image_processor, _ = encoder
+    twin = _tokens_twin(model, tiny_tokenizer)
+    order = [5, 1, 1, 6]
+    images = datasets.Dataset.from_dict(
+        {"image": [image_files[i] for i in order], "image_id": [f"{i}.png" for i in order]}
+    )
+    split = embed_split(twin, image_processor, images, cache_dir=tmp_path, show_progress=False)
+    assert isinstance(split.embeds, CachedRows) and split.embeds.shape == (4, 17, 32)
+    assert split.stats["encoded"] == 3 and split.stats["mapping_input"] == "tokens"
+    pixel_values = image_processor([Image.open(image_files[i]) for i in order], return_tensors="pt")[
+        "pixel_values"
+    ]
+    with torch.no_grad():
+        direct = twin.get_image_features(pixel_values).last_hidden_state
+    for row in range(4):
+        torch.testing.assert_close(split.embeds[row], direct[row], rtol=1e-5, atol=1e-6)
+    rows = CachedCaptionDataset(split.embeds, [2, 0], ["a", "b"])
+    assert torch.equal(rows[0]["image_embeds"], split.embeds[2]) and rows[1]["caption"] == "b"
+    pooled = embed_split(model, image_processor, images, cache_dir=tmp_path, show_progress=False)
+    assert torch.is_tensor(pooled.embeds) and pooled.embeds.shape == (4, 24)
+
+
+@pytest.mark.parametrize("mapping_input", ["pooled", "tokens"])
+def test_siglip2_mask_and_shapes_reach_the_tower(mapping_input, image_files, tmp_path):
+    """SigLIP2's processor gives patches, their mask and the grid shapes: the cache passes all three to the
+    tower, so each row equals the model's own features (pooled: masked attention pooling; tokens: the N slots)."""
+    from conftest import tiny_text_config
+    from transformers import AutoConfig, Siglip2ImageProcessorPil
+
+    from modeling_clipcap import ClipCapConfig
+
+    tower = AutoConfig.for_model(
+        "siglip2_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_patches=16, patch_size=8,
+    )  # fmt: skip
+    extra = dict(mapping_type="transformer", mapping_num_heads=4) if mapping_input == "tokens" else {}
+    config = ClipCapConfig(vision_config=tower, text_config=tiny_text_config(300), prefix_length=3,
+                           mapping_input=mapping_input, **extra)  # fmt: skip
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(config).eval()
+    processor = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (80, 20), (200, 20, 20)).save(wide)  # an aspect ratio unlike image 0's (40 x 30)
+    sources = [image_files[0], str(wide)]
+    cache = build_embedding_cache(model, processor, sources, batch_size=2, show_progress=False)
+    inputs = processor([Image.open(s) for s in sources], return_tensors="pt")
+    assert min(inputs["pixel_attention_mask"].sum(1).tolist()) < 16  # one image leaves patch slots empty
+    with torch.no_grad():
+        features = model.get_image_features(**inputs)
+        all_ones = dict(inputs, pixel_attention_mask=torch.ones_like(inputs["pixel_attention_mask"]))
+        unmasked = model.get_image_features(**all_ones)
+    expected = features.last_hidden_state if mapping_input == "tokens" else features.pooler_output
+    unmasked = unmasked.last_hidden_state if mapping_input == "tokens" else unmasked.pooler_output
+    embeds = cache.embeddings()
+    assert embeds.shape == expected.shape
+    torch.testing.assert_close(embeds, expected, rtol=1e-5, atol=1e-5)
+    # the mask matters: the padded image's features differ from those of an all-ones mask
+    padded = int(inputs["pixel_attention_mask"].sum(1).argmin())
+    assert not torch.allclose(embeds[padded], unmasked[padded], atol=1e-3)
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(image_embeds=embeds, **kwargs), model.generate(**inputs, **kwargs))
