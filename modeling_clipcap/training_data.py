@@ -24,6 +24,7 @@ from .captioning import caption_batch
 from .data import CaptionCollator, explode_captions, load_caption_dataset
 from .embedding_cache import build_embedding_cache, encoder_fingerprint
 from .image_io import load_image
+from .shards import build_train_stream, is_shard_source, load_shard_captions, stream_report
 
 logger = logging.getLogger(__name__)
 
@@ -177,15 +178,18 @@ def read_splits(args: Any, accelerator: Any) -> dict[str, Any]:
     splits: dict[str, Any] = {"reports": [], "skipped": [], "train": None, "validation": None}
 
     def read(source: str, split: str | None, image_dir: str | None, limit: int | None) -> datasets.Dataset:
-        dataset, report = load_caption_dataset(
-            source,
-            split,
-            image_dir=image_dir,
-            config_name=args.dataset_config_name,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            on_bad_image=args.on_bad_image,
-        )
+        if is_shard_source(source):  # WebDataset tars / Parquet files (modeling_clipcap.shards)
+            dataset, report = load_shard_captions(source, split)
+        else:
+            dataset, report = load_caption_dataset(
+                source,
+                split,
+                image_dir=image_dir,
+                config_name=args.dataset_config_name,
+                image_column=args.image_column,
+                caption_column=args.caption_column,
+                on_bad_image=args.on_bad_image,
+            )
         if accelerator.is_main_process:
             logger.info(report.summary())
         splits["reports"].append(report.to_dict())
@@ -204,7 +208,11 @@ def read_splits(args: Any, accelerator: Any) -> dict[str, Any]:
     else:
         validation_source = None
     with accelerator.main_process_first():
-        if args.streaming:
+        if args.streaming and is_shard_source(args.train_file):
+            splits["train"] = None  # streamed by shards.build_train_stream
+        elif args.streaming:
+            if not args.dataset_name:
+                raise ValueError("--streaming reads --dataset_name, or shards: --train_file 'data/*.tar'.")
             splits["train"] = datasets.load_dataset(
                 args.dataset_name, args.dataset_config_name, split=args.train_split, streaming=True
             )
@@ -229,10 +237,12 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
     With a frozen vision tower, both splits' images are encoded once into the embedding cache and the
     datasets hold ``image_embeds``; otherwise they hold images that the collator turns into pixels.
     """
+    args.on_bad_image = "fail" if args.on_bad_image == "error" else args.on_bad_image
     splits = read_splits(args, accelerator)
     train, validation = splits["train"], splits["validation"]
     frozen_vision = model.vision_model is None or model.config.freeze_vision
-    use_cache = frozen_vision and not args.streaming and args.embedding_cache
+    precomputed = train is not None and not args.streaming and "image_embeds" in train.column_names
+    use_cache = frozen_vision and not args.streaming and args.embedding_cache and not precomputed
     if use_cache and model.vision_model is None:
         raise ValueError(
             "This model has no vision tower (embeddings only): train it on precomputed image_embeds "
@@ -268,10 +278,17 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
         return split.embeds, split.images
 
     source = args.train_file or args.dataset_name
-    if use_cache:
+    if precomputed:  # e.g. Parquet shards written by `clipcap embed`: no image is opened
+        data["train"] = _precomputed_rows(train)
+    elif use_cache:
         embeds, train = embedded(train, "Encoding train images")
         flat = explode_captions(train.add_column("embed_row", list(range(len(train)))))
         data["train"] = CachedCaptionDataset(embeds, flat["embed_row"], flat["caption"])
+    elif args.streaming and train is None:
+        collator = CaptionCollator(
+            processor.tokenizer, args.max_caption_length, image_processor=processor.image_processor
+        )
+        data["train"] = data["train_loader"] = build_train_stream(args, accelerator, collator)
     elif args.streaming:
         data["train"] = stream_caption_pairs(
             train, args.image_column or "image", args.caption_column or "caption"
@@ -279,7 +296,7 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
     else:
         data["train"] = explode_captions(train).select_columns(["image", "caption"])
     if args.streaming:
-        data["description"] = f"{args.dataset_name} (streaming)"
+        data["description"] = f"{source} (streaming)"
     else:
         data["description"] = f"{source} ({len(train)} images, {len(data['train'])} captions)"
         if len(data["train"]) == 0:
@@ -287,7 +304,10 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
 
     data["val_images"] = data["val_captions"] = data["val_references"] = None
     if validation is not None and len(validation) > 0:
-        if embed_validation and model.vision_model is not None:
+        if "image_embeds" in validation.column_names:
+            data["val_captions"] = _precomputed_rows(validation)
+            data["val_images"] = EvalImageDataset(embeds=data["val_captions"].embeds)
+        elif embed_validation and model.vision_model is not None:
             embeds, validation = embedded(validation, "Encoding validation images")
             flat = explode_captions(validation.add_column("embed_row", list(range(len(validation)))))
             data["val_images"] = EvalImageDataset(embeds=embeds)
@@ -299,6 +319,21 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
             data["val_captions"] = explode_captions(validation).select_columns(["image", "caption"])
         data["val_references"] = validation["captions"]
     return data
+
+
+def _precomputed_rows(images: datasets.Dataset) -> CachedCaptionDataset:
+    """Caption rows over an image-level split that already holds ``image_embeds`` (D,) per image."""
+    embeds = images.with_format("torch")["image_embeds"].float()
+    flat = explode_captions(
+        images.remove_columns(["image_embeds"]).add_column("row", list(range(len(images))))
+    )
+    return CachedCaptionDataset(embeds, flat["row"], flat["caption"])
+
+
+def run_report(accelerator: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """What every process did with the data, for ``train_results.json`` (a collective call): with a shard
+    stream, ``samples_seen_per_rank`` and ``skipped_samples`` (key, shard, reason)."""
+    return stream_report(accelerator, data["train_loader"]) if "train_loader" in data else {}
 
 
 def make_dataloaders(
@@ -316,7 +351,10 @@ def make_dataloaders(
         loader_kwargs["sampler"] = EpochShuffleSampler(len(data["train"]), args.seed)
         loader_kwargs["num_workers"] = 0 if data["encode_stats"] else args.preprocessing_num_workers
         loader_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
-    train_dataloader = torch.utils.data.DataLoader(data["train"], **loader_kwargs)
+    if "train_loader" in data:  # streamed from shards: batches, position and padding are its own
+        train_dataloader = data["train_loader"]
+    else:
+        train_dataloader = torch.utils.data.DataLoader(data["train"], **loader_kwargs)
     if data["val_images"] is None:
         return train_dataloader, None
     kwargs = {"batch_size": args.per_device_eval_batch_size, "shuffle": False, "generator": torch.Generator()}
@@ -393,6 +431,7 @@ def validate(
 
 
 __all__ = [
+    "run_report",
     "make_dataloaders",
     "validate",
     "build_datasets",

@@ -44,7 +44,7 @@ from modeling_clipcap.hub import (
     render_training_card,
 )
 from modeling_clipcap.presets import find_preset, read_preset
-from modeling_clipcap.training_data import build_datasets, make_dataloaders, validate
+from modeling_clipcap.training_data import build_datasets, make_dataloaders, run_report, validate
 from modeling_clipcap.training_utils import optimizer_parameter_groups
 
 logger = get_logger(__name__)
@@ -94,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_samples", type=int, help="Use the first N training images.")
     g.add_argument("--max_eval_samples", type=int, help="Use the first N validation images.")
     g.add_argument("--max_caption_length", type=int, default=64, help="Tokens per caption, eos included.")
-    g.add_argument("--on_bad_image", choices=["fail", "skip"], default="fail")
+    g.add_argument("--on_bad_image", choices=["fail", "error", "skip"], default="fail", help="error = fail.")
     g.add_argument("--embedding_cache_dir", help="Where image embeddings are cached.")
     add_bool_argument(g, "embedding_cache", default=True, help="Encode each image once (default).")
     g.add_argument("--embedding_batch_size", type=int, default=64)
     g.add_argument("--preprocessing_num_workers", type=int, default=0)
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="Workers per process (shards).")
+    add_bool_argument(g, "save_sample_order", help="Keys read, per rank: output_dir/sample_order/ (shards).")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="clipcap-output")
@@ -162,8 +164,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.train_file is None and args.dataset_name is None:
         parser.error("give --train_file (caption file or folder) or --dataset_name.")
-    if args.streaming and args.dataset_name is None:
-        parser.error("--streaming reads a datasets dataset: give --dataset_name.")
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming has no epoch length: give --max_train_steps.")
     if args.push_to_hub and not args.hub_model_id:
@@ -406,7 +406,7 @@ def make_summary(
     total_batch_size = (
         args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     )
-    return {
+    return run_report(accelerator, data) | {  # + samples_seen_per_rank, skipped_samples of a shard stream
         "trainable_parameters": unwrapped.num_parameters(only_trainable=True),
         "total_parameters": unwrapped.num_parameters(),
         "optimized_modules": optimized_modules(unwrapped, optimizer),
@@ -429,7 +429,7 @@ def make_optimizer(
     optimizer steps and epochs (``batches_per_process`` None: a stream, ``--max_train_steps`` in one epoch)."""
     optimizer = torch.optim.AdamW(optimizer_parameter_groups(model, args.weight_decay), lr=args.learning_rate)
     if batches_per_process is None:
-        max_train_steps, num_epochs = args.max_train_steps, 1
+        max_train_steps, num_epochs = args.max_train_steps, args.num_train_epochs
     else:
         steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
         max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batches_in_epoch = resume_batches if epoch == starting_epoch else 0
         batches = iter(
             accelerator.skip_first_batches(train_dataloader, batches_in_epoch)
-            if batches_in_epoch
+            if batches_in_epoch and "train_loader" not in data  # a shard stream restores its own position
             else train_dataloader
         )
         while completed_steps < max_train_steps:
