@@ -1,4 +1,4 @@
-"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate``.
+"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate | embed | env | app``.
 
 Each sub-command lives in the module that owns its concern and exposes two
 functions:
@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": (
         "modeling_clipcap.evaluation",
         "caption a dataset and score it (BLEU, METEOR, ROUGE-L, CIDEr, SPICE)",
+    ),
+    "embed": (
+        "modeling_clipcap.embed",
+        "precompute image embeddings of WebDataset / Parquet shards (Parquet out)",
     ),
     "env": ("modeling_clipcap.environment", "print versions and hardware to paste into a bug report"),
     "app": ("modeling_clipcap.app", "open a captioning web page and API (Gradio; needs the app extra)"),

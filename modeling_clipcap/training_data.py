@@ -323,7 +323,7 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
 
 def _precomputed_rows(images: datasets.Dataset) -> CachedCaptionDataset:
     """Caption rows over an image-level split that already holds ``image_embeds`` (D,) per image."""
-    embeds = images.with_format("torch")["image_embeds"].float()
+    embeds = images.with_format("torch")[:]["image_embeds"].float()  # (M, D)
     flat = explode_captions(
         images.remove_columns(["image_embeds"]).add_column("row", list(range(len(images))))
     )

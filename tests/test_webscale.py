@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO_ROOT, TINY_CORPUS, build_tiny_tokenizer, subprocess_env, write_tiny_preset
 from PIL import Image
 
@@ -255,10 +256,73 @@ def test_train_streams_shards_and_reports_samples_and_skips(shards, preset, tmp_
     assert [s["key"] for s in summary["skipped_samples"]] == [BROKEN]
     order = (out / "sample_order" / "rank-0.txt").read_text().split()
     assert sorted(order) == sorted(good)
+    # two workers (shards 0 and 2 | shard 1) take turns: the second batch comes from shard 1
+    assert order[:4] == ["s000-0000", "s000-0001", "s001-0000", "s001-0001"]
     results = json.loads((out / "train_results.json").read_text())
     assert results["samples_seen_per_rank"] == [14] and results["skipped_samples"][0]["key"] == BROKEN
     with pytest.raises(ImageLoadError, match=rf"shard-0001\.tar.*{BROKEN}"):  # default: a clear error
-        train.main(argv[:-3] + ["--output_dir", str(tmp_path / "strict")])
+        train.main(argv[:-3] + ["--on_bad_image", "error", "--output_dir", str(tmp_path / "strict")])
+
+
+# ------------------------------------------------------------------------------------------------ clipcap embed
+
+
+def test_embed_writes_parquet_split_over_processes_resumes_and_train_opens_no_image(
+    shards, tmp_path, tiny_model, tiny_processor
+):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from modeling_clipcap.cli import main as clipcap
+    from modeling_clipcap.embed import embed_shards, load_image_encoder
+    from modeling_clipcap.embedding_cache import encode_images
+
+    model_dir, tars, emb = tmp_path / "model", tmp_path / "tars", tmp_path / "emb"
+    tiny_model.save_pretrained(model_dir)
+    tiny_processor.save_pretrained(model_dir)
+    shutil.copytree(Path(shards["pattern"]).parent, tars)
+    encoder, image_processor, _ = load_image_encoder(str(model_dir))
+    reports = [
+        embed_shards(encoder, image_processor, str(tars / "*.tar"), emb, batch_size=4, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    assert [r["shards_written"] for r in reports] == [2, 1]  # shards 0 and 2 | shard 1
+    assert [r["images_encoded"] for r in reports] == [11, 3] and reports[1]["skipped"][0][0].endswith(BROKEN)
+    table = pq.read_table(emb / "shard-0001.parquet")
+    assert table.column_names == ["key", "caption", "image_embeds"] and BROKEN not in table["key"].to_pylist()
+    rows = {r["key"]: r for r in iter_shard_rows([str(tars / "shard-0001.tar")])}
+    direct, _, _ = encode_images(
+        tiny_model, tiny_processor.image_processor, [rows[k]["image"] for k in table["key"].to_pylist()]
+    )
+    torch.testing.assert_close(torch.tensor(table["image_embeds"].to_pylist()), direct)
+    # the same command again: every shard is already complete
+    assert (
+        clipcap(["embed", "--model", str(model_dir), "--data", str(tars / "*.tar"), "--output_dir", str(emb)])
+        == 0
+    )
+    info = json.loads((emb / "embed_info.json").read_text())
+    assert info["shards_already_done"] == 3 and info["images_encoded_per_rank"] == [0]
+
+    shutil.rmtree(tars)  # training cannot open an image now
+    for extra in ([], ["--streaming", "--max_train_steps", "20", "--num_train_epochs", "1"]):
+        out = tmp_path / f"train{len(extra)}"
+        summary = train.main(
+            [
+                "--model_name_or_path",
+                str(model_dir),
+                "--train_file",
+                str(emb / "*.parquet"),
+                "--output_dir",
+                str(out),
+            ]
+            + ["--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--num_warmup_steps", "0"]
+            + ["--embedding_cache_dir", str(tmp_path / "cache"), *extra]
+        )
+        assert (
+            summary["embedding_cache"] == {} and summary["completed_steps"] == 4
+        )  # 14 captions, batches of 4
+        assert not (tmp_path / "cache").exists()
 
 
 # ------------------------------------------------------------------------------------------------ slow: 2 ranks

@@ -1,0 +1,250 @@
+"""``clipcap embed``: image embeddings of a sharded corpus, computed once, written as Parquet shards.
+
+    accelerate launch -m modeling_clipcap.cli embed --model org/clipcap-cc --data 'cc/{00000..00331}.tar' \
+        --output_dir cc-emb/
+    accelerate launch training/train.py --config hub_configs/conceptual-mlp --train_file 'cc-emb/*.parquet' ...
+
+``--model`` is a ClipCap model (its image tower and image processor are used) or an image-tower checkpoint
+(CLIP, SigLIP, DINOv2, ...: the towers of :mod:`modeling_clipcap.towers`). Every input shard gives one output
+shard ``<output_dir>/<shard name>.parquet`` with ``key``, ``caption`` and ``image_embeds`` (D float32: the
+tower's image embedding, what ``mapping_input="pooled"`` consumes), plus ``patch_tokens`` (N x D_tokens) with
+``--patch_tokens``. The shards are split over the processes the command is launched with (process ``r`` of
+``P`` takes shards ``r, r + P, ...``); each output is written to a temporary name and renamed when complete, so
+an interrupted run is resumed by running the same command again: finished shards are not redone.
+Bad images are skipped and listed (``--on_bad_image skip``, the default here) in ``<name>.skipped.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .shards import expand_shards, iter_shard_rows
+
+__all__ = ["add_cli_arguments", "cli_main", "embed_shards", "load_image_encoder"]
+
+
+class _TowerEncoder(torch.nn.Module):
+    """A bare image tower behind the interface :func:`modeling_clipcap.embedding_cache.encode_images` uses
+    (``vision_model``, ``get_image_features``, ``config.image_embed_dim``)."""
+
+    def __init__(self, tower: torch.nn.Module, vision_config: Any):
+        from types import SimpleNamespace
+
+        from .towers import image_embed_dim
+
+        super().__init__()
+        self.vision_model = tower
+        self.vision_config = vision_config
+        self.config = SimpleNamespace(
+            image_embed_dim=image_embed_dim(vision_config, "pooled"),
+            mapping_input="pooled",
+            freeze_vision=True,
+        )
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        from .towers import image_features, tower_dtype
+
+        return image_features(
+            self.vision_model, self.vision_config, pixel_values.to(tower_dtype(self.vision_model)), **kwargs
+        )
+
+
+def load_image_encoder(model: str) -> tuple[Any, Any, dict[str, Any]]:
+    """``(encoder, image_processor, description)`` for ``--model``: a ClipCap model (its tower) or a tower checkpoint."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from .towers import default_image_processor, load_pretrained_tower, vision_tower_config
+
+    config = AutoConfig.from_pretrained(model)
+    if config.model_type == "clipcap":
+        from . import ClipCapForConditionalGeneration, ClipCapProcessor
+
+        encoder = ClipCapForConditionalGeneration.from_pretrained(model)
+        if encoder.vision_model is None:
+            raise ValueError(
+                f"--model {model}: this ClipCap model has no image tower (it takes image_embeds)."
+            )
+        image_processor = ClipCapProcessor.from_pretrained(model).image_processor
+        tower_config = encoder.config.vision_config
+    else:
+        tower_config = vision_tower_config(config)
+        encoder = _TowerEncoder(load_pretrained_tower(model), tower_config)
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(model)
+        except (OSError, ValueError):  # a tower checkpoint without a saved image processor
+            image_processor = default_image_processor(tower_config)
+    return encoder.eval(), image_processor, {"model": str(model), "tower": tower_config.model_type}
+
+
+def _fixed_size_lists(values: torch.Tensor) -> Any:
+    """(M, D) float tensor -> an Arrow ``fixed_size_list<float32>[D]`` array of M rows."""
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.float().numpy().reshape(-1)), values.shape[-1])
+
+
+def _write_shard(target: Path, columns: Any, skipped: list[list[str]]) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    pq.write_table(columns, tmp)
+    target.with_suffix(".skipped.json").write_text(json.dumps(skipped))
+    os.replace(tmp, target)  # the .parquet appears complete or not at all
+
+
+def embed_shards(
+    encoder: Any,
+    image_processor: Any,
+    data: str,
+    output_dir: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    patch_tokens: bool = False,
+    on_bad_image: str = "skip",
+    num_workers: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Encode this process's part of the shards of ``data`` (``shards[rank::world_size]``) into Parquet shards.
+
+    Returns ``{"shards_written", "shards_skipped" (already complete), "images_encoded", "skipped"}`` for this
+    process. ``image_embeds`` (D,) float32 per row; ``patch_tokens`` (N, D_tokens) when asked.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from .embedding_cache import encode_images
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shards = expand_shards(data)
+    names = [Path(s.split("://")[-1]).name.rsplit(".", 1)[0] for s in shards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{data}: two shards have the same file name; outputs are named after them.")
+    report: dict[str, Any] = {"shards_written": 0, "shards_skipped": 0, "images_encoded": 0, "skipped": []}
+    for shard, name in list(zip(shards, names))[rank::world_size]:
+        target = output_dir / f"{name}.parquet"
+        if target.is_file():
+            report["shards_skipped"] += 1
+            continue
+        rows = [r for r in iter_shard_rows([shard]) if "image" in r]
+        kwargs = dict(
+            names=[f"{shard}::{r['key']}" for r in rows],
+            batch_size=batch_size,
+            dtype=dtype,
+            device=device,
+            num_workers=num_workers,
+            on_bad_image=on_bad_image,
+            show_progress=show_progress,
+            desc=f"Embedding {name}",
+        )
+        images = [r["image"] for r in rows]
+        embeds, kept, skipped = encode_images(
+            encoder, image_processor, images, mapping_input="pooled", **kwargs
+        )
+        columns = {
+            "key": pa.array([rows[i]["key"] for i in kept], pa.string()),
+            "caption": pa.array([rows[i]["caption"] for i in kept], pa.string()),
+            "image_embeds": _fixed_size_lists(embeds),  # (M, D)
+        }
+        if patch_tokens:  # a second pass over the good images for the token features (M, N, D_tokens)
+            tokens, _, _ = encode_images(
+                encoder,
+                image_processor,
+                [images[i] for i in kept],
+                mapping_input="tokens",
+                **kwargs | {"names": None},
+            )
+            columns["patch_tokens"] = pa.ListArray.from_arrays(
+                pa.array(
+                    np.arange(0, tokens.shape[0] * tokens.shape[1] + 1, tokens.shape[1], dtype=np.int32)
+                ),
+                _fixed_size_lists(tokens.reshape(-1, tokens.shape[-1])),
+            )
+        _write_shard(target, pa.table(columns), [list(s) for s in skipped])
+        report["shards_written"] += 1
+        report["images_encoded"] += len(kept)
+        report["skipped"] += [list(s) for s in skipped]
+    return report
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``clipcap embed``."""
+    from .cli import add_bool_argument
+
+    parser.add_argument(
+        "--model", required=True, help="A ClipCap model or an image-tower checkpoint (folder or Hub id)."
+    )
+    parser.add_argument(
+        "--data", required=True, help="Shards: 'shards/*.tar', 'cc-{00000..00331}.tar', Parquet..."
+    )
+    parser.add_argument("--output_dir", required=True, help="Where <shard>.parquet files are written.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per tower call.")
+    parser.add_argument("--num_workers", type=int, default=0, help="Image decoding workers per process.")
+    parser.add_argument("--on_bad_image", choices=["skip", "fail", "error"], default="skip")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    add_bool_argument(parser, "patch_tokens", help="Also store the tower's token features (a second pass).")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run ``clipcap embed`` in this process (one of those ``accelerate launch`` / ``torchrun`` started)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    start = time.time()
+    try:
+        encoder, image_processor, described = load_image_encoder(args.model)
+        report = embed_shards(
+            encoder.to(state.device),
+            image_processor,
+            args.data,
+            args.output_dir,
+            batch_size=args.batch_size,
+            patch_tokens=args.patch_tokens,
+            on_bad_image="fail" if args.on_bad_image == "error" else args.on_bad_image,
+            num_workers=args.num_workers,
+            dtype=getattr(torch, args.dtype),
+            device=state.device,
+            rank=state.process_index,
+            world_size=state.num_processes,
+            show_progress=state.is_local_main_process,
+        )
+        failure = None
+    except Exception as err:  # every process reports, so one failing never leaves the others waiting
+        report, failure = None, f"process {state.process_index}: {type(err).__name__}: {err}"
+    outcome = [{"report": report, "failure": failure}]
+    reports = gather_object(outcome) if state.num_processes > 1 else outcome
+    failures = [r["failure"] for r in reports if r["failure"]]
+    if failures:
+        if state.is_main_process:
+            print("clipcap embed: error: " + "\n".join(failures), file=sys.stderr)
+        return 2
+    if state.is_main_process:
+        summary = {
+            **described,
+            "data": args.data,
+            "images_encoded_per_rank": [r["report"]["images_encoded"] for r in reports],
+            "shards_written": sum(r["report"]["shards_written"] for r in reports),
+            "shards_already_done": sum(r["report"]["shards_skipped"] for r in reports),
+            "skipped": [s for r in reports for s in r["report"]["skipped"]],
+            "seconds": round(time.time() - start, 1),
+        }
+        (Path(args.output_dir) / "embed_info.json").write_text(json.dumps(summary, indent=2))
+        print(
+            json.dumps(
+                {k: v for k, v in summary.items() if k != "skipped"} | {"skipped": len(summary["skipped"])}
+            )
+        )
+    return 0
