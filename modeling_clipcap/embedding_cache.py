@@ -342,6 +342,7 @@ class EmbeddingCache:
         num_reused: images read from an existing cache.
         skipped: ``(name, reason)`` of images that could not be read (``on_bad_image="skip"``).
         mapping_input: ``"pooled"`` or ``"tokens"``: what the rows hold.
+        num_encoded_per_process: images each process encoded (``processes``; ``[num_encoded]`` otherwise).
     """
 
     dataset: Any
@@ -351,6 +352,7 @@ class EmbeddingCache:
     num_reused: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     mapping_input: str = "pooled"
+    num_encoded_per_process: list[int] = field(default_factory=list)
 
     @property
     def keys(self) -> list[str]:
@@ -408,6 +410,7 @@ def build_embedding_cache(
     desc: str = "Encoding images",
     encoder_hash: str | None = None,
     mapping_input: str | None = None,
+    processes: Any = None,
 ) -> EmbeddingCache:
     """Embeddings of ``images`` from the cache when present, else encode each unique image once and store them.
 
@@ -422,6 +425,10 @@ def build_embedding_cache(
         encoder_hash: a precomputed :func:`encoder_fingerprint` (saves re-hashing the weights).
         mapping_input: store the pooled embedding (D,) or the token features (N, D) of each image (default: the
             model config's ``mapping_input``); part of the fingerprint.
+        processes: the ``accelerate`` state (``Accelerator`` / ``PartialState``) of a multi-process run, called by
+            every process: each encodes every ``num_processes``-th unique image into a part next to the cache
+            (``cache_dir`` must be shared by the processes), the main process merges the parts into the one
+            cache, and a failure in any process raises in all of them with that process's message.
 
     Returns:
         An :class:`EmbeddingCache`. With ``on_bad_image="skip"`` the unreadable images have no row.
@@ -462,14 +469,14 @@ def build_embedding_cache(
         )
 
     start = time.perf_counter()
-    embeds, rows, skipped = encode_images(
-        model,
-        image_processor,
-        unique_sources,
-        names=[
-            describe_source(s) if not isinstance(s, dict) else str(s.get("path") or k)
-            for s, k in zip(unique_sources, unique_keys)
-        ],
+    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
+    sharded = world > 1 and target is not None
+    mine = list(range(rank, len(unique_sources), world)) if sharded else list(range(len(unique_sources)))
+    names = [
+        describe_source(s) if not isinstance(s, dict) else str(s.get("path") or k)
+        for s, k in zip(unique_sources, unique_keys)
+    ]
+    encode_kwargs = dict(
         batch_size=batch_size,
         dtype=dtype,
         device=device,
@@ -479,15 +486,19 @@ def build_embedding_cache(
         desc=desc,
         mapping_input=mapping_input,
     )
-    dim = int(embeds.shape[-1]) if embeds.shape[-1] else int(model.config.image_embed_dim)
-    if mapping_input == "tokens":  # (N, D) per image
-        column = datasets.Array2D(shape=(int(embeds.shape[1]), dim), dtype="float32")
+    if sharded:
+        dataset, rows, skipped, per_process, shape = _encode_part(
+            model, image_processor, unique_sources, unique_keys, names, mine, target, processes, encode_kwargs
+        )
     else:
-        column = datasets.List(datasets.Value("float32"), length=dim)
-    features = datasets.Features({"image_key": datasets.Value("string"), "image_embeds": column})
-    dataset = datasets.Dataset.from_dict(
-        {"image_key": [unique_keys[r] for r in rows], "image_embeds": embeds.numpy()}, features=features
-    )
+        embeds, rows, skipped = encode_images(
+            model, image_processor, unique_sources, names=names, **encode_kwargs
+        )
+        per_process, shape = [len(rows)], list(embeds.shape[1:])
+    dim = int(shape[-1]) if shape and shape[-1] else int(model.config.image_embed_dim)
+    if not sharded or (rank == 0 and dataset is None):  # (sharded, nothing readable: an empty cache)
+        rows_embeds = embeds if not sharded else torch.empty(0, dim)
+        dataset = _rows_dataset([unique_keys[r] for r in rows], rows_embeds, mapping_input, dim)
     info = {
         "format_version": CACHE_FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -498,19 +509,100 @@ def build_embedding_cache(
         "num_embeddings": len(rows),
         "image_embed_dim": dim,
         "mapping_input": mapping_input,
-        "embedding_shape": list(embeds.shape[1:]),
+        "embedding_shape": shape,
         "skipped": [list(s) for s in skipped],
         "seconds": round(time.perf_counter() - start, 3),
     }
     if target is not None:
-        _save_atomically(dataset, target, info)
+        if rank == 0:
+            _save_atomically(dataset, target, info)
+        if sharded:
+            processes.wait_for_everyone()
+            if rank == 0:
+                shutil.rmtree(_parts_folder(target), ignore_errors=True)
         dataset = datasets.load_from_disk(str(target / "data"))  # memory-mapped from the cache
     return EmbeddingCache(
         dataset=dataset,
         path=target,
         fingerprint=fingerprint,
-        num_encoded=len(rows),
+        num_encoded=sum(per_process),
         num_reused=0,
         skipped=skipped,
         mapping_input=mapping_input,
+        num_encoded_per_process=per_process,
     )
+
+
+def _rows_dataset(keys: list[str], embeds: torch.Tensor, mapping_input: str, dim: int) -> Any:
+    """``image_key`` + ``image_embeds`` rows: (D,) per image, or an Array2D (N, D) of token features."""
+    import datasets
+
+    if mapping_input == "tokens":  # (N, D) per image
+        column = datasets.Array2D(shape=(int(embeds.shape[1]), dim), dtype="float32")
+    else:
+        column = datasets.List(datasets.Value("float32"), length=dim)
+    features = datasets.Features({"image_key": datasets.Value("string"), "image_embeds": column})
+    return datasets.Dataset.from_dict({"image_key": keys, "image_embeds": embeds.numpy()}, features=features)
+
+
+def _parts_folder(target: Path) -> Path:
+    return target.parent / f".{target.name}.parts"
+
+
+def _encode_part(
+    model: Any,
+    image_processor: Any,
+    sources: list[Any],
+    keys: list[str],
+    names: list[str],
+    mine: list[int],
+    target: Path,
+    processes: Any,
+    encode_kwargs: dict[str, Any],
+) -> tuple[Any, list[int], list[tuple[str, str]], list[int], list[int]]:
+    """This process encodes ``sources[i] for i in mine`` into ``<cache>.parts/part-<rank>``; the parts are merged
+    (on the main process) in unique-image order. Returns ``(merged dataset (main process) or None, rows, skipped,
+    images encoded per process, the shape of one embedding)``."""
+    import datasets
+    from accelerate.utils import gather_object
+
+    rank = processes.process_index
+    part = _parts_folder(target) / f"part-{rank}"
+    outcome: dict[str, Any] = {"rows": [], "skipped": [], "error": None, "shape": []}
+    try:
+        embeds, rows, skipped = encode_images(
+            model,
+            image_processor,
+            [sources[i] for i in mine],
+            names=[names[i] for i in mine],
+            **encode_kwargs,
+        )
+        rows = [mine[r] for r in rows]
+        if rows:
+            dim = int(embeds.shape[-1])
+            _rows_dataset([keys[r] for r in rows], embeds, encode_kwargs["mapping_input"], dim).save_to_disk(
+                str(part)
+            )
+        outcome.update(rows=rows, skipped=[list(s) for s in skipped], shape=list(embeds.shape[1:]))
+    except Exception as err:  # reported by every process, so none is left waiting for this one
+        outcome["error"] = f"process {rank}: {type(err).__name__}: {err}"
+    outcomes = gather_object([outcome])
+    errors = [o["error"] for o in outcomes if o["error"]]
+    if errors:
+        raise ValueError(f"encoding {target.name} failed: " + "; ".join(errors))
+    per_process = [len(o["rows"]) for o in outcomes]
+    rows = sorted(r for o in outcomes for r in o["rows"])
+    skipped = [tuple(s) for o in outcomes for s in o["skipped"]]
+    order = {name: i for i, name in enumerate(names)}
+    skipped.sort(key=lambda s: order.get(s[0], 0))
+    shape = next((o["shape"] for o in outcomes if o["rows"]), [])
+    merged = None
+    if rank == 0 and rows:
+        parts = [
+            datasets.load_from_disk(str(_parts_folder(target) / f"part-{r}"))
+            for r, o in enumerate(outcomes)
+            if o["rows"]
+        ]
+        position = {r: i for i, r in enumerate(r for o in outcomes for r in o["rows"])}
+        merged = datasets.concatenate_datasets(parts).select([position[r] for r in rows]).flatten_indices()
+    return merged, rows, skipped, per_process, shape

@@ -131,6 +131,7 @@ def embed_split(
         "reused": cache.num_reused,
         "path": str(cache.path),
         "mapping_input": cache.mapping_input,
+        "encoded_per_rank": cache.num_encoded_per_process,
     }
     # token features (N, D) per image may not fit in memory: read them from the memory-mapped cache
     embeds = cache.rows(order.tolist()) if cache.mapping_input == "tokens" else cache.embeddings()[order]
@@ -266,11 +267,11 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
             "on_bad_image": args.on_bad_image,
             "show_progress": accelerator.is_local_main_process,
             "encoder_hash": encoder_fingerprint(model, processor.image_processor, dtype or torch.float32),
+            "processes": accelerator,  # every process encodes its part of the unique images
         }
 
     def embedded(images: datasets.Dataset, desc: str) -> tuple[torch.Tensor, datasets.Dataset]:
-        with accelerator.main_process_first():  # the main process encodes; the others read its cache
-            split = embed_split(model, processor.image_processor, images, desc=desc, **cache_kwargs)
+        split = embed_split(model, processor.image_processor, images, desc=desc, **cache_kwargs)
         if accelerator.is_main_process:
             logger.info(f"{desc}: {split.stats['encoded']} images encoded, {split.stats['reused']} reused")
         data["encode_stats"][desc] = split.stats
@@ -331,9 +332,15 @@ def _precomputed_rows(images: datasets.Dataset) -> CachedCaptionDataset:
 
 
 def run_report(accelerator: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """What every process did with the data, for ``train_results.json`` (a collective call): with a shard
+    """What every process did with the data, for ``train_results.json`` (a collective call):
+    ``images_encoded_per_rank`` (all splits; zeros when everything came from the cache) and, with a shard
     stream, ``samples_seen_per_rank`` and ``skipped_samples`` (key, shard, reason)."""
-    return stream_report(accelerator, data["train_loader"]) if "train_loader" in data else {}
+    encoded = [0] * accelerator.num_processes
+    for stats in data["encode_stats"].values():
+        for rank, count in enumerate(stats.get("encoded_per_rank") or []):
+            encoded[rank] += count
+    report = {"images_encoded_per_rank": encoded}
+    return report | (stream_report(accelerator, data["train_loader"]) if "train_loader" in data else {})
 
 
 def make_dataloaders(

@@ -444,3 +444,42 @@ def test_two_ranks_two_workers_read_every_sample_once_and_resume_exactly_after_s
     resumed = json.loads((killed / "train_results.json").read_text())
     assert resumed["samples_seen_per_rank"] == results["samples_seen_per_rank"]
     assert [s["key"] for s in resumed["skipped_samples"]] == [BROKEN]
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_encoding_of_the_embedding_cache_and_a_failing_rank_fails_the_run(
+    shards, preset, tmp_path
+):
+    """Non-streaming from tar shards on 2 gloo ranks: each rank encodes its half of the unique images into the one
+    fingerprinted cache (a 1-process run then encodes nothing); a bad image under the default policy fails every
+    rank with the message of the rank that met it."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = subprocess_env(tmp_path, TRAINING_DIR=str(REPO_ROOT / "training"), ACCELERATE_USE_CPU="true")
+    cache = tmp_path / "cache"
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return ["--config", str(preset), "--train_file", shards["pattern"], "--output_dir", str(out)] + [
+            "--embedding_cache_dir", str(cache), "--max_train_steps", "2", *extra,
+        ]  # fmt: skip
+
+    status, output, _ = _launch_two_ranks(driver, argv(tmp_path / "two", "--on_bad_image", "skip"), env)
+    assert status == 0, output[-4000:]
+    results = json.loads((tmp_path / "two" / "train_results.json").read_text())
+    assert results["images_encoded_per_rank"] == [8, 6]  # 15 unique images: 8 | 7, one of them broken
+    listed = json.loads((tmp_path / "two" / "skipped_images.json").read_text())["images"]
+    assert results["skipped_images"] == 1 and [Path(name).name for name, _ in listed] == [
+        f"shard-0001.tar::{BROKEN}"
+    ]
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1 and not list(
+        cache.glob(".*parts")
+    )
+
+    summary = train.main(argv(tmp_path / "one", "--on_bad_image", "skip"))  # this process alone, same cache
+    assert summary["images_encoded_per_rank"] == [0]
+
+    status, output, _ = _launch_two_ranks(
+        driver, argv(tmp_path / "strict", "--embedding_cache_dir", str(tmp_path / "c2")), env
+    )
+    assert status != 0 and "process 1" in output and BROKEN in output, output[-4000:]
+    assert not (tmp_path / "strict" / "train_results.json").exists()
