@@ -48,7 +48,10 @@ __all__ = [
     "load_clip",
     "max_reference_similarity",
     "ref_clip_score_from_embeddings",
+    "parse_java_version",
     "simple_tokenize",
+    "spice_dir",
+    "spice_java",
     "spice_unavailable_reason",
 ]
 
@@ -69,25 +72,29 @@ CAPTION_METRIC_KEYS: tuple[str, ...] = (
 # ----------------------------------------------------------------------------
 
 
-def java_version() -> int | None:
-    """Major version of the ``java`` on ``PATH`` (8 for "1.8.0_x", 17 for "17.0.x"); None without java.
-
-    Returns 0 when java runs but its version string cannot be parsed.
-    """
-    java = shutil.which("java")
-    if java is None:
-        return None
-    try:
-        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', proc.stderr + proc.stdout)
+def parse_java_version(banner: str) -> int:
+    """Major version in the banner of ``java -version``: 8 for "1.8.0_x", 17 for "17.0.x", 21 for "21";
+    0 when there is no version in it."""
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', banner)
     if match is None:
         return 0
     major = int(match.group(1))
     if major == 1 and match.group(2) is not None:  # "1.8.0_292" is Java 8
         major = int(match.group(2))
     return major
+
+
+def java_version(java: str | os.PathLike | None = None) -> int | None:
+    """Major version of ``java`` (default: the ``java`` on ``PATH``); None without one, 0 when it runs but its
+    version cannot be read."""
+    java = java or shutil.which("java")
+    if java is None:
+        return None
+    try:
+        proc = subprocess.run([str(java), "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return parse_java_version(proc.stderr + proc.stdout)
 
 
 def _pycocoevalcap_dir() -> Path:
@@ -98,33 +105,54 @@ def _pycocoevalcap_dir() -> Path:
 
 
 # SPICE 1.0 parses with Stanford CoreNLP 3.6.0; pycocoevalcap downloads these two jars on first use.
+SPICE_JAR = "spice-1.0.jar"
 _SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 _SPICE_MAX_JAVA = 11
+
+
+def spice_java() -> str | None:
+    """The java that runs SPICE: ``$CLIPCAP_SPICE_JAVA`` (e.g. a Java 11 next to a newer default java), else
+    the ``java`` on ``PATH``."""
+    return os.environ.get("CLIPCAP_SPICE_JAVA") or shutil.which("java")
+
+
+def spice_dir() -> Path:
+    """The folder holding ``spice-1.0.jar`` and its ``lib/``: ``$CLIPCAP_SPICE_DIR``, else pycocoevalcap's
+    ``spice/`` folder (ImportError without pycocoevalcap)."""
+    env = os.environ.get("CLIPCAP_SPICE_DIR")
+    return Path(env) if env else _pycocoevalcap_dir() / "spice"
 
 
 def spice_unavailable_reason() -> str | None:
     """Why SPICE cannot run on this machine, or None when it can.
 
-    SPICE needs ``java`` <= 11 (its Kryo-based cache fails on Java 16+) and the
-    Stanford CoreNLP 3.6.0 jars in ``pycocoevalcap/spice/lib/``, which
-    pycocoevalcap downloads on first use. This module never downloads them.
+    SPICE needs a java <= 11 (:func:`spice_java`; its Kryo-based cache fails on Java 16+) and, in
+    :func:`spice_dir`, ``spice-1.0.jar`` with the Stanford CoreNLP 3.6.0 jars in ``lib/``, which pycocoevalcap
+    downloads on first use. This module never downloads them.
     """
     try:
-        lib_dir = _pycocoevalcap_dir() / "spice" / "lib"
+        folder = spice_dir()
     except ImportError:
         return "pycocoevalcap is not installed (pip install 'modeling_clipcap[eval]')"
-    version = java_version()
+    java = spice_java()
+    version = java_version(java)
     if version is None:
-        return "java is not installed (SPICE needs Java <= 11 on PATH)"
+        return "java is not installed (SPICE needs Java <= 11 on PATH, or CLIPCAP_SPICE_JAVA)"
     if version == 0:
-        return "could not read the version of the java on PATH (SPICE needs Java <= 11)"
+        return f"could not read the version of {java} (SPICE needs Java <= 11)"
     if version > _SPICE_MAX_JAVA:
-        return f"SPICE needs Java <= {_SPICE_MAX_JAVA}, but the java on PATH is version {version}"
-    missing = [jar for jar in _SPICE_CORENLP_JARS if not (lib_dir / jar).is_file()]
+        return (
+            f"SPICE needs Java <= {_SPICE_MAX_JAVA}, but {java} is version {version} "
+            "(set CLIPCAP_SPICE_JAVA to a Java 8-11 executable)"
+        )
+    missing = [
+        jar for jar in (SPICE_JAR, *(f"lib/{j}" for j in _SPICE_CORENLP_JARS)) if not (folder / jar).is_file()
+    ]
     if missing:
         return (
-            f"Stanford CoreNLP jars missing from {lib_dir} ({', '.join(missing)}); nothing here downloads "
-            "them: run `python -m pycocoevalcap.spice.get_stanford_models` once on a machine with network"
+            f"SPICE jars missing from {folder} ({', '.join(missing)}); nothing here downloads them: run "
+            "`python -m pycocoevalcap.spice.get_stanford_models` once on a machine with network, or set "
+            "CLIPCAP_SPICE_DIR to a folder that has them"
         )
     return None
 
@@ -315,15 +343,37 @@ def _meteor_score(gts: dict, res: dict) -> tuple[float, list[float]]:
 
 
 def _spice_score(gts: dict, res: dict) -> tuple[float, list[float]]:
-    from pycocoevalcap.spice.spice import Spice
+    """SPICE of tokenized captions: (mean, per image in ``gts`` order, as the other scorers), each the "All"
+    F-score (pycocoevalcap's ``Spice`` sorts the ids instead, which mis-assigned per-image scores here).
 
-    with _quiet_fds() as log_path:
-        try:
-            score, scores = Spice().compute_score(gts, res)
-        except Exception as err:
-            raise RuntimeError(f"SPICE (java) failed: {err!r}\n{_log_tail(log_path)}") from err
-    per_image = [float(s["All"]["f"]) for s in scores]
-    return float(score), per_image
+    Runs ``spice-1.0.jar`` with the arguments pycocoevalcap's ``Spice.compute_score`` passes, but with
+    :func:`spice_java` and :func:`spice_dir`, and with its input and output files in a temporary folder
+    instead of the installed package. Its parse cache stays in ``<spice_dir>/cache``, as pycocoevalcap keeps it.
+    """
+    import numpy as np
+
+    ids = list(gts)
+    folder, java = spice_dir(), spice_java()
+    with tempfile.TemporaryDirectory(prefix="clipcap-spice-") as tmp:
+        in_file, out_file = Path(tmp) / "input.json", Path(tmp) / "output.json"
+        rows = [{"image_id": i, "test": res[key][0], "refs": list(gts[key])} for i, key in enumerate(ids)]
+        in_file.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        (folder / "cache").mkdir(exist_ok=True)
+        command = [str(java), "-jar", "-Xmx8G", SPICE_JAR, str(in_file), "-cache", str(folder / "cache")]
+        command += ["-out", str(out_file), "-subset", "-silent"]
+        proc = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+        if proc.returncode != 0 or not out_file.is_file():
+            raise RuntimeError(
+                f"SPICE (java) failed with exit status {proc.returncode}: {(proc.stderr + proc.stdout)[-2000:]}"
+            )
+        results = json.loads(out_file.read_text(encoding="utf-8"))
+    by_row = {item["image_id"]: item["scores"]["All"]["f"] for item in results}
+    missing = [ids[i] for i in range(len(ids)) if i not in by_row]
+    if missing:
+        raise RuntimeError(f"SPICE (java) returned no score for images {missing[:5]}")
+    # no tuples to score gives NaN (or null): nan, as pycocoevalcap's float_convert does
+    per_image = [float("nan") if by_row[i] is None else float(by_row[i]) for i in range(len(ids))]
+    return float(np.mean(per_image)), per_image
 
 
 def compute_caption_metrics(
@@ -1108,6 +1158,23 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def _resolve_device(name: str | None) -> torch.device:
+    """``--device`` (default: cuda if available, else cpu); a ValueError naming it when it is not usable here."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(
+            f"--device {name!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1."
+        ) from None
+    if device.type == "cuda" and not 0 <= (device.index or 0) < torch.cuda.device_count():
+        raise ValueError(
+            f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu."
+        )
+    return device
+
+
 def run_evaluation(args: Any) -> dict[str, Any]:
     """Load model, processor and data from ``args`` (see :func:`add_cli_arguments`), evaluate, write outputs.
 
@@ -1123,7 +1190,7 @@ def run_evaluation(args: Any) -> dict[str, Any]:
             f"--model {str(model_dir)!r} is not a local model directory with a config.json "
             "(evaluation never downloads; save or download the model first)"
         )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _resolve_device(args.device)
     model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     dataset, report = data_lib.load_caption_dataset(

@@ -114,5 +114,18 @@ def test_evaluate_limit_beams_tokens_and_meteor_flags(tmp_path, tiny_model, tiny
     assert "captioning" not in capsys.readouterr().err  # --no_progress: no progress bar
 
 
+def test_evaluate_device_flag_is_used(tmp_path, tiny_model, tiny_processor, capsys):
+    """--device reaches the model: a device this machine lacks is refused, naming the flag, before any work."""
+    tiny_model.save_pretrained(tmp_path / "model")
+    tiny_processor.save_pretrained(tmp_path / "model")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "missing.jsonl")]
+    for device, message in (("cuda:99", "no such CUDA device"), ("abacus", "is not a torch device")):
+        assert main(argv + ["--device", device]) == 2
+        err = capsys.readouterr().err
+        assert f"--device {device}" in err.replace("'", "") and message in err
+    assert main(argv + ["--device", "cpu"]) == 2  # a usable device: now the missing data file is the error
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
 def _token_ids(predictions: list[dict], processor) -> list[list[int]]:
     return [processor.tokenizer(p["caption"], add_special_tokens=False)["input_ids"] for p in predictions]

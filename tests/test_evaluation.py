@@ -183,42 +183,150 @@ def test_line_breaks_inside_captions_do_not_shift_captions():
         assert out["per_image"][key]["ROUGE_L"] == pytest.approx(1.0), key
 
 
-def test_spice_unavailable_is_reported_as_skipped_never_zero(monkeypatch):
-    monkeypatch.setattr(ev, "java_version", lambda: 17)
-    reason = ev.spice_unavailable_reason()
-    assert reason is not None and "Java <= 11" in reason and "17" in reason
-    monkeypatch.setattr(ev, "java_version", lambda: None)
-    assert "java is not installed" in ev.spice_unavailable_reason()
-    monkeypatch.setattr(ev, "java_version", lambda: 8)
-    monkeypatch.setattr(ev, "_SPICE_CORENLP_JARS", ("no-such-corenlp.jar",))
-    assert "no-such-corenlp.jar" in ev.spice_unavailable_reason()
+# A stand-in for `java` (run by our code as a separate process): `-version` prints $FAKE_JAVA_BANNER to stderr
+# as java does; `-jar ... spice-1.0.jar IN -cache DIR -out OUT -subset -silent` records its command line and
+# folder, checks the jar is where it was run, and writes OUT as SPICE 1.0 does (one row per image_id, "scores"
+# per category with pr/re/f/tp/fp/fn), scoring a caption by word-set overlap with its references.
+FAKE_SPICE_JAVA = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+if args == ["-version"]:
+    print(os.environ.get("FAKE_JAVA_BANNER", 'openjdk version "11.0.21" 2023-10-17'), file=sys.stderr)
+    sys.exit(0)
+with open(os.environ["FAKE_JAVA_LOG"], "a") as fh:
+    fh.write(json.dumps({{"argv": args, "cwd": os.getcwd()}}) + "\\n")
+if os.environ.get("FAKE_JAVA_FAIL"):
+    print("Exception in thread main: java.lang.OutOfMemoryError", file=sys.stderr)
+    sys.exit(1)
+jar = args[args.index("-jar") + 2]
+if not os.path.isfile(jar):
+    sys.exit("Error: Unable to access jarfile " + jar)
+rows = json.load(open(args[args.index("-jar") + 3]))
+results = []
+for row in rows:
+    test, refs = set(row["test"].split()), {{w for r in row["refs"] for w in r.split()}}
+    tp = len(test & refs)
+    pr, re = tp / len(test), tp / len(refs)
+    f = 2 * pr * re / (pr + re) if tp else 0.0
+    all_ = {{"pr": pr, "re": re, "f": f, "tp": tp, "fp": len(test) - tp, "fn": len(refs) - tp, "numImages": 1}}
+    none = {{"pr": "NaN", "re": "NaN", "f": "NaN", "tp": 0, "fp": 0, "fn": 0, "numImages": 1}}
+    results.append({{"image_id": row["image_id"], "test": row["test"], "refs": row["refs"],
+                    "scores": {{"All": all_, "Object": all_, "Attribute": none, "Relation": none}}}})
+json.dump(results, open(args[args.index("-out") + 1], "w"))
+"""
 
-    monkeypatch.setattr(
-        ev, "spice_unavailable_reason", lambda: "SPICE needs Java <= 11, but the java on PATH is version 17"
-    )
+
+def _word_f1(test: str, refs: list[str]) -> float:
+    words, ref_words = set(test.split()), {w for r in refs for w in r.split()}
+    tp = len(words & ref_words)
+    return 2 * tp / (len(words) + len(ref_words))  # the harmonic mean of tp/|test| and tp/|refs|
+
+
+@pytest.fixture()
+def fake_spice(tmp_path, monkeypatch):
+    """A SPICE folder (spice-1.0.jar and the CoreNLP jars, empty files) and the fake java, selected through
+    CLIPCAP_SPICE_DIR / CLIPCAP_SPICE_JAVA; yields (folder, log of the java runs)."""
+    import sys
+
+    folder = tmp_path / "spice"
+    (folder / "lib").mkdir(parents=True)
+    for jar in ("spice-1.0.jar", "lib/stanford-corenlp-3.6.0.jar", "lib/stanford-corenlp-3.6.0-models.jar"):
+        (folder / jar).write_bytes(b"")
+    java = tmp_path / "bin" / "java"
+    java.parent.mkdir()
+    java.write_text(FAKE_SPICE_JAVA.format(python=sys.executable))
+    java.chmod(0o755)
+    log = tmp_path / "java_runs.jsonl"
+    monkeypatch.setenv("CLIPCAP_SPICE_DIR", str(folder))
+    monkeypatch.setenv("CLIPCAP_SPICE_JAVA", str(java))
+    monkeypatch.setenv("FAKE_JAVA_LOG", str(log))
+    return folder, log
+
+
+def test_spice_scorer_runs_through_the_configured_java_and_folder(fake_spice, monkeypatch):
+    """compute_caption_metrics runs SPICE: the jar in CLIPCAP_SPICE_DIR with CLIPCAP_SPICE_JAVA, the
+    arguments SPICE 1.0 takes, and its output file read back into the mean and per-image "All" F-scores."""
+    folder, log = fake_spice
+    preds = {"b": "a blue square", "a": "a red circle", 7: "two green circles"}
+    refs = {"b": ["a green triangle"], "a": ["a red circle", "one red circle"], 7: ["two green circles"]}
+    assert ev.spice_unavailable_reason() is None
+    out = ev.compute_caption_metrics(preds, refs, meteor=False, spice=True, per_image=True)
+    expected = {key: _word_f1(preds[key], refs[key]) for key in refs}  # lower case, no punctuation: untouched
+    assert out["SPICE"] == pytest.approx(sum(expected.values()) / 3)
+    assert {key: out["per_image"][key]["SPICE"] for key in refs} == pytest.approx(expected)
+    assert 0 < out["SPICE"] < 1 and "SPICE" not in out["skipped"]
+    (run,) = [json.loads(line) for line in log.read_text().splitlines()]
+    argv = run["argv"]
+    assert argv[:3] == ["-jar", "-Xmx8G", "spice-1.0.jar"] and run["cwd"] == str(folder)
+    assert argv[-2:] == ["-subset", "-silent"] and argv[argv.index("-cache") + 1] == str(folder / "cache")
+    assert not Path(argv[3]).exists()  # the input file was temporary, and not in the SPICE folder
+    assert sorted(p.name for p in folder.iterdir()) == ["cache", "lib", "spice-1.0.jar"]
+
+    monkeypatch.setenv("FAKE_JAVA_FAIL", "1")
+    failed = ev.compute_caption_metrics(preds, refs, meteor=False)  # spice=None: skipped, with java's words
+    assert "SPICE" not in failed and failed["skipped"]["SPICE"].startswith("SPICE (java) failed")
+    with pytest.raises(RuntimeError, match="OutOfMemoryError"):  # spice=True: the failure is an error
+        ev.compute_caption_metrics(preds, refs, meteor=False, spice=True)
+
+
+def test_spice_unavailable_is_reported_as_skipped_never_zero(fake_spice, monkeypatch):
+    """Each obstacle is named (a java too new, an unreadable banner, no java, a missing jar), SPICE is then
+    skipped with that reason, an error when requested, and never scored 0. Real banners of the fake java."""
+    folder, log = fake_spice
+    monkeypatch.setenv("FAKE_JAVA_BANNER", 'openjdk version "17.0.15" 2025-04-15')
+    reason = ev.spice_unavailable_reason()
+    assert "Java <= 11" in reason and "version 17" in reason and "CLIPCAP_SPICE_JAVA" in reason
     out = ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog", "a puppy"]}, meteor=False)
-    assert "SPICE" not in out
-    assert out["skipped"]["SPICE"].startswith("SPICE needs Java <= 11")
-    with pytest.raises(RuntimeError, match="SPICE was requested"):
+    assert "SPICE" not in out and out["skipped"]["SPICE"].startswith("SPICE needs Java <= 11")
+    with pytest.raises(RuntimeError, match="SPICE was requested but cannot run: SPICE needs Java <= 11"):
         ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=True, meteor=False)
     off = ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=False, meteor=False)
     assert "SPICE" not in off and "disabled" in off["skipped"]["SPICE"]
+    assert not log.exists()  # the scorer never ran
+
+    monkeypatch.setenv("FAKE_JAVA_BANNER", "Error: could not create the Java Virtual Machine.")
+    assert "could not read the version" in ev.spice_unavailable_reason()
+    monkeypatch.setenv("FAKE_JAVA_BANNER", 'openjdk version "1.8.0_292"')
+    (folder / "lib" / "stanford-corenlp-3.6.0-models.jar").unlink()
+    reason = ev.spice_unavailable_reason()
+    assert "lib/stanford-corenlp-3.6.0-models.jar" in reason and "CLIPCAP_SPICE_DIR" in reason
+    monkeypatch.delenv("CLIPCAP_SPICE_JAVA")
+    monkeypatch.setenv("PATH", str(folder))  # no java anywhere
+    assert "java is not installed" in ev.spice_unavailable_reason()
+
+
+@pytest.mark.parametrize(
+    "banner, major",
+    [
+        ('openjdk version "1.8.0_402"\nOpenJDK Runtime Environment (Temurin)(build 1.8.0_402-b06)', 8),
+        ('java version "1.7.0_80"\nJava(TM) SE Runtime Environment (build 1.7.0_80-b15)', 7),
+        ('openjdk version "21.0.2" 2024-01-16\nOpenJDK Runtime Environment (build 21.0.2+13-58)', 21),
+        ('openjdk version "17-ea" 2021-09-14', 17),
+        ('Picked up JAVA_TOOL_OPTIONS: -Xss4m\nopenjdk version "11.0.21" 2023-10-17 LTS', 11),
+        ("java: command not found", 0),
+    ],
+)
+def test_parse_java_version(banner, major):
+    assert ev.parse_java_version(banner) == major
 
 
 @needs_java
 def test_spice_on_this_machine_is_computed_or_skipped_with_reason():
+    """With this machine's own java and pycocoevalcap folder: SPICE scored, or skipped naming the obstacle the
+    test finds itself (the java version it reads from `java -version`, else the missing CoreNLP jars)."""
+    import re
+    import subprocess
+
     out = ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, meteor=False)
-    reason = ev.spice_unavailable_reason()
-    if reason is None:
-        assert "SPICE" in out and "SPICE" not in out["skipped"]
+    banner = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
+    version = re.search(r'version "(?:1\.)?(\d+)', banner)
+    assert version is not None, banner
+    if "SPICE" in out:
+        assert int(version.group(1)) <= 11 and 0 <= out["SPICE"] <= 1
+    elif int(version.group(1)) > 11:
+        assert f"version {version.group(1)}" in out["skipped"]["SPICE"]
     else:
-        assert "SPICE" not in out and out["skipped"]["SPICE"] == reason
-        # the reason is the real obstacle on this machine: the java version when it is too new, else the jars
-        version = ev.java_version()
-        if version > 11:
-            assert f"version {version}" in reason
-        else:
-            assert "stanford-corenlp-3.6.0" in reason
+        assert "stanford-corenlp-3.6.0" in out["skipped"]["SPICE"]
 
 
 def test_without_java_falls_back_to_simple_tokenizer(monkeypatch):
