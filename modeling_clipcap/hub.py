@@ -133,8 +133,8 @@ def load_training_model(
     preset_config: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The model to train, from (in this order) a ClipCap checkpoint, CLIP + GPT-2 checkpoints
-    (``from_vision_text_pretrained``), or a preset's full ``config.json`` (random weights).
+    """The model to train, from (in this order) a ClipCap checkpoint, an image-tower + causal-LM pair of
+    checkpoints (``from_vision_text_pretrained``), or a preset's full ``config.json`` (random weights).
 
     ``overrides`` are ClipCap config fields (``mapping_type``, ``prefix_length``, ``freeze_*``...); on a trained
     checkpoint only the ``freeze_*`` ones may change (its architecture is fixed), others raise ValueError.
@@ -173,8 +173,8 @@ def load_training_model(
         return ClipCapForConditionalGeneration(ClipCapConfig(**(fields | overrides)))
     raise ValueError(
         "No model to train: give --model_name_or_path (a ClipCap checkpoint), or --text_model_name_or_path "
-        "(GPT-2) with --vision_model_name_or_path (CLIP), or a --config preset whose config.json has "
-        "vision_config and text_config."
+        "(a causal LM) with --vision_model_name_or_path (an image tower), or a --config preset whose "
+        "config.json has vision_config and text_config."
     )
 
 
@@ -187,20 +187,24 @@ def load_training_processor(
 ) -> Any:
     """A ``ClipCapProcessor`` for ``model``: the tokenizer from the first of ``tokenizer_sources`` given,
     the image processor from ``image_processor_name`` (must load), else the first of
-    ``image_processor_sources`` that has one, else CLIP's defaults at the vision tower's size."""
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessor
+    ``image_processor_sources`` that has one, else the tower family's own image processor sized from its
+    config (``towers.default_image_processor``: SigLIP's for SigLIP, ConvNeXt's for ConvNeXt and ResNet...)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessorPil
 
     from .processing_clipcap import ClipCapProcessor
+    from .towers import default_image_processor
 
     tokenizer_source = next((str(s) for s in tokenizer_sources if s), None)
     if tokenizer_source is None:
-        raise ValueError("No tokenizer: give --tokenizer_name (a GPT-2 tokenizer folder or name).")
+        raise ValueError(
+            "No tokenizer: give --tokenizer_name (the language model's tokenizer folder or name)."
+        )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer_source} has no eos token; captions must end with one.")
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise ValueError(
-            f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but GPT-2's vocab_size is "
+            f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens but the language model's vocab_size is "
             f"{model.config.text_config.vocab_size}; use the matching tokenizer."
         )
     if image_processor_name:
@@ -213,11 +217,10 @@ def load_training_processor(
                 break
             except (OSError, ValueError):
                 continue
-    if image_processor is None:
-        size = model.config.vision_config.image_size if model.config.vision_config is not None else 224
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
+    if image_processor is None and model.config.vision_config is not None:
+        image_processor = default_image_processor(model.config.vision_config)
+    elif image_processor is None:  # embeddings only: no tower reads images; CLIP's defaults
+        image_processor = CLIPImageProcessorPil()
     return ClipCapProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 

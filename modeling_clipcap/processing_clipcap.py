@@ -107,12 +107,25 @@ class ClipCapProcessor(ProcessorMixin):
         cls, vision_model_name_or_path: str, text_model_name_or_path: str, **kwargs: Any
     ) -> ClipCapProcessor:
         """The processor of ``ClipCapForConditionalGeneration.from_vision_text_pretrained(vision, text)``: the image
-        processor saved with the vision checkpoint and the tokenizer saved with the language model.
+        processor saved with the vision checkpoint (one saved without it gets its family's own image processor,
+        sized from its config: ``towers.default_image_processor``) and the tokenizer saved with the language model.
         ``kwargs`` (``revision``, ``cache_dir``, ``token``, ``local_files_only``...) go to both loaders."""
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        from .towers import default_image_processor, vision_tower_config
+
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path, **kwargs)
+        except OSError:  # no preprocessor_config.json next to the tower
+            config = vision_tower_config(AutoConfig.from_pretrained(vision_model_name_or_path, **kwargs))
+            image_processor = default_image_processor(config)
+            hf_logging.get_logger(__name__).warning(
+                f"{vision_model_name_or_path} has no saved image processor; using {type(image_processor).__name__} "
+                "sized from its config."
+            )
         return cls(
-            image_processor=AutoImageProcessor.from_pretrained(vision_model_name_or_path, **kwargs),
+            image_processor=image_processor,
             tokenizer=AutoTokenizer.from_pretrained(text_model_name_or_path, **kwargs),
         )
 

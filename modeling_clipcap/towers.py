@@ -47,6 +47,10 @@ class VisionFamily:
         token_width: config attribute holding their width.
         pixels: ``"square"`` (B, C, image_size, image_size), ``"any"`` (B, C, H, W) or ``"patches"``
             (B, N, C * patch_size**2, with ``pixel_attention_mask`` and ``spatial_shapes``).
+        image_processor: the family's own image processor class (PIL backend), used when a tower comes without a
+            saved one (:func:`default_image_processor`).
+        resize: how that processor is sized from the config: ``"crop"`` (short side, then a centre crop),
+            ``"square"`` (both sides), ``"short_side"`` (ConvNeXt's resize with ``crop_pct``) or ``"patches"``.
     """
 
     name: str
@@ -55,6 +59,8 @@ class VisionFamily:
     tokens: str
     token_width: str
     pixels: str
+    image_processor: str = "CLIPImageProcessorPil"
+    resize: str = "crop"
 
 
 _VIT_TOKENS = "`last_hidden_state` (B, 1 + patches, hidden): the CLS token and the patches"
@@ -68,32 +74,32 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
     ),
     "siglip_vision_model": VisionFamily(
         "SigLIP", "`pooler_output`: the attention-pooling head (needs vision_use_head=True)", "hidden_size",
-        "`last_hidden_state` (B, patches, hidden)", "hidden_size", "square",
+        "`last_hidden_state` (B, patches, hidden)", "hidden_size", "square", "SiglipImageProcessorPil", "square",
     ),
     "siglip2_vision_model": VisionFamily(
         "SigLIP2 (NaFlex)", "`pooler_output`: the attention-pooling head (needs vision_use_head=True)",
         "hidden_size", "`last_hidden_state` (B, patches, hidden); padded patches included", "hidden_size",
-        "patches",
+        "patches", "Siglip2ImageProcessorPil", "patches",
     ),
     "dinov2": VisionFamily(
         "DINOv2", "`pooler_output`: the CLS token after the final layer norm", "hidden_size", _VIT_TOKENS,
-        "hidden_size", "square",
+        "hidden_size", "square", "BitImageProcessorPil", "crop",
     ),
     "vit": VisionFamily(
         "ViT", "the CLS token of `last_hidden_state` after the final layer norm (ViT's untrained tanh pooler "
-        "is not built)", "hidden_size", _VIT_TOKENS, "hidden_size", "square",
+        "is not built)", "hidden_size", _VIT_TOKENS, "hidden_size", "square", "ViTImageProcessorPil", "square",
     ),
     "convnext": VisionFamily(
         "ConvNeXt", "`pooler_output`: global average pool + layer norm", "hidden_sizes", _CNN_TOKENS,
-        "hidden_sizes", "any",
+        "hidden_sizes", "any", "ConvNextImageProcessorPil", "short_side",
     ),
     "convnextv2": VisionFamily(
         "ConvNeXt V2", "`pooler_output`: global average pool + layer norm", "hidden_sizes", _CNN_TOKENS,
-        "hidden_sizes", "any",
+        "hidden_sizes", "any", "ConvNextImageProcessorPil", "short_side",
     ),
     "resnet": VisionFamily(
         "ResNet", "`pooler_output` (B, C, 1, 1): global average pool, flattened", "hidden_sizes", _CNN_TOKENS,
-        "hidden_sizes", "any",
+        "hidden_sizes", "any", "ConvNextImageProcessorPil", "short_side",
     ),
 }  # fmt: skip
 
@@ -207,6 +213,30 @@ def load_pretrained_tower(path: str, **load_kwargs: Any) -> nn.Module:
     return tower
 
 
+def default_image_processor(config: PreTrainedConfig) -> Any:
+    """The tower family's own image processor (PIL backend), sized from the tower's config: for a tower whose
+    checkpoint has no saved image processor. Square towers and CNNs get the config's ``image_size`` (ResNet
+    configs have none: 224), SigLIP2 its ``patch_size`` and ``num_patches``; DINOv2 ImageNet statistics."""
+    import transformers
+
+    family = vision_family(config)
+    kwargs: dict[str, Any] = {}
+    size = int(getattr(config, "image_size", None) or 224)
+    if family.resize == "patches":
+        kwargs = {"patch_size": config.patch_size, "max_num_patches": config.num_patches}
+    elif family.resize == "crop":
+        kwargs = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    elif family.resize == "square":
+        kwargs = {"size": {"height": size, "width": size}}
+    else:  # ConvNeXt's processor: below 384 it resizes the short side to size / crop_pct, then crops to size
+        kwargs = {"size": {"shortest_edge": size}}
+    if config.model_type == "dinov2":
+        from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        kwargs.update(image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+    return getattr(transformers, family.image_processor)(**kwargs)
+
+
 def tower_dtype(tower: nn.Module) -> torch.dtype:
     """The dtype the tower's weights are stored in (pixels are cast to it)."""
     return next(tower.parameters()).dtype
@@ -293,6 +323,7 @@ __all__ = [
     "build_language_model",
     "build_vision_tower",
     "check_language_config",
+    "default_image_processor",
     "has_fast_paths",
     "image_embed_dim",
     "image_features",

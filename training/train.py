@@ -54,6 +54,7 @@ __all__ = ["build_model_and_processor", "build_parser", "main", "parse_args"]
 # Arguments that are ClipCap model-config fields (they override the preset's config.json).
 MODEL_FIELDS = (
     "mapping_type", "prefix_length", "clip_length", "normalize_prefix", "freeze_language_model", "freeze_vision",
+    "mapping_input",
 )  # fmt: skip
 # Recorded in train_results.json and the model card.
 HYPERPARAMETERS = MODEL_FIELDS[:3] + MODEL_FIELDS[4:] + (
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer_name", help="Tokenizer (default: the text model's).")
     g.add_argument("--image_processor_name", help="Image processor (default: the vision model's).")
     g.add_argument("--mapping_type", choices=["mlp", "transformer"])
+    g.add_argument("--mapping_input", choices=["pooled", "tokens"], help="tokens: the token features.")
     g.add_argument("--prefix_length", type=int, help="K, prefix vectors given to the language model.")
     g.add_argument("--clip_length", type=int, help="Transformer mapper: projected image tokens.")
     add_bool_argument(g, "normalize_prefix", default=None)
