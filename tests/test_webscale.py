@@ -248,8 +248,11 @@ def test_train_streams_shards_and_reports_samples_and_skips(shards, preset, tmp_
         "50",
     ]
     argv += ["--num_train_epochs", "1", "--output_dir", str(out), "--dataloader_num_workers", "2"]
+    argv += ["--validation_file", shards["pattern"].replace("{0000..0002}", "0000")]
     argv += ["--on_bad_image", "skip", "--save_sample_order"]
     summary = train.main(argv)
+    assert "eval_loss" in summary["final_metrics"]  # validation read from a shard (in memory)
+    assert summary["embedding_cache"]["Encoding validation images"]["encoded"] == 5
     good = set(shards["keys"]) - {BROKEN}
     assert summary["samples_seen_per_rank"] == [len(good)]
     assert summary["completed_steps"] == 8  # worker 0: 11 samples in 6 batches, worker 1: 4 in 2
