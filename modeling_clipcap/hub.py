@@ -1,7 +1,7 @@
 """Hub concerns in one place: model cards (``huggingface_hub.ModelCard``) and pushing a model folder.
 
-Model-card templates are the preset's ``README.md`` / ``model_card.md`` (:mod:`modeling_clipcap.presets`)
-with ``$name`` placeholders; :func:`fill_card` fills them and returns a ``ModelCard`` (metadata parsed,
+Model-card templates are the preset's ``README.md`` (:mod:`modeling_clipcap.presets`, one schema for every
+preset) with ``$name`` placeholders; :func:`fill_card` fills them and returns a ``ModelCard`` (metadata parsed,
 so ``clipcap evaluate --update_model_card`` can add results to it later).
 """
 
@@ -28,12 +28,12 @@ tags:
 
 # $model_id
 
-A ClipCap image captioner (CLIP image embedding -> $mapping_type mapping network -> a prefix of
-$prefix_length vectors -> GPT-2), trained with `training/train.py` of the `modeling_clipcap` package.
+A ClipCap image captioner (image tower -> $mapping_type mapping network -> a prefix of $prefix_length
+vectors -> causal language model), trained with `training/train.py` of the `modeling_clipcap` package.
 
 - Base models: $base_models
 - Training data: $training_data
-- GPT-2 frozen: $freeze_language_model; trainable parameters: $trainable_parameters
+- Language model frozen: $freeze_language_model; trainable parameters: $trainable_parameters
 - Optimizer steps: $train_steps; final training loss: $final_loss
 
 ## Use
