@@ -12,9 +12,10 @@ What it covers (each entry of the private-name table in ``docs/compatibility.md`
   ``cache`` in model ``forward`` s, ``generate`` and every ``ModelOutput``; older releases only know
   ``past_key_values``. :func:`cache_kwargs` and :func:`output_cache` pass and read it under the
   installed name, so no call of ours triggers the rename's deprecation warning.
-* :func:`default_logits_processors`: the private ``GenerationMixin._get_logits_processor`` hook used
-  by the CPU decoding speed path. If a release moves or reshapes it, the speed path switches itself off
-  (stock processors, same captions, a little slower) instead of crashing.
+* :func:`logits_processor_hook_available`: the private ``GenerationMixin._get_logits_processor`` hook
+  that ``fast_decoding.FastDecodingMixin`` overrides for the CPU decoding speed path. If a release moves or
+  reshapes it, the speed path switches itself off (stock processors, same captions, a little slower)
+  instead of crashing.
 """
 
 from __future__ import annotations

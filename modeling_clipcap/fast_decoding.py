@@ -9,6 +9,8 @@ itself off where it could not (see ``docs/performance.md`` for what each one buy
 * :func:`blocked_output_layer`: the (V, E) output layer applied in vocabulary blocks on CPU.
 * :func:`shared_prefill_expand_size` / :func:`prefill_shared_prefix`: beams (or returned sequences) of one
   image share ``[prefix ; prompt]``, so it runs once per image and the cache is copied to each beam.
+
+:class:`FastDecodingMixin` wires them into ``ClipCapForConditionalGeneration``, each behind a switch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from transformers.generation.logits_process import (
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
 )
+
+from .compat import output_cache, slice_logits_to_keep
+from .towers import has_fast_paths
 
 
 class EosSuppressionUntilLength(LogitsProcessor):
@@ -127,8 +132,6 @@ def prefill_shared_prefix(
         ``generate`` expands its inputs). ``generate`` then feeds only the last position of each row;
         positions and masking match what it would have computed itself (positions from the mask's cumsum).
     """
-    from .compat import output_cache
-
     prefill_mask = attention_mask[:, :-1]
     outputs = decoder(
         inputs_embeds=inputs_embeds[:, :-1],
@@ -141,8 +144,73 @@ def prefill_shared_prefix(
     return cache
 
 
+class FastDecodingMixin:
+    """The speed paths of ``ClipCapForConditionalGeneration``, each behind a switch.
+
+    Set a switch on an instance to compare with the stock path: ``fast_eos_suppression`` (in-place EOS
+    suppression), ``cpu_output_layer_block`` (the output layer in blocks of this many vocabulary rows; None: one
+    call), ``shared_prefill`` (one prefill shared by the beams of an image). The last two need a language model
+    of ``towers.FAST_PATH_LANGUAGE_FAMILIES``; any other keeps its own forward.
+    """
+
+    fast_eos_suppression: bool = True
+    cpu_output_layer_block: int | None = 1024
+    shared_prefill: bool = True
+
+    def _output_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM's output layer (..., E) -> (..., V); in vocabulary blocks when decoding on CPU."""
+        return blocked_output_layer(self.get_output_embeddings(), hidden_states, self.cpu_output_layer_block)
+
+    def _language_model_logits(
+        self, lm_inputs: dict[str, Any], logits_to_keep: int | torch.Tensor, with_loss: bool
+    ) -> tuple[Any, torch.Tensor, Any]:
+        """Run the LM on ``lm_inputs`` (the (B, S, E) sequence): ``(outputs, logits (B, S', V), text_logits)``.
+
+        ``logits`` covers the ``logits_to_keep`` positions; ``text_logits(window)`` gives the logits (B, L, V) of a
+        slice of positions for the loss. A fast-path family runs its body, then its plain output layer (blocked on
+        CPU); any other LM runs its own forward (soft-capping, logit scaling... stay its own).
+        """
+        if has_fast_paths(self.config.text_config):
+            outputs = self.get_decoder()(**lm_inputs)
+            hidden_states = outputs.last_hidden_state  # (B, S, E)
+            logits = self._output_layer(slice_logits_to_keep(hidden_states, logits_to_keep))
+            head = self.get_output_embeddings()
+            return outputs, logits, lambda window: head(hidden_states[:, window])
+        outputs = self.language_model(**lm_inputs, logits_to_keep=0 if with_loss else logits_to_keep)
+        all_logits = outputs.logits
+        logits = slice_logits_to_keep(all_logits, logits_to_keep) if with_loss else all_logits
+        return outputs, logits, lambda window: all_logits[:, window]
+
+    def _shared_prefill_expand_size(self, kwargs: dict[str, Any]) -> int:
+        return shared_prefill_expand_size(self.generation_config, kwargs)
+
+    def _prefill_for_beams(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        generate_kwargs: dict[str, Any],
+        cache: Any,
+    ) -> Any:
+        """The cache ``generate`` starts from: ``cache`` as given, or one prefill of ``[prefix ; prompt]``
+        (B, S, E) per image copied to its beams / returned sequences (needs a plain ``DynamicCache``)."""
+        expand_size = self._shared_prefill_expand_size({**generate_kwargs, "cache": cache})
+        if expand_size > 1 and inputs_embeds.shape[1] > 1 and self.shared_prefill:
+            if has_fast_paths(self.config.text_config):
+                return prefill_shared_prefix(self.get_decoder(), inputs_embeds, attention_mask, expand_size)
+        return cache
+
+    def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> LogitsProcessorList:
+        # Private GenerationMixin hook (see compat.py): if a release drops it, generate stops calling this
+        # override and the stock processors run (same scores, slower).
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        if not self.fast_eos_suppression or getattr(generation_config, "output_logits", False):
+            return processors  # raw logits are returned: the stock processors never write into them
+        return swap_min_length_processors(processors)
+
+
 __all__ = [
     "EosSuppressionUntilLength",
+    "FastDecodingMixin",
     "blocked_output_layer",
     "prefill_shared_prefix",
     "shared_prefill_expand_size",

@@ -7,170 +7,42 @@ Data flow (B images, K = ``prefix_length``, D = ``image_embed_dim``, E = the LM'
     [prefix ; embed(input_ids)] (B, K + L, E) -> causal LM -> logits (B, K + L, V)
 
 The tower (CLIP by default) and the LM (GPT-2 by default) are unmodified transformers models built through the
-Auto classes (``towers.py`` says what is read from each family); this file adds the paper's two mapping
-networks and wires generation through ``GenerationMixin`` with ``inputs_embeds``.
+Auto classes (``towers.py`` says what is read from each family); the paper's two mapping networks are in
+``mapping_networks.py``. This file wires them together and generation through ``GenerationMixin`` with
+``inputs_embeds``; the CPU decoding speed paths come from ``fast_decoding.py``.
 """
 
 from __future__ import annotations
 
-from .compat import (  # checks the transformers release first
-    CACHE_KWARG,
-    cache_kwargs,
-    output_cache,
-    pop_cache_argument,
-    register_key_renames,
-    slice_logits_to_keep,
-)
+# compat checks the transformers release first
+from .compat import CACHE_KWARG, cache_kwargs, output_cache, pop_cache_argument, register_key_renames
 
 # isort: split
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.generation.logits_process import LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast, ModelOutput
+from transformers.utils import can_return_tuple
 
 from .configuration_clipcap import ClipCapConfig
-from .fast_decoding import (
-    blocked_output_layer,
-    prefill_shared_prefix,
-    shared_prefill_expand_size,
-    swap_min_length_processors,
-)
+from .fast_decoding import FastDecodingMixin
+from .interpretation import nearest_tokens
+from .mapping_networks import MAPPING_NETWORKS, ClipCapMLPMapper, ClipCapTransformerMapper
+from .prefix_sequence import generation_sequence, join_prefix
 from .towers import (
     build_language_model,
     build_vision_tower,
     check_language_config,
-    has_fast_paths,
     image_features,
     load_pretrained_tower,
     tower_dtype,
 )
-from .validation import check_generation_kwargs, check_image_inputs
-
-# ---------------------------------------------------------------------------------------------------------
-# Mapping networks
-# ---------------------------------------------------------------------------------------------------------
-
-
-class ClipCapMLPMapper(nn.Module):
-    """The paper's MLP mapper: Linear(D, E*K/2) -> Tanh -> Linear(E*K/2, E*K), reshaped to (K, E).
-
-    Input ``image_embeds`` (B, D); output prefix (B, K, E).
-    """
-
-    def __init__(self, config: ClipCapConfig):
-        super().__init__()
-        self.prefix_length = config.prefix_length
-        self.hidden_size = config.hidden_size
-        out_features = self.hidden_size * self.prefix_length
-        hidden = config.mapping_hidden_size or out_features // 2
-        self.layers = nn.Sequential(
-            nn.Linear(config.image_embed_dim, hidden),
-            nn.Tanh(),
-            nn.Linear(hidden, out_features),
-        )
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, K, E)."""
-        return self.layers(image_embeds).view(image_embeds.shape[0], self.prefix_length, self.hidden_size)
-
-
-class ClipCapMapperAttention(nn.Module):
-    """Unmasked multi-head self-attention of the transformer mapper.
-
-    Queries and keys/values come from bias-free projections (keys then values in one (2E, E) matrix,
-    as in the original ``to_keys_values``); the output projection has a bias. (B, N, E) -> (B, N, E).
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.kv_proj = nn.Linear(hidden_size, 2 * hidden_size, bias=False)
-        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=True)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, n, e = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv_proj(hidden_states).split(e, dim=-1)
-        k = k.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim), scale 1/sqrt(head_dim)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, e))
-
-
-class ClipCapMapperMLP(nn.Module):
-    """Feed-forward block of the transformer mapper: Linear(E, r*E) -> ReLU -> Linear(r*E, E)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(hidden_states)))
-
-
-class ClipCapMapperLayer(nn.Module):
-    """Pre-LN transformer layer: x + attn(norm1(x)), then x + mlp(norm2(x)). (B, N, E) -> (B, N, E)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size)
-        self.attn = ClipCapMapperAttention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size)
-        self.mlp = ClipCapMapperMLP(hidden_size, int(hidden_size * mlp_ratio))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states))
-        return hidden_states + self.mlp(self.norm2(hidden_states))
-
-
-class ClipCapTransformerMapper(nn.Module):
-    """The paper's transformer mapper.
-
-    ``image_embeds`` (B, D) -> Linear -> (B, clip_length, E), concatenated with a learned constant (K, E)
-    -> ``mapping_num_layers`` pre-LN layers over clip_length + K tokens -> the constant's K positions
-    (B, K, E). With ``mapping_input="tokens"`` the tower's features (B, N, D) -> Linear(D, E) -> (B, N, E)
-    take the place of the clip_length projected vectors.
-    """
-
-    def __init__(self, config: ClipCapConfig):
-        super().__init__()
-        e = config.hidden_size
-        self.tokens = config.mapping_input == "tokens"
-        self.clip_length = config.clip_length
-        self.hidden_size = e
-        self.linear = nn.Linear(config.image_embed_dim, e if self.tokens else config.clip_length * e)
-        self.prefix_const = nn.Parameter(torch.randn(config.prefix_length, e))
-        self.layers = nn.ModuleList(
-            ClipCapMapperLayer(e, config.mapping_num_heads, config.mapping_mlp_ratio)
-            for _ in range(config.mapping_num_layers)
-        )
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, D), or (B, N, D) token features -> (B, K, E)."""
-        b = image_embeds.shape[0]
-        clip_tokens = self.linear(image_embeds)  # (B, N, E) for tokens
-        if not self.tokens:
-            clip_tokens = clip_tokens.view(b, self.clip_length, self.hidden_size)
-        const = self.prefix_const.unsqueeze(0).expand(b, -1, -1).to(clip_tokens.dtype)
-        hidden_states = torch.cat([clip_tokens, const], dim=1)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states)
-        return hidden_states[:, clip_tokens.shape[1] :]
-
-
-MAPPING_NETWORKS: dict[str, type[nn.Module]] = {
-    "mlp": ClipCapMLPMapper,
-    "transformer": ClipCapTransformerMapper,
-}
+from .training_utils import FrozenPartsTrainingMixin
+from .validation import check_generation_kwargs, check_image_inputs, check_text_inputs
 
 #: Checkpoints keep the layout of release 0.1.0 (no base model): these renames map it onto today's modules on
 #: load, and ``save_pretrained`` writes it back (transformers' ``save_original_format``).
@@ -182,6 +54,16 @@ _RENAMES_REGISTERED = register_key_renames("ClipCapForConditionalGeneration", LE
 
 #: Extra image inputs some towers take next to ``pixel_values`` (SigLIP2's NaFlex patches).
 _TOWER_INPUTS = ("pixel_attention_mask", "spatial_shapes")
+#: ``from_pretrained`` options ``from_vision_text_pretrained`` passes on to both parts.
+_LOAD_KEYS = (
+    "revision",
+    "cache_dir",
+    "local_files_only",
+    "token",
+    "trust_remote_code",
+    "dtype",
+    "torch_dtype",
+)
 
 
 @dataclass
@@ -226,11 +108,9 @@ class ClipCapPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def is_custom_code(cls) -> bool:
-        # transformers treats models defined outside it as "custom code" and, when initialising weights missing from
-        # a checkpoint, then skips every module without parameters of its own: CLIP's MLP / attention blocks, whose
-        # init rules would never run. Our init uses transformers.initialization (it respects loaded weights), so
-        # the safeguard is not needed: missing weights get the init from_config gives. Keys are renamed on load
-        # through the mapping registered by class name, which does not depend on this flag.
+        # For "custom code" transformers skips initialising parameter-less modules (CLIP's MLP / attention blocks)
+        # when filling weights missing from a checkpoint. Our init uses transformers.initialization, which respects
+        # loaded weights, so missing weights get the init from_config gives.
         return False
 
     @torch.no_grad()
@@ -258,29 +138,17 @@ class ClipCapModel(ClipCapPreTrainedModel):
         self.mapping_network = MAPPING_NETWORKS[config.mapping_type](config)
         self.post_init()
 
-    def check_image_inputs(
-        self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None
-    ) -> None:
-        """Validate the image input (exactly one of the two, right type, shape, finite) before any work."""
-        check_image_inputs(self.config, self.vision_model is not None, pixel_values, image_embeds)
-
     def get_image_features(
         self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs: Any
     ) -> BaseModelOutputWithPooling | tuple:
         """The image tower on ``pixel_values`` (B, 3, H, W): ``pooler_output`` is the image embedding (B, D) of the
-        tower's family (CLIP: the projected embedding, ``encode_image``; see ``towers.VISION_FAMILIES``),
-        ``last_hidden_state`` the token features (B, N, D_tokens) (a CNN's map flattened) and, when asked
-        (``output_hidden_states``, ``output_attentions``), the tower's hidden states and attentions. A tuple with
-        ``return_dict=False``. SigLIP2 also takes ``pixel_attention_mask`` and ``spatial_shapes``."""
+        tower's family (CLIP: the projected embedding; ``towers.VISION_FAMILIES``), ``last_hidden_state`` the token
+        features (B, N, D_tokens). SigLIP2 also takes ``pixel_attention_mask`` and ``spatial_shapes``."""
         if self.vision_model is None:
             raise ValueError("This ClipCap model has no vision tower; it takes `image_embeds` directly.")
+        pixel_values = pixel_values.to(tower_dtype(self.vision_model))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            features = image_features(
-                self.vision_model,
-                self.config.vision_config,
-                pixel_values.to(tower_dtype(self.vision_model)),
-                **kwargs,
-            )
+            features = image_features(self.vision_model, self.config.vision_config, pixel_values, **kwargs)
         return features if return_dict is not False else features.to_tuple()
 
     def get_prefix(
@@ -291,7 +159,7 @@ class ClipCapModel(ClipCapPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D), (B, N, D) with
         ``mapping_input="tokens"``) -> ``(prefix (B, K, E), image_embeds)``."""
-        self.check_image_inputs(pixel_values, image_embeds)
+        check_image_inputs(self.config, self.vision_model is not None, pixel_values, image_embeds)
         if image_embeds is None:
             features = self.get_image_features(pixel_values, **image_kwargs)
             tokens = self.config.mapping_input == "tokens"
@@ -312,34 +180,21 @@ class ClipCapModel(ClipCapPreTrainedModel):
         return ClipCapModelOutput(prefix_embeds=prefix, image_embeds=image_embeds)
 
 
-class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
+class ClipCapForConditionalGeneration(
+    FrozenPartsTrainingMixin, FastDecodingMixin, ClipCapPreTrainedModel, GenerationMixin
+):
     """ClipCap: ``model`` ([`ClipCapModel`], images -> prefix) and ``language_model`` (a causal LM, GPT-2 by default).
 
-    Example:
+    The CPU decoding speed paths and their switches come from ``fast_decoding.FastDecodingMixin``.
 
     ```python
-    >>> import torch
-    >>> from transformers import CLIPVisionConfig, GPT2Config
-    >>> from modeling_clipcap import ClipCapConfig, ClipCapForConditionalGeneration
-    >>> config = ClipCapConfig(
-    ...     vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-    ...                                    num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16),
-    ...     text_config=GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, eos_token_id=99),
-    ...     prefix_length=4,
-    ... )
+    >>> config = ClipCapConfig(vision_config=CLIPVisionConfig(image_size=32, patch_size=8, projection_dim=16),
+    ...                        text_config=GPT2Config(n_embd=32, n_layer=1, n_head=2), prefix_length=4)
     >>> model = ClipCapForConditionalGeneration(config).eval()
-    >>> ids = model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=5, do_sample=False)
-    >>> ids.shape[0]
+    >>> model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=5).shape[0]
     2
     ```
     """
-
-    #: CPU speed paths (``fast_decoding.py``): in-place EOS suppression, the output layer in blocks of this
-    #: many vocabulary rows (None: one call), one prefill shared by the beams of an image. Set on an instance to
-    #: compare with the stock paths. The last two need a language model of ``towers.FAST_PATH_LANGUAGE_FAMILIES``.
-    fast_eos_suppression: bool = True
-    cpu_output_layer_block: int | None = 1024
-    shared_prefill: bool = True
 
     def __init__(self, config: ClipCapConfig):
         super().__init__(config)
@@ -358,12 +213,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     )
     mapping_network = property(lambda self: self.model.mapping_network)
 
-    def _apply_freezing(self) -> None:
-        if self.vision_model is not None and self.config.freeze_vision:
-            self.vision_model.requires_grad_(False).eval()
-        if self.config.freeze_language_model:
-            self.language_model.requires_grad_(False).eval()
-
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.from_pretrained`` that reads 0.1.0 checkpoints and re-applies the config's freezing."""
@@ -372,22 +221,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         loaded = super().from_pretrained(*args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded)._apply_freezing()
         return loaded
-
-    def train(self, mode: bool = True) -> ClipCapForConditionalGeneration:
-        """Like ``nn.Module.train`` but frozen sub-models stay in eval mode (no dropout)."""
-        super().train(mode)
-        self._apply_freezing() if mode else None
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Deprecated: ``[p for p in model.parameters() if p.requires_grad]`` (kept for training/train.py)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def optimizer_parameter_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        """Deprecated alias of ``training_utils.optimizer_parameter_groups(model, weight_decay)``."""
-        from .training_utils import optimizer_parameter_groups
-
-        return optimizer_parameter_groups(self, weight_decay)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -422,6 +255,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         )
         return prefix.to(self.get_input_embeddings().weight.dtype), image_embeds
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -434,50 +268,44 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        return_dict: bool | None = None,
         **kwargs: Any,
     ) -> ClipCapOutput | tuple:
         r"""Caption likelihood of images, or one decoding step.
 
         With an image (``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D)) the sequence is ``[prefix (K) ;
-        text (L)]``, the text given as ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, E). ``attention_mask``,
-        ``position_ids`` (positions of the text: 0 is its first token) and ``labels`` (-100 ignored) cover the
-        text only: prefix positions are always attended, never in the loss, and the first caption token is
-        predicted from the last prefix position. Left padding gives the padded rows the positions they would
-        have unpadded. ``shift_labels`` (B, L) (the target of each text position), ``num_items_in_batch`` and
-        ``ignore_index`` reach ``self.loss_function`` as in every transformers causal LM.
+        text (L)]``, the text given as ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, E); ``attention_mask``,
+        ``position_ids`` (0 = first text token) and ``labels`` (B, L) (-100 ignored) cover the text only. The
+        first caption token is predicted from the last prefix position. ``shift_labels``, ``num_items_in_batch``
+        and ``ignore_index`` reach ``self.loss_function``. Without an image, the inputs go straight to the LM
+        (``generate``'s decoding steps). ``cache`` (or ``past_key_values``) is the LM's key/value cache.
 
-        Without an image, ``input_ids`` or ``inputs_embeds`` go straight to the LM (the decoding steps of
-        ``generate``); ``attention_mask`` and ``position_ids`` then cover the whole sequence.
-
-        ``cache`` is the LM's key/value cache (``past_key_values`` is accepted too). Returns a [`ClipCapOutput`]
-        with ``logits`` (B, K + L, V) (or the ``logits_to_keep`` positions), or its tuple with ``return_dict=False``.
+        Returns a [`ClipCapOutput`] with ``logits`` (B, K + L, V) (or the ``logits_to_keep`` positions), or its
+        tuple with ``return_dict=False``.
         """
         cache = pop_cache_argument(cache, kwargs)
         loss_kwargs = {
             k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs
         }
         image_kwargs = {k: kwargs.pop(k) for k in _TOWER_INPUTS if k in kwargs}
-        prefix = None
-        k = 0
+        with_loss = labels is not None or "shift_labels" in loss_kwargs
+        prefix, k = None, 0
         if pixel_values is not None or image_embeds is not None:
             prefix, image_embeds = self.get_prefix(
                 pixel_values=pixel_values, image_embeds=image_embeds, **image_kwargs
             )
-            batch, k = prefix.shape[:2]
-            inputs_embeds, attention_mask, position_ids = self._join_prefix(
-                prefix, input_ids, inputs_embeds, attention_mask, position_ids
+            check_text_inputs(
+                prefix.shape[0], input_ids, inputs_embeds, attention_mask, position_ids,
+                labels, loss_kwargs.get("shift_labels"),
+            )  # fmt: skip
+            k = prefix.shape[1]
+            if input_ids is not None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds, attention_mask, position_ids = join_prefix(
+                prefix, inputs_embeds, attention_mask, position_ids
             )
             input_ids = None
-            text_shape = (batch, inputs_embeds.shape[1] - k)
-            for name, value in (("labels", labels), ("shift_labels", loss_kwargs.get("shift_labels"))):
-                if value is not None and tuple(value.shape) != text_shape:
-                    raise ValueError(
-                        f"`{name}` must have the shape of the text {text_shape}; -100 marks ignored positions."
-                    )
-        elif labels is not None or "shift_labels" in loss_kwargs:
+        elif with_loss:
             raise ValueError("`labels` need an image: pass `pixel_values` or `image_embeds` with them.")
-
         lm_inputs = dict(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -488,25 +316,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             **cache_kwargs(cache),
             **kwargs,
         )
-        with_loss = labels is not None or "shift_labels" in loss_kwargs
-        if has_fast_paths(
-            self.config.text_config
-        ):  # the LM's body, then its plain output layer (blocked on CPU)
-            outputs = self.get_decoder()(**lm_inputs)
-            hidden_states = outputs.last_hidden_state  # (B, K + L, E)
-            logits = self._output_layer(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, S, V)
-            head = self.get_output_embeddings()
-            text_logits = lambda window: head(hidden_states[:, window])  # noqa: E731
-        else:  # the LM's own forward: soft-capping, logit scaling... stay its own
-            outputs = self.language_model(**lm_inputs, logits_to_keep=0 if with_loss else logits_to_keep)
-            all_logits = outputs.logits
-            logits = slice_logits_to_keep(all_logits, logits_to_keep) if with_loss else all_logits
-            text_logits = lambda window: all_logits[:, window]  # noqa: E731
-        loss = None
-        if with_loss:
-            loss = self._caption_loss(text_logits, k, labels, **loss_kwargs)
-        result = ClipCapOutput(
-            loss=loss,
+        outputs, logits, text_logits = self._language_model_logits(lm_inputs, logits_to_keep, with_loss)
+        return ClipCapOutput(
+            loss=self._caption_loss(text_logits, k, labels, **loss_kwargs) if with_loss else None,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -514,57 +326,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             image_embeds=image_embeds,
             **cache_kwargs(output_cache(outputs)),
         )
-        return (
-            result
-            if (return_dict if return_dict is not None else self.config.return_dict)
-            else result.to_tuple()
-        )
-
-    def _join_prefix(
-        self,
-        prefix: torch.Tensor,
-        input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
-        """``[prefix ; text]`` embeddings (B, K + L, E), mask (B, K + L) and positions (B, K + L).
-
-        Without ``position_ids``, a left-padded row gets the positions of the same row unpadded (right padding
-        keeps GPT-2's 0, 1, 2...); given text ``position_ids`` (B, L) are shifted by K.
-        """
-        batch, k = prefix.shape[:2]
-        if input_ids is not None and inputs_embeds is not None:
-            raise ValueError("Pass the text as `input_ids` or as `inputs_embeds`, not both.")
-        if input_ids is not None:
-            if input_ids.ndim != 2 or input_ids.shape[0] != batch:
-                raise ValueError(
-                    f"`input_ids` must have shape ({batch}, L) to match {batch} images, got {tuple(input_ids.shape)}."
-                )
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != batch):
-            raise ValueError(
-                f"`inputs_embeds` must have shape ({batch}, L, E), got {tuple(inputs_embeds.shape)}."
-            )
-        text_length = 0 if inputs_embeds is None else inputs_embeds.shape[1]
-        embeds = (
-            prefix if inputs_embeds is None else torch.cat([prefix, inputs_embeds.to(prefix.dtype)], dim=1)
-        )
-        for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
-            if value is not None and tuple(value.shape) != (batch, text_length):
-                raise ValueError(
-                    f"`{name}` must have the shape of the text (B, L) = ({batch}, {text_length})."
-                )
-        ones = torch.ones((batch, k), dtype=torch.long, device=prefix.device)
-        if position_ids is not None:
-            position_ids = torch.cat([ones.cumsum(-1) - 1, position_ids.to(prefix.device) + k], dim=1)
-        if attention_mask is not None:
-            if position_ids is None:  # left padding shifts a row's text back by its number of leading pads
-                leading = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1)
-                steps = torch.arange(k + text_length, device=prefix.device).expand(batch, -1)
-                position_ids = torch.where(steps < k, steps, (steps - leading).clamp_min(0))
-            attention_mask = torch.cat([ones.to(attention_mask.dtype), attention_mask], dim=1)
-        return embeds, attention_mask, position_ids
 
     def _caption_loss(
         self,
@@ -587,43 +348,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             **loss_kwargs,
         )
 
-    def _output_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The LM's output layer (..., E) -> (..., V); in vocabulary blocks when decoding on CPU."""
-        return blocked_output_layer(self.get_output_embeddings(), hidden_states, self.cpu_output_layer_block)
-
     # ------------------------------------------------------------------ generation
-
-    def _build_prompt_embeds(
-        self, prefix: torch.Tensor, input_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[prefix ; prompt]`` embeddings (B, K + L, E) and mask (B, K + L), rows reordered to read
-        ``[pad ... pad, prefix, prompt]`` (a left-padded prompt would leave its padding after the prefix)."""
-        embeds, mask, _ = self._join_prefix(prefix, input_ids, None, attention_mask, None)
-        mask = (
-            torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            if mask is None
-            else mask.long()
-        )
-        if bool((mask == 0).any()):
-            order = torch.sort(mask, dim=1, stable=True).indices  # pads (0) first, order kept otherwise
-            embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
-            mask = torch.gather(mask, 1, order)
-        return embeds, mask
-
-    def _shared_prefill_expand_size(self, kwargs: dict[str, Any]) -> int:
-        return shared_prefill_expand_size(self.generation_config, kwargs)
-
-    def _shares_prefill(self) -> bool:
-        """Shared prefill needs the LM's body to fill a plain ``DynamicCache`` (``towers.has_fast_paths``)."""
-        return self.shared_prefill and has_fast_paths(self.config.text_config)
-
-    def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> LogitsProcessorList:
-        # Private GenerationMixin hook (see compat.py): if a release drops it, generate stops calling this
-        # override and the stock processors run (same scores, slower).
-        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
-        if not self.fast_eos_suppression or getattr(generation_config, "output_logits", False):
-            return processors  # raw logits are returned: the stock processors never write into them
-        return swap_min_length_processors(processors)
 
     @torch.no_grad()
     def generate(
@@ -640,17 +365,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
         Args:
             inputs / input_ids: optional text prompt (B, L) the caption continues (left-padded for a batch).
-            pixel_values: (B, 3, H, W) processed images (SigLIP2: with ``pixel_attention_mask``, ``spatial_shapes``), or
+            pixel_values: (B, 3, H, W) images (SigLIP2: with ``pixel_attention_mask``, ``spatial_shapes``), or
             image_embeds: (B, D) (or (B, N, D) with ``mapping_input="tokens"``) precomputed image embeddings.
             attention_mask: (B, L) mask of the prompt.
-            **generate_kwargs: anything ``GenerationMixin.generate`` takes (``num_beams``, ``max_new_tokens``,
-                ``do_sample``, ``return_dict_in_generate``, ``past_key_values`` / ``cache`` to continue...).
-                Assisted decoding is refused; ``use_cache=False`` decodes as with the cache (same tokens), as
-                transformers does for any generation from embeddings.
+            **generate_kwargs: anything ``GenerationMixin.generate`` takes; assisted decoding is refused.
 
         Returns:
-            Token ids (B * num_return_sequences, T): without a prompt only the generated tokens; with a prompt the
-            prompt followed by them (the decoder-only convention). Or a ``GenerateOutput`` when asked.
+            Token ids (B * num_return_sequences, T): the generated tokens, after the prompt when one is given (the
+            decoder-only convention); or a ``GenerateOutput`` when asked.
         """
         check_generation_kwargs(self.config, self.generation_config, inputs, generate_kwargs)
         if inputs is not None and input_ids is not None:
@@ -662,23 +384,17 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         cache = pop_cache_argument(generate_kwargs.pop("cache", None), generate_kwargs)
         image_kwargs = {k: generate_kwargs.pop(k) for k in _TOWER_INPUTS if k in generate_kwargs}
         prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds, **image_kwargs)
-        inputs_embeds, full_mask = self._build_prompt_embeds(prefix, input_ids, attention_mask)
-        if input_ids is not None and attention_mask is not None and bool((attention_mask == 0).any()):
-            # keep returned prompt ids aligned with their (left-padded) rows
-            input_ids = torch.gather(
-                input_ids, 1, torch.sort(attention_mask.long(), dim=1, stable=True).indices
-            )
-        expand_size = self._shared_prefill_expand_size({**generate_kwargs, "cache": cache})
-        if expand_size > 1 and inputs_embeds.shape[1] > 1 and self._shares_prefill():
-            # Beams / returned sequences of one image share [prefix ; prompt]: run it once per image.
-            cache = prefill_shared_prefix(self.get_decoder(), inputs_embeds, full_mask, expand_size)
+        check_text_inputs(prefix.shape[0], input_ids, None, attention_mask)
+        prompt_embeds = None if input_ids is None else self.get_input_embeddings()(input_ids)
+        inputs_embeds, full_mask, input_ids = generation_sequence(
+            prefix, prompt_embeds, input_ids, attention_mask
+        )
+        cache = self._prefill_for_beams(inputs_embeds, full_mask, generate_kwargs, cache)
         if cache is not None:
             generate_kwargs[CACHE_KWARG] = cache
         return super().generate(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask, **generate_kwargs
         )
-
-    # ------------------------------------------------------------------ interpretability
 
     @torch.no_grad()
     def interpret_prefix(
@@ -688,32 +404,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         tokenizer: Any = None,
         top_k: int = 1,
     ) -> list[list[Any]]:
-        """Nearest language-model vocabulary tokens (cosine similarity) of each prefix vector (paper, section 4.7).
+        """Nearest vocabulary tokens (cosine similarity) of each prefix vector (paper, section 4.7).
 
-        Returns one list of K entries per image. Each entry is a token string (with a tokenizer) or a token
-        id (without); with ``top_k > 1`` each entry is a list of the ``top_k`` nearest, best first.
+        Returns one list of K entries per image: token strings with a ``tokenizer``, token ids without; with
+        ``top_k > 1`` each entry is a list of the ``top_k`` nearest, best first (``interpretation.nearest_tokens``).
         """
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
         prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)  # (B, K, E)
-        vocab = self.get_input_embeddings().weight  # (V, E)
-        sims = F.normalize(prefix.float(), dim=-1) @ F.normalize(vocab.float(), dim=-1).T  # (B, K, V)
-        top = sims.topk(min(top_k, vocab.shape[0]), dim=-1).indices.tolist()  # (B, K, top_k)
-
-        def render(token_id: int) -> Any:
-            if tokenizer is None:
-                return token_id
-            return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
-
-        result = []
-        for image in top:
-            entries = []
-            for ids in image:
-                entries.append(render(ids[0]) if top_k == 1 else [render(i) for i in ids])
-            result.append(entries)
-        return result
-
-    # ------------------------------------------------------------------ construction helpers
+        return nearest_tokens(prefix, self.get_input_embeddings().weight, tokenizer, top_k)
 
     @classmethod
     def from_vision_text_pretrained(
@@ -734,28 +431,15 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
         The matching processor: ``ClipCapProcessor.from_vision_text_pretrained(vision_path, text_path)``.
         """
-        load_keys = (
-            "revision",
-            "cache_dir",
-            "local_files_only",
-            "token",
-            "trust_remote_code",
-            "dtype",
-            "torch_dtype",
-        )
-        load_kwargs = {k: config_kwargs.pop(k) for k in load_keys if k in config_kwargs}
+        load_kwargs = {k: config_kwargs.pop(k) for k in _LOAD_KEYS if k in config_kwargs}
         config_load_kwargs = {k: v for k, v in load_kwargs.items() if k not in ("dtype", "torch_dtype")}
         vision = None
         if vision_model_name_or_path is not None:
             vision = load_pretrained_tower(vision_model_name_or_path, **load_kwargs)
         check_language_config(AutoConfig.from_pretrained(text_model_name_or_path, **config_load_kwargs))
         text = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, **load_kwargs)
-        config = ClipCapConfig(
-            vision_config=vision.config if vision is not None else None,
-            text_config=text.config,
-            **config_kwargs,
-        )
-        model = cls(config)
+        vision_config = vision.config if vision is not None else None
+        model = cls(ClipCapConfig(vision_config=vision_config, text_config=text.config, **config_kwargs))
         if vision is not None:
             model.vision_model.load_state_dict(vision.state_dict())
         model.language_model.load_state_dict(text.state_dict())

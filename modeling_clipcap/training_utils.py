@@ -1,4 +1,5 @@
-"""Training helpers that are not part of the model: what an optimizer gets from a ClipCap model."""
+"""Training helpers that are not part of the model: what an optimizer gets from a ClipCap model, and how
+``train()`` treats its frozen parts."""
 
 from __future__ import annotations
 
@@ -23,4 +24,32 @@ def optimizer_parameter_groups(model: nn.Module, weight_decay: float = 0.0) -> l
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["optimizer_parameter_groups"]
+class FrozenPartsTrainingMixin:
+    """``train()`` that keeps frozen parts in eval mode, and the deprecated parameter helpers of 0.1.0.
+
+    Freezing follows the config: ``freeze_vision`` (the image tower) and ``freeze_language_model``.
+    """
+
+    def _apply_freezing(self) -> None:
+        """Freeze the parts the config names (``requires_grad=False``, eval mode)."""
+        if self.vision_model is not None and self.config.freeze_vision:
+            self.vision_model.requires_grad_(False).eval()
+        if self.config.freeze_language_model:
+            self.language_model.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> Any:
+        """Like ``nn.Module.train`` but frozen sub-models stay in eval mode (no dropout)."""
+        super().train(mode)
+        self._apply_freezing() if mode else None
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Deprecated: ``[p for p in model.parameters() if p.requires_grad]``."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def optimizer_parameter_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Deprecated alias of ``training_utils.optimizer_parameter_groups(model, weight_decay)``."""
+        return optimizer_parameter_groups(self, weight_decay)
+
+
+__all__ = ["FrozenPartsTrainingMixin", "optimizer_parameter_groups"]

@@ -134,4 +134,37 @@ def check_generation_kwargs(config: Any, generation_config: Any, inputs: Any, kw
         )
 
 
-__all__ = ["ASSISTED_DECODING_OPTIONS", "check_generation_kwargs", "check_image_inputs"]
+def check_text_inputs(
+    batch: int,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+) -> None:
+    """The text that follows ``batch`` images: ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, E), not both;
+    ``attention_mask``, ``position_ids``, ``labels`` and ``shift_labels`` all (B, L)."""
+    if input_ids is not None and inputs_embeds is not None:
+        raise ValueError("Pass the text as `input_ids` or as `inputs_embeds`, not both.")
+    if input_ids is not None and (input_ids.ndim != 2 or input_ids.shape[0] != batch):
+        raise ValueError(
+            f"`input_ids` must have shape ({batch}, L) to match {batch} images, got {tuple(input_ids.shape)}."
+        )
+    if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != batch):
+        raise ValueError(
+            f"`inputs_embeds` must have shape ({batch}, L, E), got {tuple(inputs_embeds.shape)}."
+        )
+    text = input_ids if input_ids is not None else inputs_embeds
+    text_length = 0 if text is None else text.shape[1]
+    for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if value is not None and tuple(value.shape) != (batch, text_length):
+            raise ValueError(f"`{name}` must have the shape of the text (B, L) = ({batch}, {text_length}).")
+    for name, value in (("labels", labels), ("shift_labels", shift_labels)):
+        if value is not None and tuple(value.shape) != (batch, text_length):
+            raise ValueError(
+                f"`{name}` must have the shape of the text {(batch, text_length)}; -100 marks ignored positions."
+            )
+
+
+__all__ = ["ASSISTED_DECODING_OPTIONS", "check_generation_kwargs", "check_image_inputs", "check_text_inputs"]

@@ -253,7 +253,7 @@ def _count_calls(monkeypatch, module, name) -> list[int]:
 
 @pytest.mark.parametrize("family", list(LANGUAGE))
 def test_speed_paths_give_the_stock_tokens_for_every_family(family, language_models, monkeypatch):
-    import modeling_clipcap.modeling_clipcap as modeling
+    import modeling_clipcap.fast_decoding as modeling  # the speed paths are called from there
 
     model = language_models[family]
     inputs = image_inputs("clip_vision_model", 2, seed=3)
@@ -289,7 +289,7 @@ def test_other_causal_lm_runs_its_own_forward(tokenizer, monkeypatch):
         embeds = torch.cat([prefix, model.get_input_embeddings()(ids)], dim=1)
         torch.testing.assert_close(logits, model.language_model(inputs_embeds=embeds).logits)
     assert logits.abs().max() <= 2.0  # soft-capped
-    import modeling_clipcap.modeling_clipcap as modeling
+    import modeling_clipcap.fast_decoding as modeling  # the speed paths are called from there
 
     prefills = _count_calls(monkeypatch, modeling, "prefill_shared_prefix")
     assert_batched_equals_single(model, inputs, 2, num_beams=2)

@@ -602,6 +602,8 @@ def test_shared_prefix_prefill_equals_plain_generation(tiny_tokenizer, kwargs, w
     must equal transformers' own generation from the same embeddings (each beam prefilling by itself)."""
     from transformers import GenerationMixin
 
+    from modeling_clipcap.prefix_sequence import generation_sequence
+
     model = make_model(tiny_tokenizer, "transformer", seed=11)
     embeds = torch.randn(3, 24)
     input_ids = attention_mask = None
@@ -614,7 +616,8 @@ def test_shared_prefix_prefill_equals_plain_generation(tiny_tokenizer, kwargs, w
     torch.manual_seed(0)
     shared = model.generate(image_embeds=embeds, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     prefix, _ = model.get_prefix(image_embeds=embeds)
-    inputs_embeds, mask = model._build_prompt_embeds(prefix, input_ids, attention_mask)
+    prompt_embeds = None if input_ids is None else model.get_input_embeddings()(input_ids)
+    inputs_embeds, mask, _ = generation_sequence(prefix, prompt_embeds, input_ids, attention_mask)
     prompt = None
     if with_prompt:
         order = torch.sort(attention_mask, dim=1, stable=True).indices
