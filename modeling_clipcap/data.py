@@ -829,7 +829,9 @@ class CaptionCollator:
       (the eos id when the tokenizer has no pad token);
     * ``attention_mask`` ``(B, T)`` long: 1 on caption tokens and eos, 0 on padding;
     * ``labels`` ``(B, T)`` long: ``input_ids`` with padding set to -100;
-    * ``image_embeds`` ``(B, D)`` float, or ``pixel_values`` ``(B, 3, H, W)`` float.
+    * ``image_embeds`` ``(B, D)`` float, or ``pixel_values`` ``(B, 3, H, W)`` float (from ``image``: every
+      tensor the image processor returns, e.g. SigLIP2's ``pixel_attention_mask`` ``(B, N)`` and
+      ``spatial_shapes`` ``(B, 2)`` too).
 
     ``num_truncated`` counts captions cut so far (in this process / worker).
     """
@@ -895,7 +897,8 @@ class CaptionCollator:
             batch["pixel_values"] = _stack([f["pixel_values"] for f in features], "pixel_values")
         elif self.image_processor is not None and "image" in first:
             images = [load_image(f["image"], max_pixels=self.max_pixels) for f in features]
-            batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            # every tensor the tower needs: pixel_values, and SigLIP2's pixel_attention_mask / spatial_shapes
+            batch.update(self.image_processor(images=images, return_tensors="pt"))
         return batch
 
 

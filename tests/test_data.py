@@ -448,3 +448,43 @@ def test_explode_keeps_features_and_respects_selection(tmp_path):
     assert load_example_image(flat[0]["image"]).getpixel((0, 0)) == (2, 2, 2)
     with pytest.raises(ValueError, match="'captions' column"):
         explode_captions(flat)
+
+
+def test_collator_keeps_every_tower_input_siglip2(tmp_path):
+    """A tower trained from pixels gets every tensor its processor returns: SigLIP2's patches with their
+    pixel_attention_mask and spatial_shapes (dropping them changes the tower's features)."""
+    from conftest import build_tiny_tokenizer, tiny_text_config
+    from transformers import AutoConfig, Siglip2ImageProcessorPil
+
+    from modeling_clipcap import ClipCapConfig, ClipCapForConditionalGeneration
+
+    tokenizer = build_tiny_tokenizer()
+    image_processor = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16)
+    paths = []
+    for i, size in enumerate([(40, 30), (20, 60)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", size, (200, 20 + 100 * i, 20)).save(paths[-1])
+    rows = [{"caption": "a red square.", "image": str(p)} for p in paths]
+    batch = CaptionCollator(tokenizer, 16, image_processor=image_processor)(rows)
+    assert {"pixel_values", "pixel_attention_mask", "spatial_shapes"} <= set(batch)
+    assert batch["spatial_shapes"].tolist() == [[3, 4], [6, 2]]
+
+    tower = AutoConfig.for_model(
+        "siglip2_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_patches=16, patch_size=8,
+    )  # fmt: skip
+    config = ClipCapConfig(vision_config=tower, text_config=tiny_text_config(len(tokenizer)), prefix_length=3)
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        loss = model(**batch).loss
+        direct = image_processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
+        expected = model(**direct, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss  # fmt: skip
+        unmasked = model(
+            pixel_values=batch["pixel_values"], pixel_attention_mask=torch.ones_like(batch["pixel_attention_mask"]),
+            spatial_shapes=batch["spatial_shapes"], input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"], labels=batch["labels"],
+        ).loss  # fmt: skip
+    assert torch.equal(loss, expected)
+    assert not torch.allclose(loss, unmasked)
