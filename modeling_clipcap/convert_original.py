@@ -497,23 +497,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model_card(
-    preset: dict[str, Any] | None,
-    model: ClipCapForConditionalGeneration,
-    checkpoint: Path,
-    sha256: str,
-    vision_source: str,
-    text_source: str,
-    repo_id: str | None,
-    settings: Mapping[str, Any],
-    has_tokenizer: bool,
-) -> Any:
-    import transformers
+_FALLBACK_CARD_TEMPLATE = (
+    "---\nlibrary_name: transformers\npipeline_tag: image-to-text\ntags:\n  - clipcap\n  - converted\n---\n\n"
+    "# ClipCap (converted original checkpoint)\n\nConverted from `${source_file}` (sha256 `${source_sha256}`)"
+    " on ${converted_on} with modeling_clipcap ${package_version}, transformers ${transformers_version}."
+    "\n\nVision tower: ${vision_source}. GPT-2 config / tokenizer: ${text_source}.\n\n${settings_table}\n\n"
+    '## Usage\n\n${usage}\n\nDecoding stops at the "." token${eos_note}.\n'
+)
+"""The card of a conversion without a preset (a preset's ``README.md`` is the template otherwise)."""
 
-    from . import __version__
 
-    config = model.config
-    location = repo_id or "path/to/converted-model"
+def _card_usage(config: ClipCapConfig, location: str, has_tokenizer: bool) -> str:
+    """The model card's usage snippet: images through the processor, or ``image_embeds`` without a tower."""
     if config.vision_config is not None:
         usage = (
             "```python\nimport modeling_clipcap  # or pass trust_remote_code=True below\n"
@@ -539,27 +534,47 @@ def _model_card(
             "\n\nNo tokenizer was bundled at conversion: decode with GPT-2's tokenizer "
             "(`AutoTokenizer.from_pretrained(<a local copy of gpt2>)`)."
         )
+    return usage
+
+
+def _settings_table(model: ClipCapForConditionalGeneration) -> str:
+    """``| setting | value |`` rows: the ClipCap fields that apply to the mapper, and the stop tokens."""
+    config = model.config
+    transformer_only = ("clip_length", "mapping_num_layers", "mapping_num_heads", "mapping_mlp_ratio")
     rows = ["| setting | value |", "|---|---|"]
     for key in _CONFIG_FIELDS:
-        value = getattr(config, key)
-        if key == "clip_length" and config.mapping_type == "mlp":
+        if key in transformer_only and config.mapping_type == "mlp":
             continue
-        if (
-            key in ("mapping_num_layers", "mapping_num_heads", "mapping_mlp_ratio")
-            and config.mapping_type == "mlp"
-        ):
-            continue
-        rows.append(f"| `{key}` | `{json.dumps(value)}` |")
-    gen = model.generation_config
-    rows.append(f"| generation `eos_token_id` | `{json.dumps(gen.eos_token_id)}` |")
-    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        rows.append(f"| `{key}` | `{json.dumps(getattr(config, key))}` |")
+    rows.append(f"| generation `eos_token_id` | `{json.dumps(model.generation_config.eos_token_id)}` |")
+    return "\n".join(rows)
+
+
+def _model_card(
+    preset: dict[str, Any] | None,
+    model: ClipCapForConditionalGeneration,
+    checkpoint: Path,
+    sha256: str,
+    vision_source: str,
+    text_source: str,
+    repo_id: str | None,
+    settings: Mapping[str, Any],
+    has_tokenizer: bool,
+) -> Any:
+    """The converted model's card: the preset's ``README.md`` template (else a short default) filled in."""
+    import transformers
+
+    from . import __version__
+
+    location = repo_id or "path/to/converted-model"
+    eos = model.generation_config.eos_token_id
     eos_note = (
         " and also at GPT-2's `<|endoftext|>` (which the original would have decoded past)"
-        if len(eos) > 1
+        if isinstance(eos, list) and len(eos) > 1
         else ""
     )
     values = {
-        "prefix_length": str(config.prefix_length),
+        "prefix_length": str(model.config.prefix_length),
         "source_file": checkpoint.name,
         "source_sha256": sha256,
         "converted_on": _dt.date.today().isoformat(),
@@ -567,21 +582,13 @@ def _model_card(
         "transformers_version": transformers.__version__,
         "vision_source": vision_source,
         "text_source": text_source,
-        "settings_table": "\n".join(rows),
-        "usage": usage,
+        "settings_table": _settings_table(model),
+        "usage": _card_usage(model.config, location, has_tokenizer),
         "eos_note": eos_note,
         "model_id": location,
     }
     template = preset.get("card_template") if preset else None
-    if template is None:
-        template = (
-            "---\nlibrary_name: transformers\npipeline_tag: image-to-text\ntags:\n  - clipcap\n  - converted\n---\n\n"
-            "# ClipCap (converted original checkpoint)\n\nConverted from `${source_file}` (sha256 `${source_sha256}`)"
-            " on ${converted_on} with modeling_clipcap ${package_version}, transformers ${transformers_version}."
-            "\n\nVision tower: ${vision_source}. GPT-2 config / tokenizer: ${text_source}.\n\n${settings_table}\n\n"
-            '## Usage\n\n${usage}\n\nDecoding stops at the "." token${eos_note}.\n'
-        )
-    return fill_card(template, values)
+    return fill_card(template if template is not None else _FALLBACK_CARD_TEMPLATE, values)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -683,6 +690,30 @@ def _write_output_directory(
     (out / "conversion_info.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
 
 
+def _assemble_model(
+    state_dict: dict[str, torch.Tensor], settings: dict[str, Any], text_config: Any, tower: Any
+) -> ClipCapForConditionalGeneration:
+    """The ClipCap model of ``settings`` with the checkpoint's mapper and GPT-2 weights (renamed by
+    :func:`convert_state_dict`) and the vision ``tower``'s weights when one is given; eval mode."""
+    try:
+        config = ClipCapConfig(
+            vision_config=tower.config if tower is not None else None, text_config=text_config, **settings
+        )
+    except (ValueError, TypeError) as err:
+        raise ConversionError(f"Invalid settings for the converted model: {err}") from err
+    model = ClipCapForConditionalGeneration(config)
+    weights = convert_state_dict(state_dict, model)
+    mapper = {k[len("mapping_network.") :]: v for k, v in weights.items() if k.startswith("mapping_network.")}
+    text = {k[len("language_model.") :]: v for k, v in weights.items() if k.startswith("language_model.")}
+    with torch.no_grad():
+        model.mapping_network.load_state_dict(mapper, strict=True)
+        model.language_model.load_state_dict(text, strict=True)
+        if tower is not None:
+            model.vision_model.load_state_dict(tower.state_dict(), strict=True)
+    model.language_model.tie_weights()
+    return model.eval()
+
+
 def convert_original_checkpoint(
     checkpoint_path: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -764,28 +795,10 @@ def convert_original_checkpoint(
     steps.update()
 
     steps.set_postfix_str("mapping keys")
-    try:
-        config = ClipCapConfig(
-            vision_config=tower.config if tower is not None else None,
-            text_config=text_config,
-            **settings,
-        )
-    except (ValueError, TypeError) as err:
-        raise ConversionError(f"Invalid settings for the converted model: {err}") from err
-    model = ClipCapForConditionalGeneration(config)
-    weights = convert_state_dict(state_dict, model)
-    mapper = {k[len("mapping_network.") :]: v for k, v in weights.items() if k.startswith("mapping_network.")}
-    text = {k[len("language_model.") :]: v for k, v in weights.items() if k.startswith("language_model.")}
-    with torch.no_grad():
-        model.mapping_network.load_state_dict(mapper, strict=True)
-        model.language_model.load_state_dict(text, strict=True)
-        if tower is not None:
-            model.vision_model.load_state_dict(tower.state_dict(), strict=True)
-    model.language_model.tie_weights()
+    model = _assemble_model(state_dict, settings, text_config, tower)
     model.generation_config = _build_generation_config(
         preset_data, text_config, tokenizer, stop_token_id, stop_on_eos, num_beams, max_new_tokens
     )
-    model.eval()
     steps.update()
 
     if output_dir is None and push_to_hub:

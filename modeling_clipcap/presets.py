@@ -1,9 +1,16 @@
-"""Preset folders (``hub_configs/<name>``): where they are and how they are read, for training and conversion.
+"""Preset folders (``hub_configs/<name>``): one schema and one loader for training, conversion and the demo.
 
-A preset folder holds any of: ``config.json`` (ClipCap config fields, or a full config with
-``vision_config`` / ``text_config``), ``generation_config.json``, ``training_args.json`` (defaults for
-``training/train.py`` flags, or, in a conversion preset, the original run's recorded settings),
-``preset.json`` (conversion metadata) and a model-card template (``README.md`` or ``model_card.md``).
+Every preset folder holds the same files (absent ones read as empty):
+
+========================== ==========================================================================
+``config.json``            ClipCap config fields, or a full config with ``vision_config`` / ``text_config``
+``generation_config.json`` decoding defaults of the model (validation, the published model)
+``training_args.json``     defaults for ``training/train.py`` flags (``./`` paths are relative to the folder)
+``README.md``              the model-card template (``string.Template``: ``$model_id``, ``$metrics``, ...)
+``preset.json``            optional metadata: where a converted checkpoint comes from (``clipcap convert
+                           --preset``), the paper's numbers, ``original_training`` (the original run)
+other ``*.json``           settings of other scripts under the file's stem (``demo.json`` -> ``"demo"``)
+========================== ==========================================================================
 """
 
 from __future__ import annotations
@@ -13,7 +20,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-CARD_TEMPLATE_NAMES = ("README.md", "model_card.md")
+CARD_TEMPLATE_NAMES = ("README.md",)
+#: the JSON files every preset may hold, by the key :func:`read_preset` returns them under
+PRESET_FILES = {
+    "config": "config.json",
+    "generation_config": "generation_config.json",
+    "training_args": "training_args.json",
+    "preset": "preset.json",
+}
 
 
 def hub_configs_dir() -> Path:
@@ -40,34 +54,38 @@ def find_preset(name: str | os.PathLike) -> Path:
     )
 
 
-def read_preset(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed files of a preset folder.
+def _read_json(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        return {}
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(value).__name__}.")
+    return value
 
-    Returns ``{"name", "dir", "config", "generation_config", "preset", "training_args", "card_template"}``:
-    the JSON files as dicts (``{}`` when absent), ``card_template`` the template text or ``None``.
-    Raises ValueError naming the file when one is not valid JSON.
+
+def read_preset(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed files of a preset folder (see the module docstring).
+
+    Returns ``{"name", "dir", "config", "generation_config", "training_args", "preset", "card_template"}``
+    plus one key per other ``*.json`` file (its stem): the JSON files as dicts (``{}`` when absent),
+    ``card_template`` the ``README.md`` text or ``None``. Raises ValueError naming the file when one is not
+    a JSON object.
     """
     path = Path(path)
-
-    def read_json(name: str) -> dict[str, Any]:
-        file = path / name
-        if not file.is_file():
-            return {}
-        try:
-            return json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON: {err}") from err
-
-    card = next((path / n for n in CARD_TEMPLATE_NAMES if (path / n).is_file()), None)
+    files = {key: _read_json(path / name) for key, name in PRESET_FILES.items()}
+    for extra in sorted(path.glob("*.json")):
+        if extra.name not in PRESET_FILES.values():
+            files[extra.stem] = _read_json(extra)
+    card = path / "README.md"
     return {
         "name": path.name,
         "dir": path,
-        "config": read_json("config.json"),
-        "generation_config": read_json("generation_config.json"),
-        "preset": read_json("preset.json"),
-        "training_args": read_json("training_args.json"),
-        "card_template": card.read_text(encoding="utf-8") if card is not None else None,
+        **files,
+        "card_template": card.read_text(encoding="utf-8") if card.is_file() else None,
     }
 
 
-__all__ = ["CARD_TEMPLATE_NAMES", "find_preset", "hub_configs_dir", "read_preset"]
+__all__ = ["CARD_TEMPLATE_NAMES", "PRESET_FILES", "find_preset", "hub_configs_dir", "read_preset"]

@@ -727,11 +727,13 @@ def test_push_to_hub_and_load_back_with_remote_code(hub_server, tmp_path, text_c
         from modeling_clipcap.cli import main
         status = main(["convert", "--preset", "coco-mlp", "--checkpoint", {str(checkpoint)!r},
                        "--vision_model", {str(clip_dir)!r}, "--text_model", {str(text_dir)!r},
-                       "--output_dir", {str(out)!r}, "--push_to_hub", "--hub_model_id", {repo_id!r}])
+                       "--output_dir", {str(out)!r}, "--push_to_hub", "--hub_model_id", {repo_id!r},
+                       "--private"])
         assert status == 0, status
         """
     )
     hub_server.assert_all_handled()
+    assert hub_server.repo(repo_id).private is True  # --private (read back below with the token)
     files = hub_server.files(repo_id)
     for name in (
         "model.safetensors",
@@ -766,37 +768,3 @@ def test_push_to_hub_and_load_back_with_remote_code(hub_server, tmp_path, text_c
         cwd=tmp_path,
     )
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
-
-
-def test_every_preset_file_ships_in_the_wheel():
-    """pyproject's package-data globs cover every file of hub_configs/ (installed as modeling_clipcap/hub_configs),
-    so `clipcap convert --preset NAME` finds its preset from a pip install, not only from a checkout."""
-    import fnmatch
-    from pathlib import Path
-
-    import tomllib
-
-    root = Path(__file__).resolve().parents[1]
-    setuptools_cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    package_dirs = {name: root / path for name, path in setuptools_cfg["package-dir"].items()}
-    assert package_dirs["modeling_clipcap.hub_configs"] == root / "hub_configs"
-    globs = setuptools_cfg["package-data"]
-    files = [p for p in (root / "hub_configs").rglob("*") if p.is_file()]
-    assert files
-    for file in files:
-        # the innermost listed package holding the file, and the file's path relative to it
-        owners = [
-            (name, directory)
-            for name, directory in package_dirs.items()
-            if name in setuptools_cfg["packages"] and directory in file.parents
-        ]
-        name, directory = max(owners, key=lambda item: len(item[1].parts))
-        relative = file.relative_to(directory).as_posix()
-        if file.suffix == ".py" and "/" not in relative:
-            continue  # a module of a listed package (the Space's app.py) ships as code, not package data
-        assert any(
-            fnmatch.fnmatch(relative, g) and relative.count("/") == g.count("/") for g in globs[name]
-        ), f"{file} is not covered by package-data of {name}: {globs[name]}"
-    from modeling_clipcap.convert_original import hub_configs_dir
-
-    assert (hub_configs_dir() / "coco-mlp" / "preset.json").is_file()

@@ -1,4 +1,5 @@
-"""The built wheel, installed outside the checkout, carries its presets: what a ``pip install`` user gets."""
+"""The built wheel, installed outside the checkout, carries its presets (every file of each, read by
+``modeling_clipcap.presets``): what a ``pip install`` user gets."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ print(json.dumps({
     "package": modeling_clipcap.__file__,
     "hub_configs": str(hub_configs_dir()),
     "names": names,
-    "configs": {n: read_preset(find_preset(n))["config"] for n in names},
+    "presets": {n: {k: v for k, v in read_preset(find_preset(n)).items() if k != "dir"} for n in names},
     "conversion": {n: load_preset(n)["preset"].get("stop_token_id") for n in PRESET_NAMES},
 }))
 """
@@ -82,8 +83,13 @@ print(json.dumps({
     assert found["hub_configs"].startswith(str(scratch_site))
     shipped = sorted(p.name for p in (REPO_ROOT / "hub_configs").iterdir() if (p / "config.json").is_file())
     assert set(shipped) <= set(found["names"]), (shipped, found["names"])
-    for name in shipped:
-        assert found["configs"][name] == json.loads(
+    from modeling_clipcap.presets import read_preset
+
+    for name in shipped:  # every file of the one preset schema ships: configs, training args, card, extras
+        checkout = {k: v for k, v in read_preset(REPO_ROOT / "hub_configs" / name).items() if k != "dir"}
+        assert found["presets"][name] == checkout, name
+        assert found["presets"][name]["config"] == json.loads(
             (REPO_ROOT / "hub_configs" / name / "config.json").read_text()
         )
+        assert found["presets"][name]["card_template"] and found["presets"][name]["training_args"], name
     assert found["conversion"] == {"coco-mlp": 13, "conceptual-mlp": 13, "coco-transformer": 13}

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from modeling_clipcap.evaluation import exact_match_text
+from modeling_clipcap.presets import read_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET = REPO_ROOT / "hub_configs" / "clipcap-synthetic-tiny"
@@ -68,9 +69,8 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 
 
 def load_settings(preset: Path) -> dict[str, Any]:
-    """The demo's defaults from the preset's ``demo.json``."""
-    path = preset / "demo.json"
-    settings = json.loads(path.read_text()) if path.is_file() else {}
+    """The demo's defaults from the preset's ``demo.json`` (read by ``modeling_clipcap.presets``)."""
+    settings = dict(read_preset(preset).get("demo", {}))
     settings.pop("_comment", None)
     return settings
 
@@ -433,6 +433,29 @@ def run_records(model_dir: Path, clip_dir: Path, recipe: str) -> dict[str, Any]:
     return records
 
 
+def stage_env(out: Path, threads: int | None) -> dict[str, str]:
+    """The environment of the stages' subprocesses: offline, datasets' cache under ``out``, this checkout
+    importable, ``threads`` OpenMP/MKL threads when given."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.setdefault("HF_DATASETS_CACHE", str(out / "hf_cache"))
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def train_command(data_dir: Path, model_dir: Path, cache_dir: Path, cfg: dict[str, Any]) -> list[str]:
+    """``training/train.py`` on the synthetic train / validation splits (each recipe adds its preset)."""
+    return [sys.executable, str(TRAINING_DIR / "train.py")] + [
+        "--train_file", str(data_dir / "train" / "metadata.jsonl"),
+        "--validation_file", str(data_dir / "validation" / "metadata.jsonl"),
+        "--output_dir", str(model_dir),
+        "--max_train_steps", str(cfg["train_steps"]),
+        "--seed", str(cfg["seed"]),
+        "--embedding_cache_dir", str(cache_dir),
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
@@ -445,11 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report_dir = out / "report"
     report_dir.mkdir(exist_ok=True)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env.setdefault("HF_DATASETS_CACHE", str(out / "hf_cache"))
-    if args.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = stage_env(out, args.threads)
     timings: dict[str, float] = {}
 
     def stage_done(name: str, t0: float) -> None:
@@ -477,24 +496,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. vision tower + training
     recipe = cfg["recipe"]
-    model_config = json.loads((preset / "config.json").read_text())
+    model_config = read_preset(preset)["config"]
     model_dir = out / "model"
-    train_cmd = [
-        sys.executable,
-        str(TRAINING_DIR / "train.py"),
-        "--train_file",
-        str(data_dir / "train" / "metadata.jsonl"),
-        "--validation_file",
-        str(data_dir / "validation" / "metadata.jsonl"),
-        "--output_dir",
-        str(model_dir),
-        "--max_train_steps",
-        str(cfg["train_steps"]),
-        "--seed",
-        str(cfg["seed"]),
-        "--embedding_cache_dir",
-        str(out / "embedding_cache"),
-    ]
+    train_cmd = train_command(data_dir, model_dir, out / "embedding_cache", cfg)
     if recipe == "clip":
         log("3/6 tiny CLIP, contrastive pretraining (CLIPModel, return_loss=True)")
         t0 = time.time()
