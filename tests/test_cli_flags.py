@@ -9,7 +9,12 @@ import json
 import pytest
 import torch
 from conftest import build_tiny_tokenizer, tiny_text_config
-from test_convert import original_mlp_state_dict, save
+from test_convert import (
+    original_mlp_state_dict,
+    original_transformer_state_dict,
+    ref_transformer_prefix,
+    save,
+)
 
 from modeling_clipcap import convert_original
 from modeling_clipcap.cli import add_bool_argument, main
@@ -74,6 +79,43 @@ def test_convert_flags_reach_the_output(tmp_path, original, monkeypatch):
     old = tmp_path / "old"
     assert main(argv + ["--output_dir", str(old), "--normalize_prefix", "--no-normalize_prefix"]) == 0
     assert json.loads((old / "config.json").read_text())["normalize_prefix"] is False
+
+
+def test_convert_transformer_shape_flags(tmp_path):
+    """--mapping_type transformer with --num_layers / --num_heads (no preset): a 2-layer, 2-head original
+    mapper converts to a model with that shape whose prefix equals the original's computed with 2 heads (the
+    default 8 heads would give other numbers from the same weights)."""
+    from transformers import AutoModel
+
+    tokenizer = build_tiny_tokenizer(tmp_path / "gpt2")
+    text_config = tiny_text_config(len(tokenizer))
+    text_config.save_pretrained(tmp_path / "gpt2")
+    sd = original_transformer_state_dict(text_config, 24, 4, 3, 2, seed=5)
+    out = tmp_path / "out"
+    argv = [
+        "convert",
+        "--checkpoint",
+        str(save(sd, tmp_path / "t.pt")),
+        "--text_model",
+        str(tmp_path / "gpt2"),
+    ]
+    argv += [
+        "--mapping_type",
+        "transformer",
+        "--prefix_length",
+        "4",
+        "--clip_length",
+        "3",
+        "--image_embed_dim",
+    ]
+    argv += ["24", "--num_layers", "2", "--num_heads", "2", "--output_dir", str(out)]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["mapping_num_layers"], config["mapping_num_heads"]) == (2, 2)
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(0))
+    prefix, _ = AutoModel.from_pretrained(out).eval().get_prefix(image_embeds=x)
+    assert (prefix - ref_transformer_prefix(sd, x, 3, 2, heads=2)).abs().max() <= 1e-5
+    assert (prefix - ref_transformer_prefix(sd, x, 3, 2, heads=8)).abs().max() > 1e-3
 
 
 def test_evaluate_limit_beams_tokens_and_meteor_flags(tmp_path, tiny_model, tiny_processor, capsys):

@@ -115,7 +115,9 @@ def test_preset_values_are_defaults_and_flags_win(setup):
     args = train.parse_args(_argv(setup, setup["root"] / "o", "--learning_rate", "0.5"))
     assert args.learning_rate == 0.5  # flag beats preset (1e-2)
     assert args.per_device_train_batch_size == 8  # from the preset
-    assert args.weight_decay == train.build_parser().get_default("weight_decay") == 0.0  # neither: built-in default
+    assert (
+        args.weight_decay == train.build_parser().get_default("weight_decay") == 0.0
+    )  # neither: built-in default
     args = train.parse_args(_argv(setup, setup["root"] / "o", "--freeze_language_model"))
     assert args.freeze_language_model is True
     args = train.parse_args(_argv(setup, setup["root"] / "o", "--freeze_language_model", "false"))
@@ -337,7 +339,33 @@ def test_paper_presets(name):
     }[name]
     assert (prefix.shape[1], config.mapping_type, config.freeze_language_model) == expected
     assert GenerationConfig.from_pretrained(args.preset).num_beams == 5
-    assert "$hyperparameters" in (args.preset / "model_card.md").read_text()
+    assert "$hyperparameters" in (args.preset / "README.md").read_text()
+
+
+def test_every_preset_has_the_one_schema():
+    """Every preset folder of hub_configs/ (training and conversion alike) holds the same files, read by
+    modeling_clipcap.presets; its training_args.json is train.py flags (train.py --config accepts it) and
+    its README.md is a model-card template with the Hub front matter."""
+    from modeling_clipcap.presets import hub_configs_dir, read_preset
+
+    names = sorted(p.name for p in hub_configs_dir().iterdir() if (p / "config.json").is_file())
+    assert {"clipcap-coco-mlp", "coco-mlp", "coco-transformer", "clipcap-synthetic-tiny"} <= set(names)
+    for name in names:
+        folder = hub_configs_dir() / name
+        assert not (folder / "model_card.md").exists(), name  # one card-template name
+        for file in ("config.json", "generation_config.json", "training_args.json", "README.md"):
+            assert (folder / file).is_file(), f"{name}/{file}"
+        preset = read_preset(folder)
+        assert preset["config"]["model_type"] == "clipcap" and preset["card_template"].startswith("---\n"), (
+            name
+        )
+        args = train.parse_args(["--config", name, "--train_file", "unused"])
+        assert args.preset == folder.resolve()
+        for key, value in preset["training_args"].items():
+            if key != "_comment" and not str(value).startswith("./"):
+                assert getattr(args, key) == value, (name, key)
+    assert read_preset(hub_configs_dir() / "coco-mlp")["preset"]["original_training"]["batch_size"] == 40
+    assert read_preset(hub_configs_dir() / "clipcap-synthetic-tiny")["demo"]["recipe"]  # other *.json by stem
 
 
 def test_accelerate_configs_load():
@@ -452,11 +480,13 @@ def test_push_to_hub_round_trip_without_the_package(setup, tmp_path, hub_server)
     repo_id = f"{hub_server.user}/clipcap-tiny"
     out = tmp_path / "pushed"
     env = hub_server.env({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    del env["HF_TOKEN"]  # the token comes from --hub_token alone (the emulator refuses writes without it)
     _run(
         [sys.executable, TRAIN_SCRIPT, *_argv(setup, out, "--max_train_steps", "5")]
-        + ["--push_to_hub", "--hub_model_id", repo_id],
+        + ["--push_to_hub", "--hub_model_id", repo_id, "--hub_token", hub_server.token, "--hub_private_repo"],
         env,
     )
+    assert hub_server.repo(repo_id).private is True  # --hub_private_repo
     files = hub_server.files(repo_id)
     for name in (
         "config.json",

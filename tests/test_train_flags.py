@@ -1,11 +1,13 @@
 """Every user-facing flag of training/train.py changes what the run does: a few tiny runs check several flags
 each (what a flag does is read from the outputs, so a flag that were ignored would fail its assertion).
 
+Here also: --report_to and --logging_steps (Accelerate's TensorBoard tracker over a fake tensorboardX package),
+--dataset_config_name and --image_column (a local dataset with two configurations), --eval_meteor.
 Flags covered elsewhere: --config, --train_file, --output_dir, --embedding_cache_dir, --num_train_epochs,
 --eval_steps (test_train.py); --model_name_or_path, --freeze_language_model, --freeze_vision, --on_bad_image,
 --dataset_name, --streaming, --caption_column, --max_train_steps (test_train.py); --gradient_accumulation_steps,
---checkpointing_steps, --stop_after_steps, --resume_from_checkpoint, --push_to_hub, --hub_model_id (slow tests
-in test_train.py and test_kill_resume.py).
+--checkpointing_steps, --stop_after_steps, --resume_from_checkpoint, --push_to_hub, --hub_model_id, --hub_token,
+--hub_private_repo (slow tests in test_train.py and test_kill_resume.py).
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ def test_model_data_schedule_generation_and_checkpoint_flags(setup, tmp_path, fr
         "step_3"
     ]  # a checkpoint a step, the newest kept
     assert summary["mixed_precision"] == "bf16"
+    assert (
+        "eval_METEOR" not in summary["final_metrics"] and "eval_CIDEr" in summary["final_metrics"]
+    )  # default
 
 
 def test_seed_weight_decay_and_grad_norm_each_change_the_weights(setup, tmp_path):
@@ -152,7 +157,10 @@ def test_metadata_file_with_image_dirs(setup, tmp_path):
     argv += ["--image_dir", str(setup["data"] / "train"), "--validation_file", str(meta / "val.jsonl")]
     argv += ["--validation_image_dir", str(setup["data"] / "validation"), "--output_dir", str(tmp_path / "o")]
     argv += ["--embedding_cache_dir", str(tmp_path / "cache"), "--max_train_steps", "1"]
-    summary = train.main(argv)
+    summary = train.main(argv + ["--eval_meteor"])
+    if shutil.which("java"):  # --eval_meteor: METEOR (pycocoevalcap's java scorer) joins the validation
+        assert 0 <= summary["final_metrics"]["eval_METEOR"] <= 1
+    assert "eval_CIDEr" in summary["final_metrics"]
     assert summary["embedding_cache"]["Encoding train images"]["encoded"] == 12
     assert summary["embedding_cache"]["Encoding validation images"]["encoded"] == 4
     with pytest.raises(Exception, match="val"):  # without --validation_image_dir: looked up in --image_dir
@@ -205,3 +213,114 @@ def test_allow_rng_state_loss_is_needed_to_resume_without_rng_state(setup, tmp_p
     with pytest.warns(UserWarning, match="not bit-exactly"):
         summary = train.main(argv + ["--resume_from_checkpoint", "latest", "--allow_rng_state_loss"])
     assert summary["completed_steps"] == 3 and len(_losses(out)) == 3
+
+
+# A stand-in for the tensorboardX package (Accelerate's TensorBoard tracker falls back to it when torch's
+# tensorboard module cannot import): every writer call becomes one JSON line in $FAKE_TENSORBOARD_LOG.
+FAKE_TENSORBOARDX = """
+import json, os
+
+class SummaryWriter:
+    def __init__(self, logdir, **kwargs):
+        self._write("init", str(logdir))
+
+    def _write(self, *call):
+        with open(os.environ["FAKE_TENSORBOARD_LOG"], "a") as fh:
+            fh.write(json.dumps(call) + "\\n")
+
+    def add_hparams(self, hparams, metric_dict=None, **kwargs):
+        self._write("hparams", dict(hparams))
+
+    def add_scalar(self, tag, value, global_step=None, **kwargs):
+        self._write("scalar", tag, value, global_step)
+
+    def add_text(self, tag, text, global_step=None, **kwargs):
+        self._write("text", tag, text, global_step)
+
+    def add_scalars(self, tag, values, global_step=None, **kwargs):
+        self._write("scalars", tag, values, global_step)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self._write("close")
+"""
+
+
+def test_report_to_and_logging_steps_feed_the_tracker(setup, tmp_path):
+    """--report_to tensorboard goes through Accelerate's real TensorBoard tracker (a fake tensorboardX
+    package records the writer calls) and gets the run's flags, the training loss every --logging_steps
+    steps, and the final validation; without the tracker's package the run stops with a clear error."""
+    import subprocess
+
+    from conftest import subprocess_env
+
+    argv = _argv(setup, tmp_path / "plain", "--max_train_steps", "1", "--report_to", "tensorboard")
+    with pytest.raises(ValueError, match="--report_to tensorboard: its package is not installed"):
+        train.main(argv)  # neither tensorboard nor tensorboardX is installed in the test environments
+
+    fake = tmp_path / "fake_site"
+    (fake / "tensorboardX").mkdir(parents=True)
+    (fake / "tensorboardX" / "__init__.py").write_text(FAKE_TENSORBOARDX)
+    (fake / "tensorboardX-0.0.dist-info").mkdir()
+    (fake / "tensorboardX-0.0.dist-info" / "METADATA").write_text("Name: tensorboardX\nVersion: 0.0\n")
+    calls_file, out = tmp_path / "calls.jsonl", tmp_path / "tracked"
+    env = subprocess_env(tmp_path, PYTHONPATH=str(fake), FAKE_TENSORBOARD_LOG=str(calls_file))
+    argv = _argv(setup, out, "--max_train_steps", "5", "--logging_steps", "2", "--report_to", "tensorboard")
+    argv += ["--max_eval_samples", "2", "--learning_rate", "0.003"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "training" / "train.py"), *argv],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    calls = [json.loads(line) for line in calls_file.read_text().splitlines()]
+    assert calls[0][0] == "init" and calls[0][1].startswith(str(out))  # logs under --output_dir
+    (hparams,) = [c[1] for c in calls if c[0] == "hparams"]
+    assert hparams["learning_rate"] == 0.003 and hparams["logging_steps"] == 2
+    assert [c[3] for c in calls if c[:2] == ["scalar", "loss"]] == [2, 4]  # every 2nd of 5 steps
+    logged = {r["step"]: r["loss"] for r in _log(out) if "loss" in r}
+    assert sorted(logged) == [1, 2, 3, 4, 5]  # train_log.jsonl keeps every step
+    assert [c[2] for c in calls if c[:2] == ["scalar", "loss"]] == pytest.approx([logged[2], logged[4]])
+    assert [c[3] for c in calls if c[:2] == ["scalar", "eval_loss"]] == [5]  # the final validation
+    assert calls[-1] == ["close"]
+
+
+def test_dataset_config_name_and_image_column(setup, tmp_path):
+    """--dataset_name with two configurations (README.md ``configs``): --dataset_config_name picks the
+    second one (3 images, not the first one's 5), whose image column --image_column names."""
+    import datasets
+
+    rows = [
+        json.loads(line) for line in (setup["data"] / "train" / "metadata.jsonl").read_text().splitlines()
+    ]
+    import uuid
+
+    # datasets caches a local folder's table under the folder's name (not its path): a unique name per run
+    folder = tmp_path / f"hf_dataset_{uuid.uuid4().hex[:8]}"
+    for name, part in {"large": rows[:5], "small": rows[5:8]}.items():
+        (folder / name).mkdir(parents=True)
+        table = datasets.Dataset.from_dict(
+            {
+                "picture": [str(setup["data"] / "train" / r["file_name"]) for r in part],
+                "text": [r["captions"][0] for r in part],
+            }
+        ).cast_column("picture", datasets.Image())
+        table.to_parquet(str(folder / name / "train.parquet"))
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: large\n  data_files:\n  - split: train\n    path: large/train.parquet\n"
+        "- config_name: small\n  data_files:\n  - split: train\n    path: small/train.parquet\n---\n"
+    )
+    argv = ["--config", str(setup["preset"]), "--dataset_name", str(folder), "--dataset_config_name", "small"]
+    argv += ["--image_column", "picture", "--caption_column", "text", "--max_train_steps", "1"]
+    argv += ["--output_dir", str(tmp_path / "o"), "--embedding_cache_dir", str(tmp_path / "cache")]
+    summary = train.main(argv)
+    assert summary["embedding_cache"]["Encoding train images"]["encoded"] == 3  # the "small" configuration
+    assert summary["training_data"].startswith(f"{folder} (3 images, 3 captions")
+    with pytest.raises(Exception, match="'image'"):  # the default image column does not exist here
+        train.main([a for a in argv if a not in ("--image_column", "picture")])

@@ -29,6 +29,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.tracking import filter_trackers
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_scheduler
@@ -192,14 +193,10 @@ def build_model_and_processor(args: argparse.Namespace) -> tuple[ClipCapForCondi
         overrides={k: getattr(args, k) for k in MODEL_FIELDS if getattr(args, k) is not None},
     )
     preset_tokenizer = preset if preset is not None and any(preset.glob("tokenizer*.json")) else None
+    names = (args.tokenizer_name, args.model_name_or_path, args.text_model_name_or_path, preset_tokenizer)
     processor = load_training_processor(
         model,
-        tokenizer_sources=(
-            args.tokenizer_name,
-            args.model_name_or_path,
-            args.text_model_name_or_path,
-            preset_tokenizer,
-        ),
+        tokenizer_sources=names,
         image_processor_name=args.image_processor_name,
         image_processor_sources=(args.model_name_or_path, args.vision_model_name_or_path, preset),
     )
@@ -221,12 +218,7 @@ def build_model_and_processor(args: argparse.Namespace) -> tuple[ClipCapForCondi
 
 
 def optimizer_step(
-    accelerator: Accelerator,
-    model: Any,
-    optimizer: Any,
-    lr_scheduler: Any,
-    group: list[dict],
-    max_grad_norm: float,
+    accelerator: Accelerator, model: Any, optimizer: Any, lr_scheduler: Any, group: list, max_norm: float
 ) -> tuple[float, int]:
     """One optimizer step over a group of micro-batches; returns (mean token loss, caption tokens).
 
@@ -238,18 +230,17 @@ def optimizer_step(
     local_tokens = sum((b["labels"] != -100).sum() for b in group)
     num_items = accelerator.reduce(local_tokens.to(accelerator.device), "sum").clamp_min(1)
     step_loss = torch.zeros((), device=accelerator.device)
+    # loss = local token-loss sum / global tokens; Accelerate divides by the accumulation steps and DDP
+    # averages over processes: undo both so that the update uses the exact global mean.
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
     for index, batch in enumerate(group):
         last = index == len(group) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             outputs = model(**batch, num_items_in_batch=num_items, logits_to_keep=1)
-            # loss = local token-loss sum / global tokens; Accelerate divides by the accumulation steps
-            # and DDP averages over processes: undo both so the update uses the exact global mean.
-            accelerator.backward(
-                outputs.loss * accelerator.gradient_accumulation_steps * accelerator.num_processes
-            )
+            accelerator.backward(outputs.loss * scale)
         step_loss += outputs.loss.detach().float()
-    if max_grad_norm and max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if max_norm and max_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -270,18 +261,13 @@ def save_outputs(
             output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
         )
     if accelerator.is_main_process:
-        if summary["skipped"]:
-            (output_dir / "skipped_images.json").write_text(
-                json.dumps(
-                    {"count": len(summary["skipped"]), "images": [list(s) for s in summary["skipped"]]},
-                    indent=2,
-                )
-            )
+        if skipped := summary["skipped"]:
+            record = {"count": len(skipped), "images": [list(s) for s in skipped]}
+            (output_dir / "skipped_images.json").write_text(json.dumps(record, indent=2))
         if finished:
             processor.save_pretrained(output_dir)
             unwrapped.generation_config.save_pretrained(output_dir)
-            card = render_training_card(args, summary, unwrapped.config)
-            card.save(output_dir / "README.md")
+            render_training_card(args, summary, unwrapped.config).save(output_dir / "README.md")
         summary["skipped_images"] = len(summary.pop("skipped"))
         (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2, default=str))
     accelerator.wait_for_everyone()
@@ -318,43 +304,34 @@ def print_summary(accelerator: Accelerator, summary: dict[str, Any], output_dir:
 
 
 def save_training_checkpoint(
-    accelerator: Accelerator,
-    args: argparse.Namespace,
-    name: str,
-    completed_steps: int,
-    epoch: int,
-    batches: int,
+    accelerator: Accelerator, args: argparse.Namespace, name: str, step: int, epoch: int, batches: int
 ) -> None:
     """``checkpoints/<name>`` with the loop's position (``training_state.json``) and the launch it needs."""
-    num_processes = accelerator.num_processes
-    state = {
-        "completed_steps": completed_steps,
-        "epoch": epoch,
-        "batches_in_epoch": batches,
-        "seed": args.seed,
-    }
-    state |= {
-        "num_processes": num_processes,
-        "total_batch_size": args.per_device_train_batch_size
-        * num_processes
-        * args.gradient_accumulation_steps,
-    }
-    save_checkpoint(accelerator, args.output_dir, name, state, args.checkpoints_total_limit)
+    position = dict(completed_steps=step, epoch=epoch, batches_in_epoch=batches, seed=args.seed)
+    total = captions_per_step(args, accelerator)
+    launch = dict(num_processes=accelerator.num_processes, total_batch_size=total)
+    save_checkpoint(accelerator, args.output_dir, name, position | launch, args.checkpoints_total_limit)
+
+
+def captions_per_step(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The total batch of an optimizer step: per device x processes x accumulation."""
+    return args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
 
 
 def write_log(accelerator: Accelerator, args: argparse.Namespace, path: Path, record: dict[str, Any]) -> None:
-    """One line of ``train_log.jsonl`` (main process) and the trackers of ``--report_to``."""
+    """One line of ``train_log.jsonl`` (main process, every step); the trackers of ``--report_to`` get every
+    validation record and every ``--logging_steps``-th step."""
     record = {k: v for k, v in record.items() if k != "eval_samples"}
+    validation = "loss" not in record
     if accelerator.is_main_process:
         with open(path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if "loss" not in record:  # a validation record
+        if validation:
             shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
             accelerator.print(f"step {record['step']}: {shown}")
-    if args.report_to != "none":
-        accelerator.log(
-            {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step")
-        )
+    if args.report_to != "none" and (validation or record["step"] % args.logging_steps == 0):
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        accelerator.log(scalars, step=record["step"])
 
 
 def optimized_modules(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -377,6 +354,11 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
+    if args.report_to != "none" and not filter_trackers(args.report_to, args.output_dir):
+        raise ValueError(  # Accelerate would skip the tracker silently
+            f"--report_to {args.report_to}: its package is not installed (e.g. pip install tensorboard); "
+            "install it or pass --report_to none."
+        )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     verbosity = "warning" if accelerator.is_local_main_process else "error"
     datasets.utils.logging.set_verbosity(getattr(logging, verbosity.upper()))
@@ -405,9 +387,7 @@ def make_summary(
 ) -> dict[str, Any]:
     """What the run was: parameters, launch, data, hyper-parameters (the loop adds where it got to)."""
     unwrapped = accelerator.unwrap_model(model)
-    total_batch_size = (
-        args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    )
+    total_batch_size = captions_per_step(args, accelerator)
     return run_report(accelerator, data) | {  # + samples_seen_per_rank, skipped_samples of a shard stream
         "trainable_parameters": unwrapped.num_parameters(only_trainable=True),
         "total_parameters": unwrapped.num_parameters(),
@@ -493,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, optimizer, train_dataloader, lr_scheduler
     )
     val_loaders = {k: accelerator.prepare(v) for k, v in val_dataloaders.items()} if val_dataloaders else None
-    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * accum
+    total_batch_size = captions_per_step(args, accelerator)
     logger.info(
         f"***** Running training *****\n  {data['description']}, {num_epochs} epoch(s), {max_train_steps} "
         f"optimizer steps of {total_batch_size} captions ({args.per_device_train_batch_size} per device x "
