@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .captioning import DTYPES, CaptionInputError, _model_dtype, load_captioner
+from .captioning import DTYPES, CaptionInputError, caption_batch, load_captioner
 from .image_io import DEFAULT_MAX_PIXELS, ImageLoadError, list_image_files, load_image
 
 __all__ = [
@@ -128,7 +128,7 @@ def load_app_models(
     if clip_model is not None:
         clip_dir = resolve_model_path(clip_model, "--clip_model")
         try:
-            clip = load_clip(clip_dir, device=next(captioner.parameters()).device)
+            clip = load_clip(clip_dir, device=captioner.device)
         except Exception as err:
             raise AppInputError(
                 f"--clip_model {clip_model}: cannot load a CLIPModel and CLIPProcessor from {clip_dir} "
@@ -249,25 +249,19 @@ class Decoding:
 # ------------------------------------------------------------------------------------------ captioning
 
 
-def _pixel_values(model: Any, processor: Any, images: list[Any]) -> torch.Tensor:
-    """(B, 3, H, W) on the model's device and dtype."""
-    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
-    return pixel_values.to(device=next(model.parameters()).device, dtype=_model_dtype(model))
-
-
 @torch.no_grad()
 def caption_pil_images(
     model: Any, processor: Any, images: list[Any], generate_kwargs: dict[str, Any]
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """Captions and prefix tokens of decoded RGB images, in one ``generate`` call.
+    """Captions and prefix tokens of decoded RGB images, in one ``generate`` call (``captioning.caption_batch``).
 
     Returns:
         ``(captions, prefix_tokens)``: per image, its ``num_return_sequences`` captions (the model's order) and
         the K nearest vocabulary tokens of its prefix.
     """
-    pixel_values = _pixel_values(model, processor, images)  # (B, 3, H, W)
-    ids = model.generate(pixel_values=pixel_values, **generate_kwargs)  # (B * n, T)
-    texts = [" ".join(t.split()) for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+    pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
+    texts = caption_batch(model, processor, pixel_values=pixel_values, **generate_kwargs)  # B * n captions
     n = len(texts) // len(images)
     captions = [texts[i * n : (i + 1) * n] for i in range(len(images))]
     prefix_tokens = model.interpret_prefix(pixel_values=pixel_values, tokenizer=processor.tokenizer)
@@ -458,6 +452,184 @@ def _model_label(model: Any, model_dir: Path | None) -> str:
     return "/".join(Path(name).resolve().parts[-2:]) if Path(name).exists() else name
 
 
+def _app_models(
+    model: Any,
+    processor: Any,
+    clip_model: str | os.PathLike | tuple[Any, Any] | None,
+    dtype: str,
+    device: str | None,
+) -> tuple[Any, Any, tuple[Any, Any] | None, Path | None]:
+    """``build_app``'s model arguments -> ``(model, processor, clip, model_dir)``, loading what is given by name."""
+    clip: tuple[Any, Any] | None = clip_model if isinstance(clip_model, tuple) else None
+    if isinstance(model, (str, os.PathLike)):
+        model, processor, loaded_clip, model_dir = load_app_models(
+            model, None if clip is not None else clip_model, dtype=dtype, device=device
+        )
+        return model, processor, clip or loaded_clip, model_dir
+    if processor is None:
+        raise AppInputError("build_app(model, processor): pass the processor together with a loaded model.")
+    if clip_model is not None and clip is None:
+        from .evaluation import load_clip
+
+        clip = load_clip(resolve_model_path(clip_model, "--clip_model"), device=model.device)
+    name_or_path = getattr(model, "name_or_path", "")
+    model_dir = Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None
+    return model, processor, clip, model_dir
+
+
+def _upload_path(file: Any) -> str:
+    """The server-side path of a Gradio upload (a path string, or a file object with ``.name``)."""
+    return file if isinstance(file, str) else getattr(file, "name", str(file))
+
+
+def _page_handler(
+    gr: Any,
+    model: Any,
+    processor: Any,
+    clip: tuple[Any, Any] | None,
+    max_pixels: int | None,
+    headers: list[str],
+) -> Any:
+    """The page's "Caption" callback: uploads and decoding controls -> gallery, text, table, downloads, status."""
+    output_root = Path(tempfile.mkdtemp(prefix="clipcap-app-"))
+
+    def run_page(
+        files,
+        mode,
+        num_beams,
+        temperature,
+        top_p,
+        num_captions,
+        max_new_tokens,
+        progress=gr.Progress(),  # noqa: B008  (Gradio finds the progress tracker by this default)
+    ):
+        paths = [_upload_path(f) for f in (files or [])]
+        if not paths:
+            raise gr.Error(
+                "No image to caption: drop one or more image files on the box, or pick an example.",
+                print_exception=False,
+            )
+        decoding = Decoding(
+            mode, int(num_beams), float(temperature), float(top_p), int(num_captions), int(max_new_tokens)
+        )
+        started = time.perf_counter()
+        try:
+            results = caption_files(
+                model, processor, paths, decoding, clip=clip, max_pixels=max_pixels, progress=progress
+            )
+        except AppInputError as err:
+            raise gr.Error(str(err), print_exception=False) from err
+        except (ValueError, RuntimeError) as err:
+            raise gr.Error(f"Captioning failed ({type(err).__name__}: {err}).") from err
+        seconds = time.perf_counter() - started
+        failed = [r for r in results if r["error"] is not None]
+        if len(failed) == len(results):
+            raise gr.Error("\n".join(r["error"] for r in failed), print_exception=False)
+        for r in failed:
+            gr.Warning(r["error"])
+        json_path, csv_path = write_downloads(results, decoding, output_root / f"{time.time_ns()}")
+        done = [r for r in results if r["error"] is None]
+        gallery = [(r["path"], r["captions"][0]["caption"]) for r in done]
+        text = "\n".join(f"{r['image']}: {r['captions'][0]['caption']}" for r in done)
+        status = (
+            f"Captioned {len(done)} of {len(results)} image(s) in {seconds:.2f} s ({decoding.describe()})."
+        )
+        if failed:
+            status += f" {len(failed)} file(s) could not be read; see the table."
+        if clip is not None:
+            status += " Captions are ranked by CLIPScore (CLIP-S, 0 to 2.5)."
+        table_value = {"headers": headers, "data": results_table(results, clip is not None)}
+        return gallery, text, table_value, [str(json_path), str(csv_path)], status
+
+    return run_page
+
+
+def _api_handlers(gr: Any, model: Any, processor: Any, max_pixels: int | None) -> tuple[Any, Any]:
+    """The ``caption`` endpoint's validator (refuses a bad file before it joins a batch) and batched callback."""
+
+    def validate_api_image(images: list[Any]) -> tuple[list[Any]]:
+        # batched event: one list per input with one entry per request (always a single request here)
+        verdicts = []
+        for image in images:
+            if not image:
+                verdicts.append(
+                    gr.validate(
+                        False, "no image was sent: attach one image file (gradio_client: handle_file(path))."
+                    )
+                )
+                continue
+            path = _upload_path(image)
+            try:
+                load_image(path, max_pixels=max_pixels, name=_display_name(path))
+                verdicts.append(gr.validate(True, ""))
+            except ImageLoadError as err:
+                verdicts.append(gr.validate(False, str(err)))
+        return (verdicts,)
+
+    def caption_api(images: list[Any]) -> tuple[list[str]]:
+        """Caption one image file (batched: Gradio hands over up to max_batch_size concurrent requests)."""
+        paths = [_upload_path(image) for image in images]
+        try:
+            decoded = [load_image(p, max_pixels=max_pixels, name=_display_name(p)) for p in paths]
+        except (
+            ImageLoadError
+        ) as err:  # the validator refused such files already; only a vanished file gets here
+            raise gr.Error(str(err), print_exception=False) from err
+        captions, _ = caption_pil_images(model, processor, decoded, {"num_return_sequences": 1})
+        return ([caps[0] for caps in captions],)
+
+    return validate_api_image, caption_api
+
+
+def _decoding_controls(gr: Any, defaults: Decoding) -> list[Any]:
+    """The "Decoding" accordion: mode, beams, temperature, top-p, captions per image, maximum length."""
+    with gr.Accordion("Decoding", open=False):
+        return [
+            gr.Radio(list(DECODING_MODES), value=defaults.mode, label="Decoding"),
+            gr.Slider(1, 10, value=defaults.num_beams, step=1, label="Beams (beam search)"),
+            gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature (sampling)"),
+            gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p (sampling)"),
+            gr.Slider(1, 10, value=defaults.num_captions, step=1, label="Captions per image"),
+            gr.Slider(
+                1,
+                max(100, defaults.max_new_tokens),
+                value=defaults.max_new_tokens,
+                step=1,
+                label="Maximum length (tokens)",
+            ),
+        ]
+
+
+def _page_layout(
+    gr: Any, example_files: list[Path], defaults: Decoding, headers: list[str]
+) -> tuple[list[Any], list[Any], Any]:
+    """The page's components (inside ``gr.Blocks``): ``(inputs, outputs, run button)`` of the page callback."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            files = gr.File(
+                label="Images", file_count="multiple", file_types=["image"], elem_id="clipcap-images"
+            )
+            if example_files:
+                gr.Examples(examples=[[[str(p)]] for p in example_files], inputs=[files], label="Examples")
+            controls = _decoding_controls(gr, defaults)
+            run = gr.Button("Caption", variant="primary", elem_id="clipcap-run")
+        with gr.Column(scale=2):
+            captions_text = gr.Textbox(
+                label="Captions", lines=3, interactive=False, elem_id="clipcap-captions"
+            )
+            gallery = gr.Gallery(
+                label="Images and captions",
+                columns=4,
+                height=320,
+                object_fit="contain",
+                elem_id="clipcap-gallery",
+            )
+            status = gr.Markdown(elem_id="clipcap-status")
+            table = gr.Dataframe(headers=headers, interactive=False, wrap=True, elem_id="clipcap-table")
+            downloads = gr.File(label="Download (JSON, CSV)", file_count="multiple", interactive=False)
+    return [files, *controls], [gallery, captions_text, table, downloads, status], run
+
+
 def build_app(
     model: Any,
     processor: Any = None,
@@ -490,113 +662,13 @@ def build_app(
     for name, value in (("max_batch_size", max_batch_size), ("queue_size", queue_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AppInputError(f"--{name} must be a positive integer, got {value!r}.")
-    model_dir: Path | None = None
-    clip: tuple[Any, Any] | None = clip_model if isinstance(clip_model, tuple) else None
-    if isinstance(model, (str, os.PathLike)):
-        model, processor, loaded_clip, model_dir = load_app_models(
-            model, None if clip is not None else clip_model, dtype=dtype, device=device
-        )
-        clip = clip or loaded_clip
-    else:
-        if processor is None:
-            raise AppInputError(
-                "build_app(model, processor): pass the processor together with a loaded model."
-            )
-        if clip_model is not None and clip is None:
-            from .evaluation import load_clip
-
-            clip = load_clip(
-                resolve_model_path(clip_model, "--clip_model"), device=next(model.parameters()).device
-            )
-        name_or_path = getattr(model, "name_or_path", "")
-        model_dir = Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None
+    model, processor, clip, model_dir = _app_models(model, processor, clip_model, dtype, device)
     model.eval()
     example_files = find_examples(model_dir, examples)
-    defaults = Decoding.from_generation_config(model.generation_config)
     label = _model_label(model, model_dir)
-    output_root = Path(tempfile.mkdtemp(prefix="clipcap-app-"))
     headers = table_headers(clip is not None)
-
-    def run_page(
-        files,
-        mode,
-        num_beams,
-        temperature,
-        top_p,
-        num_captions,
-        max_new_tokens,
-        progress=gr.Progress(),  # noqa: B008  (Gradio finds the progress tracker by this default)
-    ):
-        paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
-        if not paths:
-            raise gr.Error(
-                "No image to caption: drop one or more image files on the box, or pick an example.",
-                print_exception=False,
-            )
-        decoding = Decoding(
-            mode, int(num_beams), float(temperature), float(top_p), int(num_captions), int(max_new_tokens)
-        )
-        started = time.perf_counter()
-        try:
-            results = caption_files(
-                model, processor, paths, decoding, clip=clip, max_pixels=max_pixels, progress=progress
-            )
-        except AppInputError as err:
-            raise gr.Error(str(err), print_exception=False) from err
-        except (ValueError, RuntimeError) as err:
-            raise gr.Error(f"Captioning failed ({type(err).__name__}: {err}).") from err
-        seconds = time.perf_counter() - started
-        failed = [r for r in results if r["error"] is not None]
-        if len(failed) == len(results):
-            raise gr.Error("\n".join(r["error"] for r in failed), print_exception=False)
-        for r in failed:
-            gr.Warning(r["error"])
-        folder = output_root / f"{time.time_ns()}"
-        json_path, csv_path = write_downloads(results, decoding, folder)
-        done = [r for r in results if r["error"] is None]
-        gallery = [(r["path"], r["captions"][0]["caption"]) for r in done]
-        text = "\n".join(f"{r['image']}: {r['captions'][0]['caption']}" for r in done)
-        status = (
-            f"Captioned {len(done)} of {len(results)} image(s) in {seconds:.2f} s ({decoding.describe()})."
-        )
-        if failed:
-            status += f" {len(failed)} file(s) could not be read; see the table."
-        if clip is not None:
-            status += " Captions are ranked by CLIPScore (CLIP-S, 0 to 2.5)."
-        table_value = {"headers": headers, "data": results_table(results, clip is not None)}
-        return gallery, text, table_value, [str(json_path), str(csv_path)], status
-
-    def validate_api_image(images: list[Any]) -> tuple[list[Any]]:
-        # batched event: one list per input with one entry per request (always a single request here)
-        verdicts = []
-        for image in images:
-            if not image:
-                verdicts.append(
-                    gr.validate(
-                        False, "no image was sent: attach one image file (gradio_client: handle_file(path))."
-                    )
-                )
-                continue
-            path = image if isinstance(image, str) else getattr(image, "name", str(image))
-            try:
-                load_image(path, max_pixels=max_pixels, name=_display_name(path))
-                verdicts.append(gr.validate(True, ""))
-            except ImageLoadError as err:
-                verdicts.append(gr.validate(False, str(err)))
-        return (verdicts,)
-
-    def caption_api(images: list[Any]) -> tuple[list[str]]:
-        """Caption one image file (batched: Gradio hands over up to max_batch_size concurrent requests)."""
-        paths = [image if isinstance(image, str) else getattr(image, "name", str(image)) for image in images]
-        try:
-            decoded = [load_image(p, max_pixels=max_pixels, name=_display_name(p)) for p in paths]
-        except (
-            ImageLoadError
-        ) as err:  # the validator refused such files already; only a vanished file gets here
-            raise gr.Error(str(err), print_exception=False) from err
-        captions, _ = caption_pil_images(model, processor, decoded, {"num_return_sequences": 1})
-        return ([caps[0] for caps in captions],)
-
+    run_page = _page_handler(gr, model, processor, clip, max_pixels, headers)
+    validate_api_image, caption_api = _api_handlers(gr, model, processor, max_pixels)
     with gr.Blocks(title=f"ClipCap captioning: {label}", analytics_enabled=False) as demo:
         gr.Markdown(
             f"# ClipCap captioning\nModel: `{label}`. Drop one image or many; each gets its caption, the "
@@ -604,58 +676,13 @@ def build_app(
             + (", and its CLIPScore" if clip is not None else "")
             + ". The API endpoint `caption` takes one image file and returns its caption."
         )
-        with gr.Row():
-            with gr.Column(scale=1):
-                files = gr.File(
-                    label="Images", file_count="multiple", file_types=["image"], elem_id="clipcap-images"
-                )
-                if example_files:
-                    gr.Examples(
-                        examples=[[[str(p)]] for p in example_files], inputs=[files], label="Examples"
-                    )
-                with gr.Accordion("Decoding", open=False):
-                    mode = gr.Radio(list(DECODING_MODES), value=defaults.mode, label="Decoding")
-                    num_beams = gr.Slider(
-                        1, 10, value=defaults.num_beams, step=1, label="Beams (beam search)"
-                    )
-                    temperature = gr.Slider(
-                        0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature (sampling)"
-                    )
-                    top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p (sampling)")
-                    num_captions = gr.Slider(
-                        1, 10, value=defaults.num_captions, step=1, label="Captions per image"
-                    )
-                    max_new_tokens = gr.Slider(
-                        1,
-                        max(100, defaults.max_new_tokens),
-                        value=defaults.max_new_tokens,
-                        step=1,
-                        label="Maximum length (tokens)",
-                    )
-                run = gr.Button("Caption", variant="primary", elem_id="clipcap-run")
-            with gr.Column(scale=2):
-                captions_text = gr.Textbox(
-                    label="Captions", lines=3, interactive=False, elem_id="clipcap-captions"
-                )
-                gallery = gr.Gallery(
-                    label="Images and captions",
-                    columns=4,
-                    height=320,
-                    object_fit="contain",
-                    elem_id="clipcap-gallery",
-                )
-                status = gr.Markdown(elem_id="clipcap-status")
-                table = gr.Dataframe(
-                    headers=headers,
-                    interactive=False,
-                    wrap=True,
-                    elem_id="clipcap-table",
-                )
-                downloads = gr.File(label="Download (JSON, CSV)", file_count="multiple", interactive=False)
+        inputs, outputs, run = _page_layout(
+            gr, example_files, Decoding.from_generation_config(model.generation_config), headers
+        )
         run.click(
             run_page,
-            inputs=[files, mode, num_beams, temperature, top_p, num_captions, max_new_tokens],
-            outputs=[gallery, captions_text, table, downloads, status],
+            inputs=inputs,
+            outputs=outputs,
             api_name="caption_page",
             concurrency_id="clipcap-model",
             concurrency_limit=1,
@@ -663,8 +690,7 @@ def build_app(
         # API-only endpoint: one image file in, its caption out; batched across concurrent callers.
         api_image = gr.File(visible=False, file_count="single", file_types=["image"])
         api_caption = gr.Textbox(visible=False)
-        api_trigger = gr.Button(visible=False)
-        api_trigger.click(
+        gr.Button(visible=False).click(
             caption_api,
             inputs=[api_image],
             outputs=[api_caption],

@@ -303,6 +303,31 @@ def test_decoding_defaults_follow_the_generation_config():
         Decoding("nucleus").generate_kwargs()
 
 
+def test_page_captions_through_the_library_captioning_step(saved_model, shared_images, monkeypatch):
+    """The app's captions come from ``captioning.caption_batch`` (the library's one images -> generate -> text
+    step): one call per batch of uploads, with the pixel values the prefix tokens are read from."""
+    import modeling_clipcap.app as app_module
+    from modeling_clipcap.captioning import caption_batch, load_captioner
+
+    model, processor = load_captioner(saved_model)
+    calls: list[int] = []
+
+    def recording(*args, **kwargs):
+        calls.append(int(kwargs["pixel_values"].shape[0]))
+        return caption_batch(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "caption_batch", recording)
+    decoding = Decoding(mode="beam search", num_beams=2, num_captions=2, max_new_tokens=4)
+    results = caption_files(model, processor, shared_images[:3], decoding, batch_size=2)
+    assert calls == [2, 1]
+    for path, result in zip(shared_images[:3], results):
+        beams = expected_captions(
+            model, processor, [path], num_beams=2, num_return_sequences=2, max_new_tokens=4
+        )
+        assert result["captions"][0]["caption"] == beams[0]
+        assert len(result["captions"]) == 2 and len(result["prefix_tokens"]) == model.config.prefix_length
+
+
 def test_clip_model_scores_and_reranks_captions(saved_model, shared_images, tmp_path):
     """--clip_model: every caption gets its CLIP-S (the library's compute_clip_score) and they come best first."""
     from conftest import build_tiny_processor, build_tiny_tokenizer
