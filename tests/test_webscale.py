@@ -157,6 +157,27 @@ def test_a_missing_or_truncated_shard_fails_with_its_name(shards, tmp_path):
         list(iter_shard_rows([str(folder / "shard-0000.tar"), str(folder / "shard-0002.tar")]))
 
 
+def test_training_stops_at_a_shard_gone_midway_with_its_name(shards, preset, tmp_path):
+    folder = tmp_path / "tars"
+    write_shards(folder, sizes=(3, 3), broken=None)
+    argv = ["--config", str(preset), "--train_file", str(folder / "shard-{0000..0002}.tar"), "--streaming"]
+    argv += [
+        "--max_train_steps",
+        "20",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--dataloader_num_workers",
+        "2",
+    ]
+    with pytest.raises(
+        ShardError, match=r"shard-0002\.tar"
+    ):  # read by a loader worker after shard 0's batches
+        train.main(argv)
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()][
+        :1
+    ] == [1]
+
+
 def test_a_bad_image_fails_naming_shard_and_key_or_is_skipped_and_reported(shards):
     rows = [
         r | {"_state": None}
