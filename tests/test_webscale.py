@@ -349,6 +349,31 @@ def test_embed_writes_parquet_split_over_processes_resumes_and_train_opens_no_im
         assert not (tmp_path / "cache").exists()
 
 
+def test_embed_takes_a_bare_image_tower_checkpoint(shards, tmp_path):
+    import pyarrow.parquet as pq
+    from conftest import tiny_vision_config
+    from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
+
+    from modeling_clipcap.embed import embed_shards, load_image_encoder
+    from modeling_clipcap.image_io import load_image
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModelWithProjection(tiny_vision_config()).eval()
+    tower.save_pretrained(tmp_path / "tower")
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path / "tower")
+    encoder, image_processor, described = load_image_encoder(str(tmp_path / "tower"))
+    assert described["tower"] == "clip_vision_model"
+    first = shards["pattern"].replace("{0000..0002}", "0000")
+    report = embed_shards(encoder, image_processor, first, tmp_path / "emb", show_progress=False)
+    assert report["images_encoded"] == 5
+    table = pq.read_table(tmp_path / "emb" / "shard-0000.parquet")
+    images = [load_image(r["image"]) for r in iter_shard_rows([first])]
+    with torch.no_grad():
+        expected = tower(pixel_values=processor(images, return_tensors="pt")["pixel_values"]).image_embeds
+    torch.testing.assert_close(torch.tensor(table["image_embeds"].to_pylist()), expected)
+
+
 # ------------------------------------------------------------------------------------------------ slow: 2 ranks
 
 DRIVER = r"""
