@@ -374,6 +374,48 @@ def test_embed_takes_a_bare_image_tower_checkpoint(shards, tmp_path):
     torch.testing.assert_close(torch.tensor(table["image_embeds"].to_pylist()), expected)
 
 
+def test_embed_cli_flags_patch_tokens_batch_size_dtype_and_bad_image_policy(
+    shards, tmp_path, tiny_model, tiny_processor, monkeypatch, capsys
+):
+    import pyarrow.parquet as pq
+
+    from modeling_clipcap import ClipCapForConditionalGeneration
+    from modeling_clipcap.cli import main as clipcap
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    tiny_processor.save_pretrained(tmp_path / "model")
+    calls = []
+    original = ClipCapForConditionalGeneration.get_image_features
+    monkeypatch.setattr(
+        ClipCapForConditionalGeneration,
+        "get_image_features",
+        lambda self, *a, **k: (
+            calls.append(a[0].shape[0] if a else k["pixel_values"].shape[0]) or original(self, *a, **k)
+        ),
+    )
+    base = [
+        "embed",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        shards["pattern"].replace("{0000..0002}", "0001"),
+    ]
+    # the broken sample: skipped by default, an error naming it with --on_bad_image error
+    assert clipcap(base + ["--output_dir", str(tmp_path / "strict"), "--on_bad_image", "error"]) == 2
+    assert BROKEN in capsys.readouterr().err and not list((tmp_path / "strict").glob("*.parquet"))
+    calls.clear()
+    assert clipcap(base + ["--output_dir", str(tmp_path / "a"), "--batch_size", "2", "--patch_tokens"]) == 0
+    # 4 images in batches of 2, the broken one dropped from the second; then the 3 good ones again for tokens
+    assert calls == [2, 1, 2, 1]
+    table = pq.read_table(tmp_path / "a" / "shard-0001.parquet")
+    tokens = torch.tensor(table["patch_tokens"].to_pylist())
+    assert tokens.shape == (3, 17, 32)  # 1 + (32 / 8)^2 tokens of the tiny tower's width
+    assert clipcap(base + ["--output_dir", str(tmp_path / "b"), "--dtype", "bfloat16"]) == 0
+    fp32 = torch.tensor(table["image_embeds"].to_pylist())
+    bf16 = torch.tensor(pq.read_table(tmp_path / "b" / "shard-0001.parquet")["image_embeds"].to_pylist())
+    assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=0.1)
+
+
 # ------------------------------------------------------------------------------------------------ slow: 2 ranks
 
 DRIVER = r"""
