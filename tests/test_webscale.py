@@ -270,6 +270,7 @@ def test_train_streams_shards_and_reports_samples_and_skips(shards, preset, tmp_
     ]
     argv += ["--num_train_epochs", "1", "--output_dir", str(out), "--dataloader_num_workers", "2"]
     argv += ["--validation_file", shards["pattern"].replace("{0000..0002}", "0000")]
+    argv += ["--embedding_cache_dir", str(tmp_path / "cache")]
     argv += ["--on_bad_image", "skip", "--save_sample_order"]
     summary = train.main(argv)
     assert "eval_loss" in summary["final_metrics"]  # validation read from a shard (in memory)
