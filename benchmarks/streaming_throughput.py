@@ -252,7 +252,7 @@ def main() -> None:
     print_table(
         rows, ["path", "processes", "samples/s per process", "samples/s total"], title="End to end (train.py)"
     )
-    print(f"clipcap embed (1 process, all threads): {embed_rate:.2f} images/s")
+    print(f"clipcap embed (1 process, 1 thread, in the benchmark process): {embed_rate:.2f} images/s")
     write_json(
         "streaming_throughput",
         {
