@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402  (training/demo.py: its stages are reused, not copied)
 from common import RESULTS_DIR, print_table, write_json  # noqa: E402
 
-#: the towers besides the preset's CLIP ViT (whose config is the preset's vision_config)
+#: the towers (``None``: the preset's config.json vision_config, the demo's tiny CLIP ViT)
 TOWERS: dict[str, dict[str, Any] | None] = {
     "clip_vit": None,
     "resnet": {
@@ -171,11 +171,12 @@ def pretrain(
         str(cfg["seed"]),
         "--no_progress",
     ]
-    if TOWERS[tower] is not None:
-        (work / "towers").mkdir(parents=True, exist_ok=True)
-        vision_json = work / "towers" / f"{tower}.json"
-        vision_json.write_text(json.dumps(TOWERS[tower], indent=2))
-        cmd += ["--vision_config", str(vision_json)]
+    # always explicit: the preset's clip_pretraining.json may name another tower than config.json's CLIP ViT
+    vision = TOWERS[tower] or json.loads((demo.PRESET / "config.json").read_text())["vision_config"]
+    (work / "towers").mkdir(parents=True, exist_ok=True)
+    vision_json = work / "towers" / f"{tower}.json"
+    vision_json.write_text(json.dumps(vision, indent=2))
+    cmd += ["--vision_config", str(vision_json)]
     demo.run(cmd, env)
     return out
 

@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         default=None,
-        help="preset folder: vision tower from its config.json, pretraining settings from clip_pretraining.json",
+        help="preset folder: vision tower from its config.json (clip_pretraining.json's vision_config overrides it), "
+        "pretraining settings from clip_pretraining.json",
     )
     p.add_argument(
         "--vision_config",
