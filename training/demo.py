@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The offline end-to-end demo: synthetic data -> (tiny CLIP) -> ClipCap training -> evaluation -> report.
+"""The offline end-to-end demo: synthetic data -> (contrastive image tower) -> ClipCap training -> evaluation -> report.
 
     python training/demo.py --output_dir demo_output          # what `bash scripts/demo.sh` runs
 
@@ -10,9 +10,9 @@ Every stage is the command a user would run, started as a subprocess:
 2. A byte-level BPE tokenizer (GPT-2 style: ``<|endoftext|>`` is bos = eos, "." is id 13) is trained on
    the training captions with the ``tokenizers`` library -> ``OUT/tokenizer``.
 3. Recipe ``clip`` (the default, see docs/demo.md for why): ``training/pretrain_clip.py`` trains the
-   preset's tiny CLIP contrastively (``CLIPModel(return_loss=True)``) -> ``OUT/clip``; a randomly
-   initialised tiny GPT-2 is written to ``OUT/gpt2``; ``training/train.py`` then trains the mapping
-   network and GPT-2 on the frozen CLIP's cached image embeddings. Recipes ``random`` (frozen random
+   preset's image tower (``clip_pretraining.json``: a small ResNet) contrastively with the CLIP loss ->
+   ``OUT/clip``; a randomly initialised tiny GPT-2 is written to ``OUT/gpt2``; ``training/train.py`` then
+   trains the mapping network and GPT-2 on the frozen tower's cached image embeddings. Recipes ``random`` (frozen random
    vision tower) and ``end2end`` (``freeze_vision=False``, the vision tower trained by the captioning loss)
    are the alternatives measured in docs/demo.md.
 4. ``clipcap evaluate`` on ``test`` and ``test_novel`` (BLEU, METEOR, ROUGE-L, CIDEr-D with pycocoevalcap).
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = out / "model"
     train_cmd = train_command(data_dir, model_dir, out / "embedding_cache", cfg)
     if recipe == "clip":
-        log("3/6 tiny CLIP, contrastive pretraining (CLIPModel, return_loss=True)")
+        log("3/6 image tower, contrastive pretraining (training/pretrain_clip.py, CLIP loss)")
         t0 = time.time()
         pretrain_tiny_clip(data_dir, preset, out, cfg, env)
         write_random_gpt2(model_config["text_config"], tokenizer, out / "gpt2", int(cfg["seed"]))
