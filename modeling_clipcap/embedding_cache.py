@@ -435,19 +435,7 @@ def build_embedding_cache(
     """
     import datasets
 
-    if keys is None:
-        keys = [image_identity(s) for s in images]
-    elif len(keys) != len(images):
-        raise ValueError(f"got {len(keys)} keys for {len(images)} images; pass one key per image.")
-    unique_keys: list[str] = []
-    unique_sources: list[Any] = []
-    seen: set[str] = set()
-    for key, source in zip(keys, images):
-        if key not in seen:
-            seen.add(key)
-            unique_keys.append(str(key))
-            unique_sources.append(source)
-
+    unique_keys, unique_sources = _unique_images(images, keys)
     compute_dtype = dtype or torch.float32
     mapping_input = _mapping_input(model, mapping_input)
     enc_fp = encoder_hash or encoder_fingerprint(model, image_processor, compute_dtype, mapping_input)
@@ -456,17 +444,7 @@ def build_embedding_cache(
 
     target = Path(cache_dir) / f"clipcap-embeds-{fingerprint}" if cache_dir is not None else None
     if target is not None and (target / "cache_info.json").exists():
-        info = json.loads((target / "cache_info.json").read_text())
-        dataset = datasets.load_from_disk(str(target / "data"))
-        return EmbeddingCache(
-            dataset=dataset,
-            path=target,
-            fingerprint=fingerprint,
-            num_encoded=0,
-            num_reused=len(dataset),
-            skipped=[tuple(s) for s in info.get("skipped", [])],
-            mapping_input=mapping_input,
-        )
+        return _stored_cache(target, fingerprint, mapping_input)
 
     start = time.perf_counter()
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
@@ -495,6 +473,9 @@ def build_embedding_cache(
             model, image_processor, unique_sources, names=names, **encode_kwargs
         )
         per_process, shape = [len(rows)], list(embeds.shape[1:])
+    _fail_if_nothing_read(
+        len(unique_sources), per_process, skipped, target if sharded and rank == 0 else None
+    )
     dim = int(shape[-1]) if shape and shape[-1] else int(model.config.image_embed_dim)
     if not sharded or (rank == 0 and dataset is None):  # (sharded, nothing readable: an empty cache)
         rows_embeds = embeds if not sharded else torch.empty(0, dim)
@@ -530,6 +511,50 @@ def build_embedding_cache(
         skipped=skipped,
         mapping_input=mapping_input,
         num_encoded_per_process=per_process,
+    )
+
+
+def _fail_if_nothing_read(
+    num_images: int, per_process: list[int], skipped: list[Any], parts_of: Path | None
+) -> None:
+    """Every image was skipped as unreadable: raise (naming some) instead of writing an empty cache."""
+    if num_images == 0 or sum(per_process) > 0:
+        return
+    if parts_of is not None:
+        shutil.rmtree(_parts_folder(parts_of), ignore_errors=True)
+    named = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
+    raise ImageLoadError(
+        f"no readable image among the {num_images} given (on_bad_image='skip' skipped them all: "
+        f"{named}{' ...' if len(skipped) > 3 else ''}). Check the image paths or files."
+    )
+
+
+def _unique_images(images: Sequence[Any], keys: Sequence[str] | None) -> tuple[list[str], list[Any]]:
+    """The first source of each distinct key, in order (keys default to :func:`image_identity`)."""
+    if keys is None:
+        keys = [image_identity(s) for s in images]
+    elif len(keys) != len(images):
+        raise ValueError(f"got {len(keys)} keys for {len(images)} images; pass one key per image.")
+    first: dict[str, Any] = {}
+    for key, source in zip(keys, images):
+        first.setdefault(str(key), source)
+    return list(first), list(first.values())
+
+
+def _stored_cache(target: Path, fingerprint: str, mapping_input: str) -> EmbeddingCache:
+    """A finished cache folder, reused as it is (nothing encoded)."""
+    import datasets
+
+    info = json.loads((target / "cache_info.json").read_text())
+    dataset = datasets.load_from_disk(str(target / "data"))
+    return EmbeddingCache(
+        dataset=dataset,
+        path=target,
+        fingerprint=fingerprint,
+        num_encoded=0,
+        num_reused=len(dataset),
+        skipped=[tuple(s) for s in info.get("skipped", [])],
+        mapping_input=mapping_input,
     )
 
 

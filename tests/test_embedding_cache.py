@@ -144,6 +144,22 @@ def test_bad_images_fail_by_default_or_are_skipped_and_listed(encoder, image_fil
     assert reread.num_encoded == 0 and reread.skipped == cache.skipped  # the report survives the cache
 
 
+def test_no_readable_image_at_all_is_a_clear_error(encoder, tmp_path):
+    """Every image unreadable with on_bad_image="skip": an error that says so and names them, not a crash
+    deep inside datasets; nothing is left in the cache folder."""
+    model, image_processor, _ = encoder
+    bad = []
+    for name in ("a.png", "b.jpg"):
+        bad.append(tmp_path / name)
+        bad[-1].write_bytes(b"<html>not an image</html>")
+    with pytest.raises(ImageLoadError, match=r"no readable image.*a\.png"):
+        build_embedding_cache(
+            model, image_processor, [str(p) for p in bad], cache_dir=tmp_path / "c", on_bad_image="skip",
+            show_progress=False,
+        )  # fmt: skip
+    assert not any((tmp_path / "c").glob("clipcap-embeds-*"))
+
+
 def test_keys_must_match_images_and_policy_is_checked(encoder, image_files):
     model, image_processor, _ = encoder
     with pytest.raises(ValueError, match="one key per image"):
