@@ -259,12 +259,20 @@ def caption_pil_images(
         ``(captions, prefix_tokens)``: per image, its ``num_return_sequences`` captions (the model's order) and
         the K nearest vocabulary tokens of its prefix.
     """
-    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
-    pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
-    texts = caption_batch(model, processor, pixel_values=pixel_values, **generate_kwargs)  # B * n captions
+    processed = processor(images=images, return_tensors="pt")
+    pixel_values = processed["pixel_values"].to(device=model.device, dtype=model.dtype)  # (B, 3, H, W)
+    # the tower's other inputs (SigLIP2: pixel_attention_mask (B, N), spatial_shapes (B, 2))
+    tower_inputs = {
+        k: v.to(model.device) for k, v in processed.items() if k != "pixel_values" and torch.is_tensor(v)
+    }
+    texts = caption_batch(  # B * n captions
+        model, processor, pixel_values=pixel_values, image_inputs=tower_inputs, **generate_kwargs
+    )
     n = len(texts) // len(images)
     captions = [texts[i * n : (i + 1) * n] for i in range(len(images))]
-    prefix_tokens = model.interpret_prefix(pixel_values=pixel_values, tokenizer=processor.tokenizer)
+    prefix_tokens = model.interpret_prefix(
+        pixel_values=pixel_values, tokenizer=processor.tokenizer, **tower_inputs
+    )
     return captions, prefix_tokens
 
 

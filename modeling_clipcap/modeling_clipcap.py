@@ -403,13 +403,15 @@ class ClipCapForConditionalGeneration(
         image_embeds: torch.FloatTensor | None = None,
         tokenizer: Any = None,
         top_k: int = 1,
+        **image_inputs: Any,
     ) -> list[list[Any]]:
         """Nearest vocabulary tokens (cosine similarity) of each prefix vector (paper, section 4.7).
 
         Returns one list of K entries per image: token strings with a ``tokenizer``, token ids without; with
         ``top_k > 1`` each entry is a list of the ``top_k`` nearest, best first (``interpretation.nearest_tokens``).
+        ``image_inputs``: the tower's other inputs (SigLIP2's ``pixel_attention_mask``, ``spatial_shapes``).
         """
-        prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds)  # (B, K, E)
+        prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds, **image_inputs)
         return nearest_tokens(prefix, self.get_input_embeddings().weight, tokenizer, top_k)
 
     @classmethod

@@ -45,8 +45,9 @@ class ClipCapCaptioningPipeline(Pipeline):
         return self.image_processor(images=[pil], return_tensors="pt")
 
     def _forward(self, model_inputs: dict[str, Any], **generate_kwargs: Any) -> Any:
-        pixel_values = model_inputs["pixel_values"].to(self.model.device)
-        return self.model.generate(pixel_values=pixel_values, **generate_kwargs)
+        # pixel_values (1, 3, H, W) and any other tensor the tower takes (SigLIP2's mask and spatial shapes)
+        inputs = {k: v.to(self.model.device) for k, v in model_inputs.items() if hasattr(v, "to")}
+        return self.model.generate(**inputs, **generate_kwargs)
 
     def postprocess(self, model_outputs: Any) -> list[dict[str, str]]:
         texts = self.tokenizer.batch_decode(model_outputs, skip_special_tokens=True)

@@ -294,3 +294,40 @@ def test_train_py_refuses_a_pooled_run_on_a_tower_without_pooled_output(tmp_path
     args = train.parse_args([*argv, "--mapping_input", "tokens", "--mapping_type", "transformer"])
     model, _ = train.build_model_and_processor(args)
     assert model.config.mapping_input == "tokens" and model.config.image_embed_dim == 32
+
+
+def test_siglip2_through_the_pipeline_and_the_app_keeps_the_mask_and_shapes(tmp_path):
+    """The pipeline and the web app give a SigLIP2 tower its pixel_attention_mask and spatial_shapes: their
+    captions and prefix tokens equal those of the processor's full output, and a dropped mask changes the
+    prefix."""
+    from transformers import Siglip2ImageProcessorPil, pipeline
+
+    from modeling_clipcap.app import caption_pil_images
+
+    tokenizer = build_tiny_tokenizer()
+    tower = AutoConfig.for_model("siglip2_vision_model", **VIT, num_patches=16, patch_size=8)
+    config = ClipCapConfig(vision_config=tower, text_config=tiny_text_config(len(tokenizer)), prefix_length=3)
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(config).eval()
+    processor = ClipCapProcessor(Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16), tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    images = [Image.new("RGB", (40, 30), (200, 20, 20)), Image.new("RGB", (20, 60), (20, 20, 200))]
+    full = processor(images=images, return_tensors="pt")
+    expected = [" ".join(t.split()) for t in processor.batch_decode(model.generate(**full, max_new_tokens=4))]
+
+    captioner = pipeline("image-captioning", model=str(tmp_path / "m"))
+    outs = captioner(images, max_new_tokens=4)
+    got = [(o[0] if isinstance(o, list) else o)["generated_text"] for o in outs]
+    assert got == expected
+
+    captions, prefix_tokens = caption_pil_images(model, processor, images, {"max_new_tokens": 4})
+    assert [c[0] for c in captions] == expected
+    assert prefix_tokens == model.interpret_prefix(**full, tokenizer=tokenizer)
+    with torch.no_grad():
+        masked = model.get_prefix(**full)[0]
+        unmasked = model.get_prefix(
+            pixel_values=full["pixel_values"], spatial_shapes=full["spatial_shapes"],
+            pixel_attention_mask=torch.ones_like(full["pixel_attention_mask"]),
+        )[0]  # fmt: skip
+    assert not torch.allclose(masked, unmasked)
