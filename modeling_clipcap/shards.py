@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 
 from .data import CaptionDataError, DataReport, normalize_caption
@@ -53,6 +54,8 @@ __all__ = [
 SHARD_SUFFIXES = (".tar", ".parquet")
 STREAM_STATE_NAME = "stream_state_{rank}.json"
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+#: the Parquet column each ``mapping_input`` trains from (``clipcap embed`` writes both with ``--patch_tokens``)
+EMBEDDING_COLUMNS = {"pooled": "image_embeds", "tokens": "patch_tokens"}
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
@@ -149,21 +152,28 @@ def _webdataset_row(example: dict[str, Any], shard: str) -> dict[str, Any]:
     return row
 
 
-def _parquet_row(example: dict[str, Any], shard: str, index: int) -> dict[str, Any]:
+def _parquet_row(example: dict[str, Any], shard: str, index: int, mapping_input: str) -> dict[str, Any]:
     key = example.get("key") or example.get("__key__") or f"{Path(shard).stem}/{index}"
     row: dict[str, Any] = {"key": str(key), "shard": shard, "caption": example.get("caption")}
-    if example.get("image_embeds") is not None:
-        row["image_embeds"] = example["image_embeds"]
+    column = EMBEDDING_COLUMNS[mapping_input]
+    if example.get(column) is not None:
+        row["image_embeds"] = example[column]  # (D,) pooled, or (N, D) token features
+    elif example.get("image_embeds") is not None:  # pooled only, but the model reads token features
+        raise ShardError(
+            f"shard {shard} has pooled image_embeds but no {column} column, which mapping_input="
+            f"{mapping_input!r} trains from. Re-run `clipcap embed ... --patch_tokens`, or train a pooled model."
+        )
     else:
         image = example.get("image")
         row["image"] = {"bytes": image, "path": None} if isinstance(image, (bytes, bytearray)) else image
     return row
 
 
-def iter_shard_rows(shards: list[str]) -> Iterator[dict[str, Any]]:
+def iter_shard_rows(shards: list[str], mapping_input: str = "pooled") -> Iterator[dict[str, Any]]:
     """Rows ``{"key", "shard", "caption", "image" ({"bytes", "path"}) | "image_embeds"}`` of each shard in order.
 
-    Each shard is opened with datasets' builder for its format, streamed, images undecoded. Any failure to
+    A Parquet shard's precomputed ``image_embeds`` come from the column ``mapping_input`` trains from
+    (:data:`EMBEDDING_COLUMNS`): ``image_embeds`` (D,) or ``patch_tokens`` (N, D). Each shard is opened with datasets' builder for its format, streamed, images undecoded. Any failure to
     open or read a shard raises :class:`ShardError` naming it.
     """
     for shard in shards:
@@ -175,7 +185,7 @@ def iter_shard_rows(shards: list[str]) -> Iterator[dict[str, Any]]:
                 if fmt == "webdataset":
                     row = _webdataset_row(example, shard)
                 else:
-                    row = _parquet_row(example, shard, index)
+                    row = _parquet_row(example, shard, index, mapping_input)
                 if isinstance(row.get("image"), dict):  # errors name the shard and the key
                     row["image"] = {"bytes": row["image"].get("bytes"), "path": f"{shard}::{row['key']}"}
                 yield row
@@ -194,7 +204,9 @@ def _captions(value: Any) -> list[str]:
     return [normalize_caption(v) for v in values if isinstance(v, str) and normalize_caption(v)]
 
 
-def load_shard_captions(pattern: str, split: str | None = None) -> tuple[datasets.Dataset, DataReport]:
+def load_shard_captions(
+    pattern: str, split: str | None = None, mapping_input: str = "pooled"
+) -> tuple[datasets.Dataset, DataReport]:
     """All rows of ``pattern`` in memory, in the image-level schema of :mod:`modeling_clipcap.data`.
 
     Columns: ``image_id`` (the sample key), ``captions`` and ``image`` (``{"bytes", "path"}``, decoded
@@ -203,7 +215,7 @@ def load_shard_captions(pattern: str, split: str | None = None) -> tuple[dataset
     """
     report = DataReport(source=str(pattern), split=split)
     records: dict[str, dict[str, Any]] = {}
-    for row in iter_shard_rows(expand_shards(pattern)):
+    for row in iter_shard_rows(expand_shards(pattern), mapping_input):
         report.num_rows_read += 1
         captions = _captions(row["caption"])
         if not captions:
@@ -216,7 +228,7 @@ def load_shard_captions(pattern: str, split: str | None = None) -> tuple[dataset
             else:
                 record["captions"].append(caption)
         if "image_embeds" in row:
-            record["image_embeds"] = [float(x) for x in row["image_embeds"]]
+            record["image_embeds"] = row["image_embeds"]
         else:
             record["image"] = row["image"]
     rows = list(records.values())
@@ -227,8 +239,12 @@ def load_shard_captions(pattern: str, split: str | None = None) -> tuple[dataset
     if "image" in columns:
         features["image"] = datasets.Image(decode=False)
     if "image_embeds" in columns:
-        dim = len(columns["image_embeds"][0])
-        features["image_embeds"] = datasets.List(datasets.Value("float32"), length=dim)
+        shape = tuple(np.asarray(columns["image_embeds"][0]).shape)  # (D,) or (N, D)
+        features["image_embeds"] = (
+            datasets.List(datasets.Value("float32"), length=shape[0])
+            if len(shape) == 1
+            else datasets.Array2D(shape, "float32")
+        )
     report.num_images, report.num_captions = len(rows), sum(len(r["captions"]) for r in rows)
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features)), report
 
@@ -295,8 +311,8 @@ class _WithState(torch.utils.data.IterableDataset):
             yield row | {"_state": self.stream.state_dict()}
 
 
-def _rows_of(shards: list[str]) -> Iterator[dict[str, Any]]:
-    yield from iter_shard_rows(shards)
+def _rows_of(shards: list[str], mapping_input: str) -> Iterator[dict[str, Any]]:
+    yield from iter_shard_rows(shards, mapping_input)
 
 
 class ShardStreamLoader:
@@ -313,6 +329,7 @@ class ShardStreamLoader:
             get padding batches (labels all -100: no token, no gradient) until every part has run out.
         seed: shard order is shuffled per epoch with ``seed`` (``shuffle_shards``).
         sample_order_file: when given, the consumed keys are appended to it, one per line.
+        mapping_input: which precomputed Parquet column to train from (:data:`EMBEDDING_COLUMNS`).
     """
 
     def __init__(
@@ -329,8 +346,10 @@ class ShardStreamLoader:
         seed: int = 0,
         shuffle_shards: bool = False,
         sample_order_file: str | os.PathLike | None = None,
+        mapping_input: str = "pooled",
     ):
         self.shards = list(shards)
+        self.mapping_input = mapping_input
         self.batch_size = batch_size
         self.collate = collate
         self.num_workers = num_workers
@@ -362,7 +381,8 @@ class ShardStreamLoader:
         return [
             split_dataset_by_node(
                 datasets.IterableDataset.from_generator(
-                    _rows_of, gen_kwargs={"shards": shards[w :: self.num_streams]}
+                    _rows_of,
+                    gen_kwargs={"shards": shards[w :: self.num_streams], "mapping_input": self.mapping_input},
                 ),
                 rank=self.rank,
                 world_size=self.world_size,
@@ -505,7 +525,9 @@ class ShardStreamLoader:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def build_train_stream(args: Any, accelerator: Any, collator: Any) -> ShardStreamLoader:
+def build_train_stream(
+    args: Any, accelerator: Any, collator: Any, mapping_input: str = "pooled"
+) -> ShardStreamLoader:
     """The training loader of ``training/train.py --streaming --train_file <shards>`` for this process.
 
     Its position is written into every ``accelerator.save_state`` folder and read back by ``load_state``
@@ -530,6 +552,7 @@ def build_train_stream(args: Any, accelerator: Any, collator: Any) -> ShardStrea
         any_rank=any_rank,
         seed=args.seed,
         sample_order_file=order_file,
+        mapping_input=mapping_input,
     )
     accelerator.register_save_state_pre_hook(lambda models, weights, folder: loader.save_position(folder))
     accelerator.register_load_state_pre_hook(lambda models, folder: loader.load_position(folder))

@@ -173,14 +173,16 @@ def _explode_batch(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_splits(args: Any, accelerator: Any) -> dict[str, Any]:
-    """The training split (a ``datasets`` image table, or a stream) and the validation split (or None)."""
+def read_splits(args: Any, accelerator: Any, mapping_input: str = "pooled") -> dict[str, Any]:
+    """The training split (a ``datasets`` image table, or a stream) and the validation split (or None).
+
+    ``mapping_input``: which precomputed embeddings a Parquet source gives (``shards.EMBEDDING_COLUMNS``)."""
 
     splits: dict[str, Any] = {"reports": [], "skipped": [], "train": None, "validation": None}
 
     def read(source: str, split: str | None, image_dir: str | None, limit: int | None) -> datasets.Dataset:
         if is_shard_source(source):  # WebDataset tars / Parquet files (modeling_clipcap.shards)
-            dataset, report = load_shard_captions(source, split)
+            dataset, report = load_shard_captions(source, split, mapping_input)
         else:
             dataset, report = load_caption_dataset(
                 source,
@@ -239,7 +241,7 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
     datasets hold ``image_embeds``; otherwise they hold images that the collator turns into pixels.
     """
     args.on_bad_image = "fail" if args.on_bad_image == "error" else args.on_bad_image
-    splits = read_splits(args, accelerator)
+    splits = read_splits(args, accelerator, model.config.mapping_input)
     train, validation = splits["train"], splits["validation"]
     frozen_vision = model.vision_model is None or model.config.freeze_vision
     precomputed = train is not None and not args.streaming and "image_embeds" in train.column_names
@@ -289,7 +291,9 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
         collator = CaptionCollator(
             processor.tokenizer, args.max_caption_length, image_processor=processor.image_processor
         )
-        data["train"] = data["train_loader"] = build_train_stream(args, accelerator, collator)
+        data["train"] = data["train_loader"] = build_train_stream(
+            args, accelerator, collator, model.config.mapping_input
+        )
     elif args.streaming:
         data["train"] = stream_caption_pairs(
             train, args.image_column or "image", args.caption_column or "caption"

@@ -350,6 +350,50 @@ def test_embed_writes_parquet_split_over_processes_resumes_and_train_opens_no_im
         assert not (tmp_path / "cache").exists()
 
 
+def test_a_tokens_model_trains_from_embeds_patch_tokens_without_opening_an_image(
+    shards, tmp_path, tiny_tokenizer, tiny_processor
+):
+    """mapping_input="tokens" trains from the Parquet's patch_tokens (N, D) (in memory and streamed); a Parquet
+    holding pooled image_embeds only is refused naming its shard and the flag that writes the tokens."""
+    import shutil
+
+    from conftest import tiny_clipcap_config
+
+    from modeling_clipcap import ClipCapForConditionalGeneration
+    from modeling_clipcap.embed import embed_shards, load_image_encoder
+
+    torch.manual_seed(0)
+    config = tiny_clipcap_config(len(tiny_tokenizer), "transformer", mapping_input="tokens")
+    model_dir, tars = tmp_path / "model", tmp_path / "tars"
+    ClipCapForConditionalGeneration(config).save_pretrained(model_dir)
+    tiny_processor.save_pretrained(model_dir)
+    shutil.copytree(Path(shards["pattern"]).parent, tars)
+    encoder, image_processor, _ = load_image_encoder(str(model_dir))
+    for folder, tokens in (("emb", True), ("pooled", False)):
+        embed_shards(encoder, image_processor, str(tars / "*.tar"), tmp_path / folder, patch_tokens=tokens)
+    rows = list(iter_shard_rows(expand_shards(str(tmp_path / "emb" / "*.parquet")), "tokens"))
+    first = torch.tensor(rows[0]["image_embeds"])
+    assert first.ndim == 2 and first.shape[-1] == config.vision_config.hidden_size  # (N, D_tokens) per image
+    shutil.rmtree(tars)  # training cannot open an image now
+
+    def run(data: str, *extra: str) -> dict:
+        return train.main(
+            ["--model_name_or_path", str(model_dir), "--train_file", str(tmp_path / data / "*.parquet")]
+            + ["--output_dir", str(tmp_path / f"out-{data}-{len(extra)}"), "--per_device_train_batch_size", "4"]
+            + ["--num_train_epochs", "1", "--num_warmup_steps", "0"]
+            + ["--embedding_cache_dir", str(tmp_path / "cache"), *extra]
+        )  # fmt: skip
+
+    for extra in ([], ["--streaming", "--max_train_steps", "20"]):
+        summary = run("emb", *extra)
+        assert (
+            summary["completed_steps"] == 4 and summary["embedding_cache"] == {}
+        )  # 14 captions, batches of 4
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(ShardError, match=r"shard-0000\.parquet.*no patch_tokens.*--patch_tokens"):
+        run("pooled")
+
+
 def test_embed_takes_a_bare_image_tower_checkpoint(shards, tmp_path):
     import pyarrow.parquet as pq
     from conftest import tiny_vision_config
