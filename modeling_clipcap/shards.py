@@ -25,6 +25,7 @@ the same order as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -50,6 +51,8 @@ __all__ = [
     "load_shard_captions",
     "stream_report",
 ]
+
+logger = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".tar", ".parquet")
 STREAM_STATE_NAME = "stream_state_{rank}.json"
@@ -354,6 +357,12 @@ class ShardStreamLoader:
         self.collate = collate
         self.num_workers = num_workers
         self.num_streams = max(1, min(num_workers or 1, len(self.shards)))
+        if num_workers > len(self.shards):
+            logger.warning(
+                "%d loader workers asked for %d shard(s): a worker reads whole shards, so %d are used. Write more, "
+                "smaller shards to use more workers.",
+                num_workers, len(self.shards), self.num_streams,
+            )  # fmt: skip
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.any_rank = any_rank or (lambda flag: flag)

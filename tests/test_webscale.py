@@ -224,6 +224,17 @@ def test_every_good_sample_once_across_ranks_and_workers(shards, tmp_path, world
     assert skipped == [BROKEN]
 
 
+def test_more_workers_than_shards_warns_and_still_reads_every_sample_once(shards, tmp_path, caplog):
+    loader = ShardStreamLoader(
+        expand_shards(shards["pattern"]), batch_size=2, collate=_collate(), num_workers=5,
+        sample_order_file=tmp_path / "order.txt",
+    )  # fmt: skip
+    assert loader.num_streams == 3
+    assert "5 loader workers asked for 3 shard(s)" in caplog.text
+    keys = _keys_of(loader)
+    assert sorted(keys) == sorted(set(shards["keys"]) - {BROKEN}) and len(keys) == len(set(keys))
+
+
 def test_resuming_from_a_saved_position_consumes_the_same_samples_in_the_same_order(shards, tmp_path):
     def loader(name: str) -> ShardStreamLoader:
         return ShardStreamLoader(
