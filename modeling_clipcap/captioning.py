@@ -213,14 +213,37 @@ def caption_images(
         del loaded, good  # nothing from this batch outlives it
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``--device`` (default: cuda if available, else cpu) of ``clipcap caption / evaluate / app``.
+
+    Raises:
+        CaptionInputError: ``name`` is not a torch device, or a CUDA device this machine lacks (named).
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CaptionInputError(
+            f"--device {name!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1."
+        ) from None
+    if device.type == "cuda" and not 0 <= (device.index or 0) < torch.cuda.device_count():
+        raise CaptionInputError(
+            f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu."
+        )
+    return device
+
+
 def load_captioner(
     model_dir: str | os.PathLike, dtype: str = "float32", device: str | None = None
 ) -> tuple[Any, Any]:
     """Load a saved ClipCap model folder (model + processor) for captioning.
 
     Raises:
-        CaptionInputError: the folder is missing, lacks files, or cannot be loaded; the message says what to do.
+        CaptionInputError: the folder is missing, lacks files, or cannot be loaded, or ``device`` is not usable
+            here; the message says what to do.
     """
+    torch_device = resolve_device(device)  # before any weights are read
     from . import ClipCapForConditionalGeneration, ClipCapProcessor
 
     path = Path(model_dir)
@@ -258,9 +281,7 @@ def load_captioner(
         raise CaptionInputError(
             f"the model in {path} has no vision tower (image_embeds only), so it cannot caption image files."
         )
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
+    model.to(torch_device).eval()
     return model, processor
 
 

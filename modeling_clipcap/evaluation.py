@@ -1158,23 +1158,6 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def _resolve_device(name: str | None) -> torch.device:
-    """``--device`` (default: cuda if available, else cpu); a ValueError naming it when it is not usable here."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(
-            f"--device {name!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1."
-        ) from None
-    if device.type == "cuda" and not 0 <= (device.index or 0) < torch.cuda.device_count():
-        raise ValueError(
-            f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu."
-        )
-    return device
-
-
 def run_evaluation(args: Any) -> dict[str, Any]:
     """Load model, processor and data from ``args`` (see :func:`add_cli_arguments`), evaluate, write outputs.
 
@@ -1183,6 +1166,7 @@ def run_evaluation(args: Any) -> dict[str, Any]:
     from transformers import AutoModel, AutoProcessor
 
     from . import data as data_lib
+    from .captioning import resolve_device
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -1190,7 +1174,7 @@ def run_evaluation(args: Any) -> dict[str, Any]:
             f"--model {str(model_dir)!r} is not a local model directory with a config.json "
             "(evaluation never downloads; save or download the model first)"
         )
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     dataset, report = data_lib.load_caption_dataset(

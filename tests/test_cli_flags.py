@@ -169,5 +169,30 @@ def test_evaluate_device_flag_is_used(tmp_path, tiny_model, tiny_processor, caps
     assert "missing.jsonl" in capsys.readouterr().err
 
 
+def test_caption_and_app_device_flags_are_checked_before_loading(
+    tmp_path, tiny_model, tiny_processor, capsys
+):
+    """clipcap caption / the app refuse an unusable --device by name (not torch's AssertionError), and a usable
+    one puts the model there."""
+    from PIL import Image
+
+    from modeling_clipcap.app import AppInputError, load_app_models
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    tiny_processor.save_pretrained(tmp_path / "model")
+    Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / "a.png")
+    argv = ["caption", "--model", str(tmp_path / "model"), str(tmp_path / "a.png"), "--max_new_tokens", "3"]
+    for device, message in (("cuda:99", "no such CUDA device"), ("abacus", "is not a torch device")):
+        assert main(argv + ["--device", device]) == 2
+        err = capsys.readouterr().err
+        assert f"--device {device}" in err.replace("'", "") and message in err
+        with pytest.raises(AppInputError, match=message):
+            load_app_models(tmp_path / "model", device=device)
+    assert main(argv + ["--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+    model, _, _, _ = load_app_models(tmp_path / "model", device="cpu")
+    assert model.device.type == "cpu"
+
+
 def _token_ids(predictions: list[dict], processor) -> list[list[int]]:
     return [processor.tokenizer(p["caption"], add_special_tokens=False)["input_ids"] for p in predictions]
