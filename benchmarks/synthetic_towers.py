@@ -190,11 +190,8 @@ def train_clipcap(
     cfg: dict[str, Any],
     env: dict[str, str],
 ) -> Path:
-    """``training/train.py`` on the frozen tower, with a copy of the demo preset whose config selects the mapper.
-
-    Token features go through the embedding cache when it stores them; otherwise (``--no_embedding_cache``) the
-    frozen tiny tower runs at every step: the same steps and data, slower.
-    """
+    """``training/train.py`` on the frozen tower, with a copy of the demo preset whose config selects the mapper
+    (the embedding cache holds what the mapper reads: pooled embeddings or token features)."""
     preset = work / "presets" / name
     shutil.copytree(demo.PRESET, preset, dirs_exist_ok=True)
     config = json.loads((preset / "config.json").read_text())
@@ -227,16 +224,8 @@ def train_clipcap(
         "--embedding_cache_dir",
         str(work / "embedding_cache" / name),
     ]
-    if mapper_input == "tokens" and not token_cache_supported():
-        cmd.append("--no_embedding_cache")
     demo.run(cmd, env)
     return model_dir
-
-
-def token_cache_supported() -> bool:
-    """Whether the training embedding cache stores token features (another change adds this)."""
-    source = (REPO_ROOT / "modeling_clipcap" / "embedding_cache.py").read_text()
-    return "mapping_input" in source or "token_features" in source
 
 
 def run_variant(work: Path, variant: str, cfg: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
@@ -261,7 +250,6 @@ def run_variant(work: Path, variant: str, cfg: dict[str, Any], env: dict[str, st
         "pretraining_stage": pretrain_time,
         "clipcap_training": train_time,
         "evaluation": eval_time,
-        "token_cache": mapper_input == "tokens" and token_cache_supported(),
         "splits": splits,
     }
     (work / "results").mkdir(parents=True, exist_ok=True)
