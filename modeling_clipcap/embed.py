@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .shards import expand_shards, iter_shard_rows
+from .shards import EMBEDDING_COLUMNS, expand_shards, iter_shard_rows
 
 __all__ = ["add_cli_arguments", "cli_main", "embed_shards", "load_image_encoder"]
 
@@ -156,7 +156,7 @@ def embed_shards(
         columns = {
             "key": pa.array([rows[i]["key"] for i in kept], pa.string()),
             "caption": pa.array([rows[i]["caption"] for i in kept], pa.string()),
-            "image_embeds": _fixed_size_lists(embeds),  # (M, D)
+            EMBEDDING_COLUMNS["pooled"]: _fixed_size_lists(embeds),  # (M, D)
         }
         if patch_tokens:  # a second pass over the good images for the token features (M, N, D_tokens)
             tokens, _, _ = encode_images(
@@ -166,7 +166,7 @@ def embed_shards(
                 mapping_input="tokens",
                 **kwargs | {"names": None},
             )
-            columns["patch_tokens"] = pa.ListArray.from_arrays(
+            columns[EMBEDDING_COLUMNS["tokens"]] = pa.ListArray.from_arrays(
                 pa.array(
                     np.arange(0, tokens.shape[0] * tokens.shape[1] + 1, tokens.shape[1], dtype=np.int32)
                 ),
