@@ -439,7 +439,9 @@ def build_embedding_cache(
     compute_dtype = dtype or torch.float32
     mapping_input = _mapping_input(model, mapping_input)
     enc_fp = encoder_hash or encoder_fingerprint(model, image_processor, compute_dtype, mapping_input)
-    data_fp = _data_fingerprint(unique_keys, [image_identity(s) for s in unique_sources], on_bad_image)
+    # default keys are the identities already (a SHA-256 of each image's bytes, or a stat per file): not twice
+    identities = unique_keys if keys is None else [image_identity(s) for s in unique_sources]
+    data_fp = _data_fingerprint(unique_keys, identities, on_bad_image)
     fingerprint = hashlib.sha256(f"{enc_fp}{data_fp}{mapping_input}".encode()).hexdigest()[:32]
 
     target = Path(cache_dir) / f"clipcap-embeds-{fingerprint}" if cache_dir is not None else None
