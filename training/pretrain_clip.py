@@ -56,6 +56,7 @@ if str(REPO_ROOT) not in sys.path:  # `python training/pretrain_clip.py` from a 
     sys.path.insert(0, str(REPO_ROOT))
 
 from modeling_clipcap.image_io import load_image  # noqa: E402
+from modeling_clipcap.presets import find_preset, read_preset  # noqa: E402
 from modeling_clipcap.towers import (  # noqa: E402
     build_vision_tower,
     image_embed_dim,
@@ -375,13 +376,14 @@ def pretrain_tower(
     if len(paths) < 2:
         raise ValueError("contrastive pretraining needs at least 2 images.")
     batch_size = min(batch_size, len(paths))
-    from transformers import CLIPImageProcessor
+    # the PIL backend: needs no torchvision, and prints no notice about it
+    from transformers import CLIPImageProcessorPil
 
     config = tower_config(vision_config)
     tokenizer, text_cfg, caption_ids = build_text_side(tokenizer_name, captions, text_config)
     model = ContrastiveDualEncoder(config, text_cfg, projection_dim, objective)
     image_size = int(image_size or getattr(config, "image_size", None) or DEFAULTS["image_size"])
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     pixels = load_pixels(paths, image_size, show_progress=show_progress)
@@ -495,16 +497,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults < the preset (config.json's vision_config, clip_pretraining.json) < --vision_config < flags."""
     settings = dict(DEFAULTS, vision_config=None)
     if args.config is not None:
-        preset = Path(args.config)
-        if not preset.is_dir():
-            preset = REPO_ROOT / "hub_configs" / args.config
-        if not preset.is_dir():
-            raise FileNotFoundError(f"--config {args.config}: no such preset folder.")
-        if (preset / "config.json").is_file():
-            settings["vision_config"] = json.loads((preset / "config.json").read_text()).get("vision_config")
-        if (preset / "clip_pretraining.json").is_file():
-            extra = json.loads((preset / "clip_pretraining.json").read_text())
-            settings.update({k: v for k, v in extra.items() if k != "_comment"})
+        preset = read_preset(find_preset(args.config))
+        settings["vision_config"] = preset["config"].get("vision_config")
+        settings.update({k: v for k, v in preset.get("clip_pretraining", {}).items() if k != "_comment"})
     if args.vision_config is not None:
         path = Path(args.vision_config)
         if not path.is_file():
