@@ -12,10 +12,13 @@ its data set, tokenizer, random tiny GPT-2, ``training/train.py`` with the prese
 
     python benchmarks/synthetic_towers.py                           # the whole grid, in priority order
     python benchmarks/synthetic_towers.py --variants resnet/clip/pooled resnet/clip/tokens
+    python benchmarks/synthetic_towers.py --variants resnet/clip/tokens --clip_batch_size 64 --clip_steps 240
     python benchmarks/synthetic_towers.py --report                  # table + JSON from what has run
 
-Each variant writes ``WORK/results/<tower>_<objective>_<input>.json`` (so several invocations can run side by
-side); ``--report`` (also run after every invocation) collects them into
+The pretraining budget (batch size x steps, warm-up) is the demo's unless ``--clip_batch_size`` /
+``--clip_steps`` / ``--clip_warmup_steps`` change it; it is part of every tower's and result's name
+(``b128x120``), so runs under different budgets sit side by side. Each variant writes
+``WORK/results/<tower>_<objective>_<input>_<budget>.json`` (so several invocations can run side by side); ``--report`` (also run after every invocation) collects them into
 ``benchmarks/results/synthetic_towers.json`` and prints the table. Wall times are recorded with the load average
 at the start and end of each stage, because the machine is shared.
 """
@@ -38,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402  (training/demo.py: its stages are reused, not copied)
 from common import RESULTS_DIR, print_table, write_json  # noqa: E402
 
+from modeling_clipcap.presets import read_preset  # noqa: E402
+
 #: the towers (``None``: the preset's config.json vision_config, the demo's tiny CLIP ViT)
 TOWERS: dict[str, dict[str, Any] | None] = {
     "clip_vit": None,
@@ -59,6 +64,8 @@ TOWERS: dict[str, dict[str, Any] | None] = {
     },
 }
 OBJECTIVES = ("clip", "filip")
+#: the pretraining budget the whole grid ran under (the demo's until the grid chose batch 64 x 240 steps)
+DEMO_BUDGET_BEFORE_GRID = "b128x120"
 #: what the mapper reads: the demo's MLP mapper, or a small transformer mapper over the token features
 MAPPER_INPUTS: dict[str, dict[str, Any]] = {
     "pooled": {"mapping_input": "pooled", "mapping_type": "mlp"},
@@ -113,6 +120,18 @@ def parse_variant(text: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
+def budget_name(cfg: dict[str, Any]) -> str:
+    """The pretraining budget as it appears in names and the table: ``b<batch>x<steps>``."""
+    return f"b{cfg['clip_batch_size']}x{cfg['clip_steps']}"
+
+
+def record_budget(record: dict[str, Any]) -> str:
+    """A result's budget (records written before budgets were named: from its pretraining summary)."""
+    if "budget" in record:
+        return record["budget"]
+    return f"b{record['pretraining']['batch_size']}x{record['pretraining']['steps']}"
+
+
 def stage_env(threads: int) -> dict[str, str]:
     """The demo's subprocess environment (offline, one torch thread per process)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -149,7 +168,7 @@ def pretrain(
     work: Path, data_dir: Path, tower: str, objective: str, cfg: dict[str, Any], env: dict[str, str]
 ) -> Path:
     """``training/pretrain_clip.py`` for one tower x objective (skipped when its output is already there)."""
-    out = work / "towers" / f"{tower}_{objective}"
+    out = work / "towers" / f"{tower}_{objective}_{budget_name(cfg)}"
     if (out / "pretrain_results.json").is_file():
         return out
     cmd = [
@@ -169,6 +188,10 @@ def pretrain(
         str(cfg["clip_steps"]),
         "--seed",
         str(cfg["seed"]),
+        "--batch_size",
+        str(cfg["clip_batch_size"]),
+        "--warmup_steps",
+        str(cfg["clip_warmup_steps"]),
         "--no_progress",
     ]
     # always explicit: the preset's clip_pretraining.json may name another tower than config.json's CLIP ViT
@@ -231,7 +254,7 @@ def train_clipcap(
 def run_variant(work: Path, variant: str, cfg: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     """Pretrain (or reuse) the tower, train ClipCap, evaluate both splits; the record is written to WORK/results."""
     tower, objective, mapper_input = parse_variant(variant)
-    name = variant.replace("/", "_")
+    name = f"{variant.replace('/', '_')}_{budget_name(cfg)}"
     data_dir, _ = prepare(work, cfg)
     tower_dir, pretrain_time = timed(pretrain, work, data_dir, tower, objective, cfg, env)
     model_dir, train_time = timed(train_clipcap, work, data_dir, tower_dir, name, mapper_input, cfg, env)
@@ -245,6 +268,9 @@ def run_variant(work: Path, variant: str, cfg: dict[str, Any], env: dict[str, st
         "mapper_input": mapper_input,
         "mapper": MAPPER_INPUTS[mapper_input],
         "clip_steps": cfg["clip_steps"],
+        "clip_batch_size": cfg["clip_batch_size"],
+        "clip_warmup_steps": cfg["clip_warmup_steps"],
+        "budget": budget_name(cfg),
         "train_steps": cfg["train_steps"],
         "pretraining": json.loads((tower_dir / "pretrain_results.json").read_text()),
         "pretraining_stage": pretrain_time,
@@ -261,7 +287,7 @@ def table_row(record: dict[str, Any]) -> dict[str, Any]:
     test, novel = record["splits"]["test"], record["splits"]["test_novel"]
     loads = record["pretraining_stage"]["load_average"] + record["clipcap_training"]["load_average"]
     return {
-        "variant": record["variant"],
+        "variant": f"{record['variant']} {record_budget(record)}",
         "test CIDEr-D": test["metrics"].get("CIDEr"),
         "test exact": test["exact_match"]["all"]["rate"],
         "1 obj": test["exact_match"].get("1", {}).get("rate"),
@@ -281,11 +307,17 @@ def report(work: Path) -> Path | None:
         print(f"no finished variants under {work / 'results'}")
         return None
     order = {v: i for i, v in enumerate(PRIORITY)}
-    records.sort(key=lambda r: order.get(r["variant"], len(order)))
+    records.sort(
+        key=lambda r: (record_budget(r) != DEMO_BUDGET_BEFORE_GRID, order.get(r["variant"], len(order)))
+    )
     print_table(
         [table_row(r) for r in records], COLUMNS, title="Synthetic shapes: tower x objective x mapper input"
     )
-    not_run = [v for v in PRIORITY if v not in {r["variant"] for r in records}]
+    not_run = [
+        v
+        for v in PRIORITY
+        if v not in {r["variant"] for r in records if record_budget(r) == DEMO_BUDGET_BEFORE_GRID}
+    ]
     return write_json(
         "synthetic_towers", {"variants": records, "not_run": not_run, "work_dir": str(work)}, RESULTS_DIR
     )
@@ -299,12 +331,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants", nargs="*", default=None, help="TOWER/OBJECTIVE/INPUT (default: the whole grid)"
     )
+    p.add_argument(
+        "--clip_batch_size", type=int, default=None, help="pretraining batch (default: the preset's)"
+    )
+    p.add_argument("--clip_steps", type=int, default=None, help="pretraining steps (default: the demo's)")
+    p.add_argument(
+        "--clip_warmup_steps",
+        type=int,
+        default=None,
+        help="pretraining warm-up steps (default: the preset's)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage (the demo's default 1)")
     p.add_argument("--report", action="store_true", help="only collect finished variants into the table")
     args = p.parse_args(argv)
     work = Path(args.work_dir).resolve()
     if not args.report:
         cfg = demo.resolve(demo.build_parser().parse_args([]), demo.load_settings(demo.PRESET))
+        pretraining = read_preset(demo.PRESET).get("clip_pretraining", {})
+        cfg["clip_steps"] = args.clip_steps or cfg["clip_steps"]
+        cfg["clip_batch_size"] = args.clip_batch_size or pretraining["batch_size"]
+        cfg["clip_warmup_steps"] = (
+            args.clip_warmup_steps if args.clip_warmup_steps is not None else pretraining["warmup_steps"]
+        )
         env = stage_env(args.threads)
         for variant in args.variants or PRIORITY:
             demo.log(f"variant {variant}")
