@@ -254,7 +254,7 @@ def resolve(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any
         "validation_size": 200,
         "test_size": 1000,
         "test_novel_size": 500,
-        "clip_steps": 120,
+        "clip_steps": 240,
         "train_steps": 1200,
         "num_samples": 12,
         "num_beams": 1,
