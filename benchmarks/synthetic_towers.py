@@ -4,23 +4,24 @@ The grid: tower (``clip_vit``: the demo's tiny CLIP ViT; ``resnet``: a 0.3M-para
 ``dinov2``: a DINOv2 ViT of the CLIP ViT's size) x contrastive pretraining objective (``clip``, ``filip``,
 ``training/pretrain_clip.py``) x mapper input (``pooled``: the demo's MLP mapper on the pooled embedding;
 ``tokens``: a 2-layer transformer mapper over the tower's token features). Each tower x objective is
-pretrained once (the demo's CLIP budget: ``clip_steps`` steps of ``clip_pretraining.json``'s batch) and reused
+pretrained once (the budget below) and reused
 for both mapper inputs; ClipCap then trains for the demo's ``train_steps`` steps (steps are counted, not wall
 time) and is evaluated on ``test`` and ``test_novel`` exactly as the demo does. Everything else is the demo:
 its data set, tokenizer, random tiny GPT-2, ``training/train.py`` with the preset's training arguments, and
 ``clipcap evaluate`` (through ``training/demo.py``'s functions; METEOR off to save time).
 
-    python benchmarks/synthetic_towers.py                           # the whole grid, in priority order
-    python benchmarks/synthetic_towers.py --variants resnet/clip/pooled resnet/clip/tokens
-    python benchmarks/synthetic_towers.py --variants resnet/clip/tokens --clip_batch_size 64 --clip_steps 240
+    python benchmarks/synthetic_towers.py --clip_batch_size 128 --clip_steps 120   # the grid as docs/demo.md shows it
+    python benchmarks/synthetic_towers.py --variants resnet/clip/pooled resnet/clip/tokens   # the demo's budget
     python benchmarks/synthetic_towers.py --report                  # table + JSON from what has run
 
-The pretraining budget (batch size x steps, warm-up) is the demo's unless ``--clip_batch_size`` /
-``--clip_steps`` / ``--clip_warmup_steps`` change it; it is part of every tower's and result's name
-(``b128x120``), so runs under different budgets sit side by side. Each variant writes
-``WORK/results/<tower>_<objective>_<input>_<budget>.json`` (so several invocations can run side by side); ``--report`` (also run after every invocation) collects them into
-``benchmarks/results/synthetic_towers.json`` and prints the table. Wall times are recorded with the load average
-at the start and end of each stage, because the machine is shared.
+The pretraining budget (batch size x steps; warm-up) is the demo's (``clip_pretraining.json``'s batch and
+warm-up, ``demo.json``'s ``clip_steps``: 240 steps of batch 64 since the grid) unless ``--clip_batch_size`` /
+``--clip_steps`` / ``--clip_warmup_steps`` change it. The budget is part of every tower's and result's name
+(``b128x120``), so runs under different budgets sit side by side: each variant writes
+``WORK/results/<tower>_<objective>_<input>_<budget>.json`` (several invocations can run at once), and ``--report``
+(also run after every invocation) collects them into ``benchmarks/results/synthetic_towers.json`` and prints the
+table. Wall times are recorded with the load average at the start and end of each stage, because the machine is
+shared.
 """
 
 from __future__ import annotations
