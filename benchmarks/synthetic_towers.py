@@ -14,9 +14,9 @@ its data set, tokenizer, random tiny GPT-2, ``training/train.py`` with the prese
     python benchmarks/synthetic_towers.py --variants resnet/clip/pooled resnet/clip/tokens   # the demo's budget
     python benchmarks/synthetic_towers.py --report                  # table + JSON from what has run
 
-The pretraining budget (batch size x steps; warm-up) is the demo's (``clip_pretraining.json``'s batch and
-warm-up, ``demo.json``'s ``clip_steps``: 240 steps of batch 64 since the grid) unless ``--clip_batch_size`` /
-``--clip_steps`` / ``--clip_warmup_steps`` change it. The budget is part of every tower's and result's name
+The pretraining budget (batch size x steps) is the demo's (``clip_pretraining.json``'s batch, ``demo.json``'s
+``clip_steps``: 240 steps of batch 64 since the grid) unless ``--clip_batch_size`` / ``--clip_steps`` change it;
+everything else (warm-up, learning rate) is ``clip_pretraining.json``'s. The budget is part of every tower's and result's name
 (``b128x120``), so runs under different budgets sit side by side: each variant writes
 ``WORK/results/<tower>_<objective>_<input>_<budget>.json`` (several invocations can run at once), and ``--report``
 (also run after every invocation) collects them into ``benchmarks/results/synthetic_towers.json`` and prints the
@@ -191,8 +191,6 @@ def pretrain(
         str(cfg["seed"]),
         "--batch_size",
         str(cfg["clip_batch_size"]),
-        "--warmup_steps",
-        str(cfg["clip_warmup_steps"]),
         "--no_progress",
     ]
     # always explicit: the preset's clip_pretraining.json may name another tower than config.json's CLIP ViT
@@ -270,7 +268,6 @@ def run_variant(work: Path, variant: str, cfg: dict[str, Any], env: dict[str, st
         "mapper": MAPPER_INPUTS[mapper_input],
         "clip_steps": cfg["clip_steps"],
         "clip_batch_size": cfg["clip_batch_size"],
-        "clip_warmup_steps": cfg["clip_warmup_steps"],
         "budget": budget_name(cfg),
         "train_steps": cfg["train_steps"],
         "pretraining": json.loads((tower_dir / "pretrain_results.json").read_text()),
@@ -336,23 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         "--clip_batch_size", type=int, default=None, help="pretraining batch (default: the preset's)"
     )
     p.add_argument("--clip_steps", type=int, default=None, help="pretraining steps (default: the demo's)")
-    p.add_argument(
-        "--clip_warmup_steps",
-        type=int,
-        default=None,
-        help="pretraining warm-up steps (default: the preset's)",
-    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage (the demo's default 1)")
     p.add_argument("--report", action="store_true", help="only collect finished variants into the table")
     args = p.parse_args(argv)
     work = Path(args.work_dir).resolve()
     if not args.report:
         cfg = demo.resolve(demo.build_parser().parse_args([]), demo.load_settings(demo.PRESET))
-        pretraining = read_preset(demo.PRESET).get("clip_pretraining", {})
         cfg["clip_steps"] = args.clip_steps or cfg["clip_steps"]
-        cfg["clip_batch_size"] = args.clip_batch_size or pretraining["batch_size"]
-        cfg["clip_warmup_steps"] = (
-            args.clip_warmup_steps if args.clip_warmup_steps is not None else pretraining["warmup_steps"]
+        cfg["clip_batch_size"] = (
+            args.clip_batch_size or read_preset(demo.PRESET)["clip_pretraining"]["batch_size"]
         )
         env = stage_env(args.threads)
         for variant in args.variants or PRIORITY:

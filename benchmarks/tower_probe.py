@@ -33,8 +33,8 @@ from common import RESULTS_DIR, print_table, write_json  # noqa: E402
 ATTRIBUTES = ("color", "shape", "size")
 
 
-def one_object_rows(split_dir: Path, limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` one-object rows of a split's ``metadata.jsonl``."""
+def one_object_rows(split_dir: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The one-object rows of a split's ``metadata.jsonl`` (the first ``limit`` of them when given)."""
     metadata = split_dir / "metadata.jsonl"
     if not metadata.is_file():
         raise SystemExit(f"{metadata} does not exist: pass --data_dir, a synthetic_data.py output folder.")
@@ -42,19 +42,26 @@ def one_object_rows(split_dir: Path, limit: int) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("num_objects") == 1][:limit]
 
 
-@torch.no_grad()
-def pooled_features(
-    tower_dir: Path, split_dir: Path, rows: list[dict[str, Any]], batch_size: int
-) -> torch.Tensor:
-    """(N, D) pooled image embeddings of ``rows``' images (the tower's own image processor)."""
+def load_tower(tower_dir: Path) -> tuple[Any, Any, Any]:
+    """``(tower, its config, its image processor)`` from a tower folder."""
     from transformers import AutoConfig, AutoImageProcessor
 
-    from modeling_clipcap.image_io import load_image
-    from modeling_clipcap.towers import image_features, load_pretrained_tower, vision_tower_config
+    from modeling_clipcap.towers import load_pretrained_tower, vision_tower_config
 
     tower = load_pretrained_tower(str(tower_dir)).eval()
     config = vision_tower_config(AutoConfig.from_pretrained(str(tower_dir)))
-    processor = AutoImageProcessor.from_pretrained(str(tower_dir))
+    return tower, config, AutoImageProcessor.from_pretrained(str(tower_dir))
+
+
+@torch.no_grad()
+def pooled_features(
+    loaded: tuple[Any, Any, Any], split_dir: Path, rows: list[dict[str, Any]], batch_size: int
+) -> torch.Tensor:
+    """(N, D) pooled image embeddings of ``rows``' images (the tower's own image processor)."""
+    from modeling_clipcap.image_io import load_image
+    from modeling_clipcap.towers import image_features
+
+    tower, config, processor = loaded
     out = []
     for start in range(0, len(rows), batch_size):
         images = [load_image(split_dir / r["file_name"]) for r in rows[start : start + batch_size]]
@@ -84,9 +91,10 @@ def probe(
 
 def probe_tower(tower_dir: Path, data_dir: Path, train_images: int, batch_size: int) -> dict[str, Any]:
     train_rows = one_object_rows(data_dir / "train", train_images)
-    novel_rows = one_object_rows(data_dir / "test_novel", train_images)
-    train_x = pooled_features(tower_dir, data_dir / "train", train_rows, batch_size)
-    novel_x = pooled_features(tower_dir, data_dir / "test_novel", novel_rows, batch_size)
+    novel_rows = one_object_rows(data_dir / "test_novel")
+    loaded = load_tower(tower_dir)
+    train_x = pooled_features(loaded, data_dir / "train", train_rows, batch_size)
+    novel_x = pooled_features(loaded, data_dir / "test_novel", novel_rows, batch_size)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, novel_x = (train_x - mean) / std, (novel_x - mean) / std
     record: dict[str, Any] = {
