@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -25,8 +26,46 @@ def test_supported_transformers_passes(version):
     compat.require_supported_transformers(version)
 
 
-def test_installed_transformers_is_in_the_supported_range():
-    compat.require_supported_transformers()  # what the package checks at import, stated as a test
+@pytest.mark.parametrize(
+    "version", ["5.19.99", "5.20.0", "5.20.1", "5.25.0", "5.999.0", "6.0.0", "6.0.0rc1", "7.1.0", "4.99.0"]
+)
+def test_the_gate_is_the_range_pyproject_declares(version):
+    """compat's range and pyproject.toml's transformers requirement are one range: the gate accepts exactly the
+    releases pip may install (checked on both sides of each bound)."""
+    from pathlib import Path
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    (declared,) = [
+        Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "transformers"
+    ]
+    allowed = declared.specifier.contains(version, prereleases=True)
+    if allowed:
+        compat.require_supported_transformers(version)
+    else:
+        with pytest.raises(ImportError, match=r"transformers >=5\.20\.0,<6"):
+            compat.require_supported_transformers(version)
+
+
+@pytest.mark.parametrize("version, refused", [("5.19.0", True), ("6.0.0", True), ("5.20.0", False)])
+def test_importing_the_adapter_runs_the_gate(version, refused, monkeypatch):
+    """The check runs when the module is imported (as by a saved model's code under the user's transformers):
+    a fresh copy of compat.py executed under a faked transformers version refuses to import outside the range."""
+    import importlib.util
+    import sys
+
+    # the module object an ``import transformers`` gives now (transformers may have replaced the one imported above)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    spec = importlib.util.spec_from_file_location("clipcap_compat_probe", compat.__file__)
+    module = importlib.util.module_from_spec(spec)
+    if refused:
+        with pytest.raises(ImportError, match=rf"transformers {re.escape(version)} is installed"):
+            spec.loader.exec_module(module)
+    else:
+        spec.loader.exec_module(module)
+        assert module.CACHE_KWARG == compat.CACHE_KWARG
 
 
 def test_cache_name_matches_the_installed_transformers():
