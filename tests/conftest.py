@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_IMAGES = REPO_ROOT.parent / "shared" / "real_images"
 
 TINY_CORPUS = [
     "a red circle on a blue square.",
@@ -90,11 +89,46 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
+#: What each test photo is (file name -> (source, what it exercises)); see :func:`real_photos`.
+REAL_PHOTOS = {
+    "grace_hopper.jpg": ("matplotlib", "a camera JPEG as published"),
+    "rocket.jpg": ("scikit-image", "a camera JPEG as published, landscape"),
+    "chelsea_exif_rotated.jpg": ("scikit-image chelsea.png", "JPEG whose EXIF says: rotate 90 degrees to display"),
+    "camera_grey.jpg": ("scikit-image camera.png", "greyscale (L) JPEG"),
+    "coffee_cmyk.jpg": ("scikit-image coffee.png", "CMYK JPEG"),
+    "astronaut_odd_size.jpg": ("scikit-image astronaut.png", "JPEG of an odd size (333 x 197)"),
+}
+
+
+def _photo_sources() -> tuple[Path, Path]:
+    """(matplotlib's sample-data folder, scikit-image's data folder): real photographs shipped inside the wheels
+    of packages the dev extra installs (public domain / CC0 per those projects), read through the packages."""
+    import matplotlib.cbook
+    import skimage.data
+
+    hopper = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    return hopper.parent, Path(skimage.data.data_dir)
+
+
 @pytest.fixture(scope="session")
-def shared_images() -> list[Path]:
-    paths = sorted(p for p in SHARED_IMAGES.glob("*.jpg"))
-    assert paths, f"no real images found under {SHARED_IMAGES}"
-    return paths
+def real_photos(tmp_path_factory) -> list[Path]:
+    """Six real photographs as JPEG files (:data:`REAL_PHOTOS`): two as their publishers encoded them, four
+    re-encoded here from real photos to cover EXIF orientation, greyscale, CMYK and an odd size. No file
+    outside the installed packages is needed (a user's clone has no ``../shared``)."""
+    from PIL import Image
+
+    matplotlib_data, skimage_data = _photo_sources()
+    folder = tmp_path_factory.mktemp("real_photos")
+    (folder / "grace_hopper.jpg").write_bytes((matplotlib_data / "grace_hopper.jpg").read_bytes())
+    (folder / "rocket.jpg").write_bytes((skimage_data / "rocket.jpg").read_bytes())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.open(skimage_data / "chelsea.png").convert("RGB").save(folder / "chelsea_exif_rotated.jpg", exif=exif)
+    Image.open(skimage_data / "camera.png").convert("L").save(folder / "camera_grey.jpg", quality=90)
+    Image.open(skimage_data / "coffee.png").convert("CMYK").save(folder / "coffee_cmyk.jpg", quality=90)
+    astronaut = Image.open(skimage_data / "astronaut.png").convert("RGB")
+    astronaut.crop((90, 40, 90 + 333, 40 + 197)).save(folder / "astronaut_odd_size.jpg", quality=90)
+    return [folder / name for name in REAL_PHOTOS]
 
 
 def tiny_clipcap_config(vocab_size: int, mapping_type: str = "mlp", with_vision: bool = True, **overrides):

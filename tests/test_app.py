@@ -125,10 +125,10 @@ def page_is_up(url: str) -> bool:
         return response.status == 200 and b"ClipCap" in response.read()
 
 
-def test_caption_endpoint_gives_the_text_of_model_generate(server, shared_images):
+def test_caption_endpoint_gives_the_text_of_model_generate(server, real_photos):
     client = Client(server["url"], verbose=False)
-    expected = expected_captions(server["model"], server["processor"], shared_images[:2])
-    got = [client.predict(handle_file(str(p)), api_name="/caption") for p in shared_images[:2]]
+    expected = expected_captions(server["model"], server["processor"], real_photos[:2])
+    got = [client.predict(handle_file(str(p)), api_name="/caption") for p in real_photos[:2]]
     assert got == expected
     assert all(isinstance(text, str) and text for text in got)
 
@@ -140,14 +140,14 @@ def test_caption_endpoint_gives_the_text_of_model_generate(server, shared_images
         ("huge", "more than the limit of 2,000,000 (decompression-bomb protection)"),
     ],
 )
-def test_caption_endpoint_bad_file_error_reaches_the_client(server, bad_files, shared_images, which, message):
+def test_caption_endpoint_bad_file_error_reaches_the_client(server, bad_files, real_photos, which, message):
     from gradio_client.exceptions import ValidationError
 
     client = Client(server["url"], verbose=False)
     with pytest.raises(ValidationError, match=r"(?s)" + message.replace("(", r"\(").replace(")", r"\)")):
         client.predict(handle_file(str(bad_files[which])), api_name="/caption")
     # still serving
-    assert client.predict(handle_file(str(shared_images[0])), api_name="/caption")
+    assert client.predict(handle_file(str(real_photos[0])), api_name="/caption")
     assert page_is_up(server["url"])
 
 
@@ -159,10 +159,10 @@ def test_caption_endpoint_empty_request_is_refused_with_a_message(server):
         client.predict(None, api_name="/caption")
 
 
-def test_eight_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server, shared_images, bad_files):
+def test_eight_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server, real_photos, bad_files):
     from gradio_client.exceptions import ValidationError
 
-    images = [shared_images[i % len(shared_images)] for i in range(8)]
+    images = [real_photos[i % len(real_photos)] for i in range(8)]
     expected = expected_captions(server["model"], server["processor"], images)
     counter = server["counter"]
     client = Client(server["url"], verbose=False)
@@ -182,28 +182,28 @@ def test_eight_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server,
     assert page_is_up(server["url"])
 
 
-def test_caption_endpoint_over_plain_http(server, shared_images):
+def test_caption_endpoint_over_plain_http(server, real_photos):
     """The documented curl recipe: upload, POST /gradio_api/call/caption, read the event stream."""
     import httpx
 
     base = server["url"].rstrip("/") + "/gradio_api"
-    with open(shared_images[0], "rb") as f:
+    with open(real_photos[0], "rb") as f:
         uploaded = httpx.post(
-            f"{base}/upload", files={"files": (shared_images[0].name, f)}, timeout=30
+            f"{base}/upload", files={"files": (real_photos[0].name, f)}, timeout=30
         ).json()
     body = {"data": [{"path": uploaded[0], "meta": {"_type": "gradio.FileData"}}]}
     event_id = httpx.post(f"{base}/call/caption", json=body, timeout=30).json()["event_id"]
     stream = httpx.get(f"{base}/call/caption/{event_id}", timeout=60).text
     data_lines = [line[len("data: ") :] for line in stream.splitlines() if line.startswith("data: ")]
     assert json.loads(data_lines[-1]) == expected_captions(
-        server["model"], server["processor"], shared_images[:1]
+        server["model"], server["processor"], real_photos[:1]
     )
 
 
-def test_page_endpoint_beam_search_prefix_tokens_and_downloads(server, shared_images, bad_files, tmp_path):
+def test_page_endpoint_beam_search_prefix_tokens_and_downloads(server, real_photos, bad_files, tmp_path):
     client = Client(server["url"], verbose=False)
     model, processor = server["model"], server["processor"]
-    files = [handle_file(str(p)) for p in shared_images[:2]] + [handle_file(str(bad_files["corrupt"]))]
+    files = [handle_file(str(p)) for p in real_photos[:2]] + [handle_file(str(bad_files["corrupt"]))]
     gallery, text, table, downloads, status = client.predict(
         files, "beam search", 3, 1.0, 1.0, 2, 5, api_name="/caption_page"
     )
@@ -215,8 +215,8 @@ def test_page_endpoint_beam_search_prefix_tokens_and_downloads(server, shared_im
         "caption",
         "prefix: nearest tokens",
     ]  # no CLIP-S without CLIP
-    assert [r[0] for r in rows] == [shared_images[0].name] * 2 + [shared_images[1].name] * 2 + ["corrupt.jpg"]
-    for i, path in enumerate(shared_images[:2]):
+    assert [r[0] for r in rows] == [real_photos[0].name] * 2 + [real_photos[1].name] * 2 + ["corrupt.jpg"]
+    for i, path in enumerate(real_photos[:2]):
         inputs = processor(images=[load_image(path)], return_tensors="pt")
         with torch.no_grad():
             ids = model.generate(pixel_values=inputs["pixel_values"], **kwargs)
@@ -235,8 +235,8 @@ def test_page_endpoint_beam_search_prefix_tokens_and_downloads(server, shared_im
     saved = json.loads(json_file.read_text())
     assert saved["decoding"]["mode"] == "beam search" and saved["decoding"]["num_beams"] == 3
     assert [r["image"] for r in saved["results"]] == [
-        shared_images[0].name,
-        shared_images[1].name,
+        real_photos[0].name,
+        real_photos[1].name,
         "corrupt.jpg",
     ]
     assert saved["results"][0]["captions"][0]["caption"] == rows[0][2]
@@ -255,20 +255,20 @@ def test_page_endpoint_beam_search_prefix_tokens_and_downloads(server, shared_im
         (["image"], ("beam search", 2, 1.0, 1.0, 3, 6), "raise Beams to 3 or more"),
     ],
 )
-def test_page_endpoint_errors_reach_the_client(server, shared_images, bad_files, files, decoding, message):
+def test_page_endpoint_errors_reach_the_client(server, real_photos, bad_files, files, decoding, message):
     from gradio_client.exceptions import AppError
 
     client = Client(server["url"], verbose=False)
-    uploads = [handle_file(str(shared_images[0] if f == "image" else bad_files[f])) for f in files]
+    uploads = [handle_file(str(real_photos[0] if f == "image" else bad_files[f])) for f in files]
     with pytest.raises(AppError, match=message):
         client.predict(uploads, *decoding, api_name="/caption_page")
     assert page_is_up(server["url"])
 
 
-def test_page_sampling_passes_temperature_top_p_and_caption_count(server, shared_images):
+def test_page_sampling_passes_temperature_top_p_and_caption_count(server, real_photos):
     client = Client(server["url"], verbose=False)
     _, _, table, _, status = client.predict(
-        [handle_file(str(shared_images[0]))], "sampling", 1, 1.5, 0.35, 3, 4, api_name="/caption_page"
+        [handle_file(str(real_photos[0]))], "sampling", 1, 1.5, 0.35, 3, 4, api_name="/caption_page"
     )
     assert "sampling, temperature 1.5, top-p 0.35, 3 captions per image, at most 4 tokens" in status
     assert [row[1] for row in table["data"]] == [1, 2, 3]
@@ -303,7 +303,7 @@ def test_decoding_defaults_follow_the_generation_config():
         Decoding("nucleus").generate_kwargs()
 
 
-def test_page_captions_through_the_library_captioning_step(saved_model, shared_images, monkeypatch):
+def test_page_captions_through_the_library_captioning_step(saved_model, real_photos, monkeypatch):
     """The app's captions come from ``captioning.caption_batch`` (the library's one images -> generate -> text
     step): one call per batch of uploads, with the pixel values the prefix tokens are read from."""
     import modeling_clipcap.app as app_module
@@ -318,9 +318,9 @@ def test_page_captions_through_the_library_captioning_step(saved_model, shared_i
 
     monkeypatch.setattr(app_module, "caption_batch", recording)
     decoding = Decoding(mode="beam search", num_beams=2, num_captions=2, max_new_tokens=4)
-    results = caption_files(model, processor, shared_images[:3], decoding, batch_size=2)
+    results = caption_files(model, processor, real_photos[:3], decoding, batch_size=2)
     assert calls == [2, 1]
-    for path, result in zip(shared_images[:3], results):
+    for path, result in zip(real_photos[:3], results):
         beams = expected_captions(
             model, processor, [path], num_beams=2, num_return_sequences=2, max_new_tokens=4
         )
@@ -328,7 +328,7 @@ def test_page_captions_through_the_library_captioning_step(saved_model, shared_i
         assert len(result["captions"]) == 2 and len(result["prefix_tokens"]) == model.config.prefix_length
 
 
-def test_clip_model_scores_and_reranks_captions(saved_model, shared_images, tmp_path):
+def test_clip_model_scores_and_reranks_captions(saved_model, real_photos, tmp_path):
     """--clip_model: every caption gets its CLIP-S (the library's compute_clip_score) and they come best first."""
     from conftest import build_tiny_processor, build_tiny_tokenizer
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
@@ -353,9 +353,9 @@ def test_clip_model_scores_and_reranks_captions(saved_model, shared_images, tmp_
     model, processor = load_captioner(saved_model)
     clip = load_clip(clip_dir)
     decoding = Decoding("beam search", num_beams=4, num_captions=4, max_new_tokens=5)
-    results = caption_files(model, processor, shared_images[:2], decoding, clip=clip)
-    plain = caption_files(model, processor, shared_images[:2], decoding)
-    for scored, unscored, path in zip(results, plain, shared_images):
+    results = caption_files(model, processor, real_photos[:2], decoding, clip=clip)
+    plain = caption_files(model, processor, real_photos[:2], decoding)
+    for scored, unscored, path in zip(results, plain, real_photos):
         scores = [c["clip_score"] for c in scored["captions"]]
         assert scores == sorted(scores, reverse=True) and all(s is not None for s in scores)
         assert sorted(c["caption"] for c in scored["captions"]) == sorted(
@@ -406,7 +406,7 @@ def test_cli_bad_model_and_examples_exit_2(saved_model, tmp_path, capsys):
 
 
 @pytest.mark.slow  # a fresh interpreter imports Gradio and loads the model: about 15 s on 2 busy cores
-def test_cli_serves_on_the_given_host_and_port_with_examples(saved_model, shared_images, tmp_path):
+def test_cli_serves_on_the_given_host_and_port_with_examples(saved_model, real_photos, tmp_path):
     """`clipcap app --host --port --examples` in a subprocess: the page answers there and lists the examples."""
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -420,7 +420,7 @@ def test_cli_serves_on_the_given_host_and_port_with_examples(saved_model, shared
         "--host",
         "127.0.0.1",
     ]
-    cmd += ["--port", str(port), "--examples", str(shared_images[0]), str(shared_images[1])]
+    cmd += ["--port", str(port), "--examples", str(real_photos[0]), str(real_photos[1])]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -437,9 +437,9 @@ def test_cli_serves_on_the_given_host_and_port_with_examples(saved_model, shared
         with urllib.request.urlopen(url + "config", timeout=10) as response:
             config = response.read().decode()
         assert f"ClipCap captioning: {saved_model.parent.name}/{saved_model.name}" in config
-        assert shared_images[0].name in config and shared_images[1].name in config
+        assert real_photos[0].name in config and real_photos[1].name in config
         client = Client(url, verbose=False)
-        assert client.predict(handle_file(str(shared_images[0])), api_name="/caption")
+        assert client.predict(handle_file(str(real_photos[0])), api_name="/caption")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -104,7 +104,7 @@ def upload_and_run(driver, path: Path) -> None:
 
 
 def test_page_in_chromium_captions_an_upload_and_shows_the_error_of_a_corrupt_file(
-    browser, app_url, shared_images, tmp_path
+    browser, app_url, real_photos, tmp_path
 ):
     url, model, processor = app_url
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -124,13 +124,13 @@ def test_page_in_chromium_captions_an_upload_and_shows_the_error_of_a_corrupt_fi
     WebDriverWait(browser, 30).until(lambda d: "ClipCap" in d.title)
     assert "ClipCap" in browser.title
 
-    upload_and_run(browser, shared_images[0])
+    upload_and_run(browser, real_photos[0])
     WebDriverWait(browser, 60).until(lambda d: captions_value(d))
-    assert captions_value(browser) == expected(shared_images[0])
+    assert captions_value(browser) == expected(real_photos[0])
     WebDriverWait(browser, 30).until(
         lambda d: "Captioned 1 of 1" in d.find_element(By.ID, "clipcap-status").text
     )
-    assert expected(shared_images[0]).split(": ", 1)[1] in browser.find_element(By.ID, "clipcap-table").text
+    assert expected(real_photos[0]).split(": ", 1)[1] in browser.find_element(By.ID, "clipcap-table").text
     browser.save_screenshot(str(ARTIFACTS / "app_caption.png"))
 
     corrupt = tmp_path / "corrupt.jpg"
@@ -141,6 +141,6 @@ def test_page_in_chromium_captions_an_upload_and_shows_the_error_of_a_corrupt_fi
     browser.save_screenshot(str(ARTIFACTS / "app_error.png"))
 
     # the page still works after the error: another image gets its own caption
-    upload_and_run(browser, shared_images[1])
-    WebDriverWait(browser, 60).until(lambda d: captions_value(d) == expected(shared_images[1]))
+    upload_and_run(browser, real_photos[1])
+    WebDriverWait(browser, 60).until(lambda d: captions_value(d) == expected(real_photos[1]))
     assert (ARTIFACTS / "app_caption.png").stat().st_size > 10_000

@@ -175,11 +175,11 @@ def test_trust_remote_code_loading_without_the_package(saved_model_dir, tmp_path
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected.tolist()
 
 
-def test_processor_decodes_paths_and_converts_modes(tiny_processor, shared_images, tmp_path):
+def test_processor_decodes_paths_and_converts_modes(tiny_processor, real_photos, tmp_path):
     from modeling_clipcap.image_io import ImageLoadError
 
     rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 0))  # fully transparent: composited onto white
-    out = tiny_processor(images=[rgba, str(shared_images[0]), Image.new("RGB", (20, 20), "white")])
+    out = tiny_processor(images=[rgba, str(real_photos[0]), Image.new("RGB", (20, 20), "white")])
     assert out["pixel_values"].shape == (3, 3, 32, 32)
     torch.testing.assert_close(out["pixel_values"][0], out["pixel_values"][2])
     bad = tmp_path / "broken.jpg"

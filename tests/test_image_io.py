@@ -276,10 +276,30 @@ def test_list_image_files(tmp_path):
         list_image_files(tmp_path / "a.png")
 
 
-def test_real_photos(shared_images):
-    for path in shared_images:
+def test_real_photos(real_photos):
+    """Real JPEG decoding of real photographs: the as-published JPEGs, EXIF orientation, grey, CMYK, odd size."""
+    by_name = {path.name: path for path in real_photos}
+    for path in real_photos:
+        raw = Image.open(path)
+        assert raw.format == "JPEG"
         img = load_image(path)
         assert img.mode == "RGB" and min(img.size) > 16
+        if path.name != "chelsea_exif_rotated.jpg":
+            assert img.size == raw.size
+            reference = np.asarray(raw.convert("RGB"), dtype=np.int16)
+            assert np.abs(np.asarray(img, dtype=np.int16) - reference).max() <= 1, path.name
+    rotated = by_name["chelsea_exif_rotated.jpg"]
+    raw = Image.open(rotated)
+    assert raw.getexif().get(0x0112) == 6
+    shown = load_image(rotated)
+    assert shown.size == raw.size[::-1]  # 451 x 300 stored, 300 x 451 displayed
+    expected = np.asarray(raw.convert("RGB").transpose(Image.Transpose.ROTATE_270), dtype=np.int16)
+    assert np.abs(np.asarray(shown, dtype=np.int16) - expected).max() <= 1
+    assert Image.open(by_name["camera_grey.jpg"]).mode == "L"
+    assert Image.open(by_name["coffee_cmyk.jpg"]).mode == "CMYK"
+    assert load_image(by_name["astronaut_odd_size.jpg"]).size == (333, 197)
+    coffee = np.asarray(load_image(by_name["coffee_cmyk.jpg"]), dtype=np.float32)
+    assert coffee.std() > 10  # a real photograph, not a flat fill, after CMYK -> RGB
 
 
 # ---------------------------------------------------------------- property-based
