@@ -685,7 +685,7 @@ def _write_output_directory(
         "vision_model": str(vision_model) if vision_model is not None else None,
         "text_model": str(text_model) if text_model is not None else None,
         "num_original_keys": num_original_keys,
-        "converted_on": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "converted_on": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     (out / "conversion_info.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
 

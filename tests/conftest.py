@@ -93,7 +93,10 @@ def tiny_tokenizer():
 REAL_PHOTOS = {
     "grace_hopper.jpg": ("matplotlib", "a camera JPEG as published"),
     "rocket.jpg": ("scikit-image", "a camera JPEG as published, landscape"),
-    "chelsea_exif_rotated.jpg": ("scikit-image chelsea.png", "JPEG whose EXIF says: rotate 90 degrees to display"),
+    "chelsea_exif_rotated.jpg": (
+        "scikit-image chelsea.png",
+        "JPEG whose EXIF says: rotate 90 degrees to display",
+    ),
     "camera_grey.jpg": ("scikit-image camera.png", "greyscale (L) JPEG"),
     "coffee_cmyk.jpg": ("scikit-image coffee.png", "CMYK JPEG"),
     "astronaut_odd_size.jpg": ("scikit-image astronaut.png", "JPEG of an odd size (333 x 197)"),
@@ -123,7 +126,9 @@ def real_photos(tmp_path_factory) -> list[Path]:
     (folder / "rocket.jpg").write_bytes((skimage_data / "rocket.jpg").read_bytes())
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    Image.open(skimage_data / "chelsea.png").convert("RGB").save(folder / "chelsea_exif_rotated.jpg", exif=exif)
+    Image.open(skimage_data / "chelsea.png").convert("RGB").save(
+        folder / "chelsea_exif_rotated.jpg", exif=exif
+    )
     Image.open(skimage_data / "camera.png").convert("L").save(folder / "camera_grey.jpg", quality=90)
     Image.open(skimage_data / "coffee.png").convert("CMYK").save(folder / "coffee_cmyk.jpg", quality=90)
     astronaut = Image.open(skimage_data / "astronaut.png").convert("RGB")

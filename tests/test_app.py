@@ -188,9 +188,7 @@ def test_caption_endpoint_over_plain_http(server, real_photos):
 
     base = server["url"].rstrip("/") + "/gradio_api"
     with open(real_photos[0], "rb") as f:
-        uploaded = httpx.post(
-            f"{base}/upload", files={"files": (real_photos[0].name, f)}, timeout=30
-        ).json()
+        uploaded = httpx.post(f"{base}/upload", files={"files": (real_photos[0].name, f)}, timeout=30).json()
     body = {"data": [{"path": uploaded[0], "meta": {"_type": "gradio.FileData"}}]}
     event_id = httpx.post(f"{base}/call/caption", json=body, timeout=30).json()["event_id"]
     stream = httpx.get(f"{base}/call/caption/{event_id}", timeout=60).text
