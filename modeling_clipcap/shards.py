@@ -16,10 +16,12 @@ that is missing or unreadable fails with its name (:class:`ShardError`).
 :class:`ShardStreamLoader` streams them for training: the shards are dealt to ``N`` logical workers
 (``shards[w::N]``), each worker's part is split over the processes with ``datasets``'
 ``split_dataset_by_node`` (whole shards when they divide evenly, every ``world_size``-th sample otherwise),
-and the loader takes batches from the workers in turn. Its position (each worker's ``datasets`` stream
-state, whose turn it is, the sample-order file's length) is saved into every Accelerate checkpoint as
+and the loader takes batches from the workers in turn. ``set_epoch(e)`` starts epoch ``e`` over all shards;
+with ``shuffle_shards`` the shard order of each epoch is a permutation drawn from ``(seed, epoch)`` alone, so
+every process and every resume computes the same one. Its position (the epoch, each worker's ``datasets``
+stream state, whose turn it is, the sample-order file's length) is saved into every Accelerate checkpoint as
 ``stream_state_<rank>.json`` and restored by ``load_state``, so a resumed run consumes the same samples in
-the same order as an uninterrupted one.
+the same order as an uninterrupted one, in the epoch it stopped in and in the following ones.
 """
 
 from __future__ import annotations
@@ -330,7 +332,8 @@ class ShardStreamLoader:
         device: where batches go.
         any_rank: ``any_rank(flag) -> bool`` over all processes (collective); processes whose part ran out
             get padding batches (labels all -100: no token, no gradient) until every part has run out.
-        seed: shard order is shuffled per epoch with ``seed`` (``shuffle_shards``).
+        seed, shuffle_shards: with ``shuffle_shards``, each epoch reads the shards in an order drawn from
+            ``(seed, epoch)`` (samples keep their order inside a shard); without it, in the given order.
         sample_order_file: when given, the consumed keys are appended to it, one per line.
         mapping_input: which precomputed Parquet column to train from (:data:`EMBEDDING_COLUMNS`).
     """
@@ -400,6 +403,8 @@ class ShardStreamLoader:
         ]
 
     def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch``: every shard again (reshuffled with ``shuffle_shards``), or,
+        right after :meth:`load_position` of a checkpoint taken in this epoch, the rest of it."""
         self.epoch = epoch
 
     # -- position (saved into each checkpoint) ------------------------------------------------------
@@ -423,6 +428,8 @@ class ShardStreamLoader:
             "sample_order_bytes": order_bytes,
             "num_streams": self.num_streams,
             "shards": self.shards,
+            "shuffle_shards": self.shuffle_shards,
+            "seed": self.seed,
         }
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / STREAM_STATE_NAME.format(rank=self.rank)).write_text(json.dumps(state))
@@ -440,6 +447,15 @@ class ShardStreamLoader:
             raise CaptionDataError(
                 f"{path}: written for other shards or another --dataloader_num_workers "
                 f"({state['num_streams']} streams); resume with the same data and workers."
+            )
+        shuffled = state.get("shuffle_shards", False)  # written before the flag existed: not shuffled
+        if shuffled != self.shuffle_shards or (shuffled and state.get("seed") != self.seed):
+            saved = f"--shuffle_shards {str(shuffled).lower()}" + (
+                f" --seed {state.get('seed')}" if shuffled else ""
+            )
+            raise CaptionDataError(
+                f"{path}: written with {saved}, which decides the shard order of every epoch; resume with "
+                "the same --shuffle_shards and --seed."
             )
         self.position, self.samples_seen = state["position"], state["samples_seen"]
         self.skipped = state["skipped"]
@@ -560,6 +576,7 @@ def build_train_stream(
         device=accelerator.device,
         any_rank=any_rank,
         seed=args.seed,
+        shuffle_shards=getattr(args, "shuffle_shards", False),
         sample_order_file=order_file,
         mapping_input=mapping_input,
     )

@@ -45,6 +45,7 @@ from modeling_clipcap.hub import (
     render_training_card,
 )
 from modeling_clipcap.presets import find_preset, read_preset
+from modeling_clipcap.shards import is_shard_source
 from modeling_clipcap.training_data import build_datasets, make_dataloaders, run_report, validate
 from modeling_clipcap.training_utils import optimizer_parameter_groups
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preprocessing_num_workers", type=int, default=0)
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Workers per process (shards).")
     add_bool_argument(g, "save_sample_order", help="Keys read, per rank: output_dir/sample_order/ (shards).")
+    add_bool_argument(g, "shuffle_shards", help="Streamed shards: another shard order each epoch (--seed).")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="clipcap-output")
@@ -169,6 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --train_file (caption file or folder) or --dataset_name.")
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming has no epoch length: give --max_train_steps.")
+    if args.shuffle_shards and not (args.streaming and is_shard_source(args.train_file)):
+        parser.error(  # in memory, every sample is already shuffled each epoch
+            "--shuffle_shards orders the shards of --streaming --train_file <shards>; without them it does nothing."
+        )
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/clipcap-coco).")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
