@@ -12,6 +12,9 @@ tower's image embedding, what ``mapping_input="pooled"`` consumes), plus ``patch
 ``P`` takes shards ``r, r + P, ...``); each output is written to a temporary name and renamed when complete, so
 an interrupted run is resumed by running the same command again: finished shards are not redone.
 Bad images are skipped and listed (``--on_bad_image skip``, the default here) in ``<name>.skipped.json``.
+If any process fails, the command fails on every process (exit status 2) once the others have finished their
+shards; ``embed_info.json`` (written last, by the main process) then says ``"complete": false`` with the
+failures and the shards still missing, and the finished shards stay for the next run.
 """
 
 from __future__ import annotations
@@ -91,13 +94,23 @@ def _fixed_size_lists(values: torch.Tensor) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.float().numpy().reshape(-1)), values.shape[-1])
 
 
+def _write_atomically(target: Path, write: Any) -> None:
+    """``write(path)`` into a hidden temporary name beside ``target``, then rename: ``target`` appears complete or
+    not at all (the temporary file is removed when writing fails)."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_shard(target: Path, columns: Any, skipped: list[list[str]]) -> None:
     import pyarrow.parquet as pq
 
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    pq.write_table(columns, tmp)
-    target.with_suffix(".skipped.json").write_text(json.dumps(skipped))
-    os.replace(tmp, target)  # the .parquet appears complete or not at all
+    skipped_json = json.dumps(skipped)
+    _write_atomically(target.with_suffix(".skipped.json"), lambda path: path.write_text(skipped_json))
+    _write_atomically(target, lambda path: pq.write_table(columns, path))  # the .parquet comes last
 
 
 def embed_shards(
@@ -129,7 +142,7 @@ def embed_shards(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     shards = expand_shards(data)
-    names = [Path(s.split("://")[-1]).name.rsplit(".", 1)[0] for s in shards]
+    names = [_output_name(s) for s in shards]
     if len(set(names)) != len(names):
         raise ValueError(f"{data}: two shards have the same file name; outputs are named after them.")
     report: dict[str, Any] = {"shards_written": 0, "shards_skipped": 0, "images_encoded": 0, "skipped": []}
@@ -204,6 +217,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     state = PartialState()
     start = time.time()
+    described: dict[str, Any] = {"model": str(args.model)}
     try:
         encoder, image_processor, described = load_image_encoder(args.model)
         report = embed_shards(
@@ -224,27 +238,53 @@ def cli_main(args: argparse.Namespace) -> int:
         failure = None
     except Exception as err:  # every process reports, so one failing never leaves the others waiting
         report, failure = None, f"process {state.process_index}: {type(err).__name__}: {err}"
+        if state.num_processes > 1:  # shown now, even if the others never reach the report below
+            print(f"clipcap embed: {failure}", file=sys.stderr, flush=True)
     outcome = [{"report": report, "failure": failure}]
     reports = gather_object(outcome) if state.num_processes > 1 else outcome
     failures = [r["failure"] for r in reports if r["failure"]]
-    if failures:
-        if state.is_main_process:
-            print("clipcap embed: error: " + "\n".join(failures), file=sys.stderr)
-        return 2
     if state.is_main_process:
+        done = [r["report"] for r in reports if r["report"] is not None]
         summary = {
             **described,
             "data": args.data,
-            "images_encoded_per_rank": [r["report"]["images_encoded"] for r in reports],
-            "shards_written": sum(r["report"]["shards_written"] for r in reports),
-            "shards_already_done": sum(r["report"]["shards_skipped"] for r in reports),
-            "skipped": [s for r in reports for s in r["report"]["skipped"]],
+            "complete": not failures,  # every shard of --data has its .parquet
+            "images_encoded_per_rank": [r["report"] and r["report"]["images_encoded"] for r in reports],
+            "shards_written": sum(r["shards_written"] for r in done),
+            "shards_already_done": sum(r["shards_skipped"] for r in done),
+            "skipped": [s for r in done for s in r["skipped"]],
             "seconds": round(time.time() - start, 1),
         }
-        (Path(args.output_dir) / "embed_info.json").write_text(json.dumps(summary, indent=2))
-        print(
-            json.dumps(
-                {k: v for k, v in summary.items() if k != "skipped"} | {"skipped": len(summary["skipped"])}
+        if failures:
+            summary |= {"failures": failures, "shards_missing": _missing_outputs(args.data, args.output_dir)}
+        text = json.dumps(summary, indent=2)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        _write_atomically(Path(args.output_dir) / "embed_info.json", lambda path: path.write_text(text))
+        if failures:
+            print(
+                "clipcap embed: error: " + "\n".join(failures) + f"\nShards finished so far are kept in "
+                f"{args.output_dir}; run the same command again to do the rest.",
+                file=sys.stderr,
             )
-        )
-    return 0
+        else:
+            print(
+                json.dumps(
+                    {k: v for k, v in summary.items() if k != "skipped"}
+                    | {"skipped": len(summary["skipped"])}
+                )
+            )
+    return 2 if failures else 0
+
+
+def _missing_outputs(data: str, output_dir: str | os.PathLike) -> list[str] | None:
+    """The shards of ``data`` without a ``.parquet`` in ``output_dir`` (None when ``data`` cannot be listed)."""
+    try:
+        shards = expand_shards(data)
+    except Exception:  # the failure being reported may be this one
+        return None
+    return [s for s in shards if not (Path(output_dir) / f"{_output_name(s)}.parquet").is_file()]
+
+
+def _output_name(shard: str) -> str:
+    """The output stem of a shard path or URL: its file name without the extension."""
+    return Path(shard.split("://")[-1]).name.rsplit(".", 1)[0]

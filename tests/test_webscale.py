@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT / "training"))
 
 import train  # noqa: E402
 
-from modeling_clipcap.data import CaptionCollator  # noqa: E402
+from modeling_clipcap.data import CaptionCollator, CaptionDataError  # noqa: E402
 from modeling_clipcap.image_io import ImageLoadError  # noqa: E402
 from modeling_clipcap.shards import (  # noqa: E402
     ShardError,
@@ -259,7 +259,7 @@ def test_resuming_from_a_saved_position_consumes_the_same_samples_in_the_same_or
     second.load_position(tmp_path / "checkpoint")
     assert _keys_of(second) == full
     assert second.skipped and second.skipped[0][0] == BROKEN
-    with pytest.raises(Exception, match="other shards or another --dataloader_num_workers"):
+    with pytest.raises(CaptionDataError, match="other shards or another --dataloader_num_workers"):
         ShardStreamLoader(
             expand_shards(shards["pattern"]), batch_size=2, collate=_collate(), num_workers=1
         ).load_position(tmp_path / "checkpoint")
