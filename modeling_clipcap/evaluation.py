@@ -3,12 +3,13 @@
 Two families of metrics live here, shared by ``clipcap evaluate``, the
 ``evaluate`` modules under ``metrics/`` and training's validation:
 
-* :func:`compute_caption_metrics`: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and
-  SPICE computed by ``pycocoevalcap`` after its PTB tokenizer, with
-  pycocoevalcap's key names (``Bleu_1`` .. ``Bleu_4``, ``METEOR``,
-  ``ROUGE_L``, ``CIDEr``, ``SPICE``). Scores are in [0, 1] (CIDEr in [0, 10]);
-  papers print them x100. Metrics that cannot run here are listed under
-  ``"skipped"`` with the reason and are never reported as 0.
+* :func:`compute_caption_metrics`: BLEU-1..4, METEOR, ROUGE-L and CIDEr-D
+  computed by ``pycocoevalcap`` after its PTB tokenizer, with pycocoevalcap's
+  key names (``Bleu_1`` .. ``Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``), and
+  ``SPICE`` only when asked for (:data:`SPICE_NOT_REQUESTED` says why it is not
+  a default). Scores are in [0, 1] (CIDEr in [0, 10]); papers print them x100.
+  Metrics that cannot run here are listed under ``"skipped"`` with the reason
+  and are never reported as 0.
 * CLIPScore (Hessel et al., 2021): ``CLIP-S = w * max(cos(image, caption), 0)``
   with ``w = 2.5`` and the caption prefixed with ``"A photo depicts"``;
   ``RefCLIP-S`` is the harmonic mean of CLIP-S and
@@ -53,6 +54,7 @@ __all__ = [
     "spice_dir",
     "spice_java",
     "spice_unavailable_reason",
+    "SPICE_NOT_REQUESTED",
 ]
 
 # pycocoevalcap's names, in the order papers print them.
@@ -108,6 +110,14 @@ def _pycocoevalcap_dir() -> Path:
 SPICE_JAR = "spice-1.0.jar"
 _SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 _SPICE_MAX_JAVA = 11
+
+#: The reason listed under ``"skipped"`` when SPICE was not asked for (the default everywhere: ``clipcap
+#: evaluate``, the ``coco_caption`` evaluate module, training's validation, the demo).
+SPICE_NOT_REQUESTED = (
+    "not requested (SPICE runs only when asked: --spice on|auto, spice=True|None): it needs the Stanford "
+    "CoreNLP 3.6.0 jars, which pycocoevalcap downloads from the Stanford NLP site at first use and no package "
+    "archive ships, and a Java <= 11"
+)
 
 
 def spice_java() -> str | None:
@@ -379,7 +389,7 @@ def _spice_score(gts: dict, res: dict) -> tuple[float, list[float]]:
 def compute_caption_metrics(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
-    spice: bool | None = None,
+    spice: bool | None = False,
     *,
     meteor: bool = True,
     per_image: bool = False,
@@ -392,9 +402,10 @@ def compute_caption_metrics(
             references per image (COCO Karpathy test: 5). Ids must match
             ``predictions`` exactly; raw (untokenized) text: the PTB tokenizer
             lowercases and removes punctuation.
-        spice: ``None`` computes SPICE when it can run here and otherwise lists
-            it under ``"skipped"``; ``True`` requires it (raises when it cannot
-            run); ``False`` skips it.
+        spice: ``False`` (default) skips SPICE, listed under ``"skipped"`` with
+            :data:`SPICE_NOT_REQUESTED`; ``True`` requires it (raises when it
+            cannot run); ``None`` computes it when it can run here and otherwise
+            lists it under ``"skipped"`` with what is missing.
         meteor: ``False`` skips METEOR (its java start-up costs about 10 s;
             useful for frequent validation). Listed under ``"skipped"`` then.
         per_image: also return ``"per_image": {image_id: {metric: score}}``.
@@ -448,7 +459,7 @@ def compute_caption_metrics(
     results["CIDEr"], per["CIDEr"] = float(cider), [float(s) for s in cider_per]
 
     if spice is False:
-        skipped["SPICE"] = "disabled (spice=False)"
+        skipped["SPICE"] = SPICE_NOT_REQUESTED
     else:
         reason = spice_unavailable_reason()
         if reason is not None:
@@ -909,7 +920,7 @@ def evaluate_model(
     num_beams: int | None = None,
     max_new_tokens: int | None = None,
     generation_kwargs: Mapping[str, Any] | None = None,
-    spice: bool | None = None,
+    spice: bool | None = False,
     meteor: bool = True,
     clip_model: Any = None,
     clip_processor: Any = None,
@@ -1130,8 +1141,9 @@ def add_cli_arguments(parser: Any) -> None:
     parser.add_argument(
         "--spice",
         choices=("auto", "on", "off"),
-        default="auto",
-        help="SPICE: auto computes it when Java <= 11 and CoreNLP are present (default)",
+        default="off",
+        help="SPICE: off (default; it needs Java <= 11 and the Stanford CoreNLP 3.6.0 jars, which nothing here "
+        "downloads), on (an error when it cannot run), auto (computed when it can run, else skipped with why)",
     )
     add_bool_argument(
         parser, "meteor", default=True, help="METEOR (--no_meteor saves ~10 s of java start-up)"

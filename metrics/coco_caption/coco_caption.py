@@ -1,4 +1,4 @@
-"""`evaluate` module: COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) via pycocoevalcap.
+"""`evaluate` module: COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE when asked) via pycocoevalcap.
 
 A thin wrapper over :func:`modeling_clipcap.evaluation.compute_caption_metrics`; load it
 offline from this folder::
@@ -18,10 +18,12 @@ from modeling_clipcap.evaluation import compute_caption_metrics
 _DESCRIPTION = """\
 The COCO caption evaluation protocol: captions and references are tokenized with the
 Stanford PTB tokenizer (lowercased, punctuation removed) and scored by pycocoevalcap's BLEU-1..4,
-METEOR 1.5, ROUGE-L, CIDEr-D and SPICE. Keys are pycocoevalcap's (Bleu_1 .. Bleu_4, METEOR,
-ROUGE_L, CIDEr, SPICE); scores are 0-1 (CIDEr 0-10) and papers print them x100. Metrics that
-cannot run on this machine (SPICE needs Java <= 11 and Stanford CoreNLP; METEOR and the tokenizer
-need Java) are listed under "skipped" with the reason and never reported as 0.
+METEOR 1.5, ROUGE-L and CIDEr-D, and SPICE when asked for (spice=True or None): SPICE is off by
+default because it needs the Stanford CoreNLP 3.6.0 jars, which pycocoevalcap downloads from the
+Stanford NLP site at first use (no package archive ships them), and a Java <= 11. Keys are
+pycocoevalcap's (Bleu_1 .. Bleu_4, METEOR, ROUGE_L, CIDEr, SPICE); scores are 0-1 (CIDEr 0-10) and
+papers print them x100. Metrics not computed (SPICE unless asked; METEOR and the tokenizer need
+Java) are listed under "skipped" with the reason and never reported as 0.
 """
 
 _CITATION = """\
@@ -40,8 +42,9 @@ Args:
         raw text; a single string per image is accepted too.
     image_ids (list, optional): ids of the images, in the order of predictions (default 0..N-1);
         they key "per_image".
-    spice (bool or None, optional): None (default) computes SPICE when it can run and otherwise
-        reports it under "skipped"; True requires it; False skips it.
+    spice (bool or None, optional): False (default) skips SPICE (listed under "skipped" with why);
+        True requires it (an error when it cannot run); None computes it when it can run and otherwise
+        reports it under "skipped" with what is missing.
     meteor (bool, optional): False skips METEOR (about 10 s of java start-up). Default True.
     per_image (bool, optional): also return per-image scores under "per_image". Default False.
 Returns:
@@ -83,7 +86,7 @@ class CocoCaption(evaluate.Metric):
         predictions: list[str],
         references: list,
         image_ids: list | None = None,
-        spice: bool | None = None,
+        spice: bool | None = False,
         meteor: bool = True,
         per_image: bool = False,
     ) -> dict:
