@@ -15,6 +15,7 @@ from test_convert import (
     ref_transformer_prefix,
     save,
 )
+from test_evaluation import fake_spice  # noqa: F401  (fixture: a SPICE scorer that can run, behind a fake java)
 
 from modeling_clipcap import convert_original
 from modeling_clipcap.cli import add_bool_argument, main
@@ -118,7 +119,8 @@ def test_convert_transformer_shape_flags(tmp_path):
     assert (prefix - ref_transformer_prefix(sd, x, 3, 2, heads=8)).abs().max() > 1e-3
 
 
-def test_evaluate_limit_beams_tokens_and_meteor_flags(tmp_path, tiny_model, tiny_processor, capsys):
+def _saved_model_and_images(tmp_path, tiny_model, tiny_processor, n: int = 5):
+    """The tiny model saved with its processor, and an image folder of ``n`` random images with references."""
     from PIL import Image
 
     model_dir = tmp_path / "model"
@@ -128,12 +130,17 @@ def test_evaluate_limit_beams_tokens_and_meteor_flags(tmp_path, tiny_model, tiny
     images = tmp_path / "images"
     images.mkdir()
     rows = []
-    for i in range(5):
+    for i in range(n):
         g = torch.Generator().manual_seed(i)
         pixels = torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8).numpy()
         Image.fromarray(pixels, "RGB").save(images / f"{i}.png")
         rows.append(json.dumps({"file_name": f"{i}.png", "captions": ["a red circle.", "a circle"]}))
     (images / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return model_dir, images
+
+
+def test_evaluate_limit_beams_tokens_and_meteor_flags(tmp_path, tiny_model, tiny_processor, capsys):
+    model_dir, images = _saved_model_and_images(tmp_path, tiny_model, tiny_processor)
     out = tmp_path / "eval"
     argv = [
         "evaluate",
@@ -152,8 +159,57 @@ def test_evaluate_limit_beams_tokens_and_meteor_flags(tmp_path, tiny_model, tiny
     assert all(len(tokenizer_ids) <= 2 for tokenizer_ids in _token_ids(predictions, tiny_processor))
     metrics = json.loads((out / "metrics.json").read_text())
     assert "METEOR" not in metrics and "METEOR" in metrics["skipped"]  # --no_meteor
-    assert "SPICE" not in metrics and "disabled" in metrics["skipped"]["SPICE"]  # --spice off
+    assert "SPICE" not in metrics and "not requested" in metrics["skipped"]["SPICE"]  # --spice off
     assert "captioning" not in capsys.readouterr().err  # --no_progress: no progress bar
+
+
+def test_spice_runs_only_when_asked_for(tmp_path, tiny_model, tiny_processor, fake_spice):  # noqa: F811
+    """SPICE is not a default metric anywhere, even on a machine where it could run (here: a fake java that
+    scores like SPICE 1.0): the library, the ``coco_caption`` evaluate module and ``clipcap evaluate`` skip it
+    with the documented reason unless asked; ``--spice on`` and ``--spice auto`` run the scorer."""
+    import evaluate
+    from conftest import REPO_ROOT
+
+    from modeling_clipcap.evaluation import (
+        SPICE_NOT_REQUESTED,
+        compute_caption_metrics,
+        spice_unavailable_reason,
+    )
+
+    _, java_runs = fake_spice
+    assert spice_unavailable_reason() is None  # SPICE can run here: only the default keeps it off
+    library = compute_caption_metrics({1: "a red circle"}, {1: ["a red circle."]}, meteor=False)
+    module = evaluate.load(str(REPO_ROOT / "metrics" / "coco_caption")).compute(
+        predictions=["a red circle"], references=[["a red circle."]], meteor=False
+    )
+    model_dir, images = _saved_model_and_images(tmp_path, tiny_model, tiny_processor, n=2)
+    argv = ["evaluate", "--model", str(model_dir), "--data", str(images), "--no_meteor", "--no_progress"]
+    assert main([*argv, "--output_dir", str(tmp_path / "default")]) == 0
+    command = json.loads((tmp_path / "default" / "metrics.json").read_text())
+    for metrics in (library, module, command):
+        assert "SPICE" not in metrics and metrics["skipped"]["SPICE"] == SPICE_NOT_REQUESTED
+    assert "CoreNLP" in SPICE_NOT_REQUESTED and "--spice on" in SPICE_NOT_REQUESTED
+    assert not java_runs.exists()  # the scorer never started
+    for choice in ("on", "auto"):
+        assert main([*argv, "--output_dir", str(tmp_path / choice), "--spice", choice]) == 0
+        metrics = json.loads((tmp_path / choice / "metrics.json").read_text())
+        assert 0 <= metrics["SPICE"] <= 1 and "SPICE" not in metrics["skipped"], choice
+    assert len(java_runs.read_text().splitlines()) == 2  # one scorer run per asking command
+
+
+def test_evaluate_device_flag_puts_the_model_on_that_device(tmp_path, tiny_model, tiny_processor, capsys):
+    """--device reaches the model, observed from outside: ``meta`` is a device every torch build has and never
+    the default, and no value of a tensor there can be read. With --device meta the model's tensors are on meta,
+    so captioning fails saying so; the same command without the flag captions and scores."""
+    model_dir, images = _saved_model_and_images(tmp_path, tiny_model, tiny_processor, n=2)
+    argv = ["evaluate", "--model", str(model_dir), "--data", str(images), "--spice", "off", "--no_meteor"]
+    argv += ["--output_dir", str(tmp_path / "eval"), "--no_progress"]
+    capsys.readouterr()
+    assert main(argv + ["--device", "meta"]) == 2
+    assert "meta tensors" in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    assert main(argv) == 0
+    assert "CIDEr" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
 
 
 def test_evaluate_device_flag_is_used(tmp_path, tiny_model, tiny_processor, capsys):
@@ -190,8 +246,11 @@ def test_caption_and_app_device_flags_are_checked_before_loading(
             load_app_models(tmp_path / "model", device=device)
     assert main(argv + ["--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip()
-    model, _, _, _ = load_app_models(tmp_path / "model", device="cpu")
-    assert model.device.type == "cpu"
+    # meta is never the default device: finding the model's tensors there shows the flag was applied
+    model, _, _, _ = load_app_models(tmp_path / "model", device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert main(argv + ["--device", "meta"]) == 1  # the image fails: its caption cannot be read off meta
+    assert "meta tensors" in capsys.readouterr().err
 
 
 def _token_ids(predictions: list[dict], processor) -> list[list[int]]:
