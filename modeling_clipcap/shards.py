@@ -481,6 +481,7 @@ class ShardStreamLoader:
             self.sample_order_file.parent.mkdir(parents=True, exist_ok=True)
             self._order_fh = open(self.sample_order_file, "w")
         self._order_fh.write("".join(f"{k}\n" for k in keys))
+        self._order_fh.flush()  # complete even when the run stops mid-stream (max_train_steps) and keeps the file open
 
     # -- iteration ----------------------------------------------------------------------------------
     def _loader(self, stream: datasets.IterableDataset) -> torch.utils.data.DataLoader:
