@@ -135,7 +135,9 @@ def test_train_caption_evaluate_on_a_non_clip_non_gpt2_pair(setup, tmp_path, cap
     inputs = processor(images=[Image.open(p) for p in images], return_tensors="pt")
     assert inputs["pixel_values"].shape[-2:] == (32, 32)
     api = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
-    assert len(api) == 3 and all(isinstance(c, str) for c in api)
+    assert len(api) == 3 and all(isinstance(c, str) and c.strip() for c in api), (
+        api
+    )  # a caption each, not empty
 
     # clipcap caption gives the public API's captions; clipcap evaluate scores the same model
     capsys.readouterr()
@@ -147,9 +149,11 @@ def test_train_caption_evaluate_on_a_non_clip_non_gpt2_pair(setup, tmp_path, cap
                       "--output_dir", str(evaluation), "--no_meteor", "--spice", "off", "--no_progress"])  # fmt: skip
     assert status == 0
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    assert "CIDEr" in json.dumps(metrics)
+    assert isinstance(metrics["CIDEr"], float) and 0 <= metrics["CIDEr"] <= 10, metrics  # scored, not skipped
+    assert "CIDEr" not in metrics["skipped"] and metrics["num_images"] == 3
     predictions = json.loads((evaluation / "predictions.json").read_text())
-    assert len(predictions) == 3
+    # the captions scored are the model's, one non-empty caption per validation image
+    assert sorted(p["caption"] for p in predictions) == sorted(" ".join(c.split()) for c in api)
 
 
 # ----------------------------------------------------------------------------- image processors
