@@ -10,12 +10,12 @@ for ``trust_remote_code`` and a model card), optionally pushed to the Hugging Fa
 Python::
 
     from modeling_clipcap.convert_original import convert_original_checkpoint
-    model = convert_original_checkpoint("coco_weights.pt", "clipcap-coco-mlp", preset="coco-mlp",
+    model = convert_original_checkpoint("coco_weights.pt", "clipcap-coco-mlp", preset="clipcap-coco-mlp",
                                         vision_model="path/to/clip-vit-base-patch32", text_model="path/to/gpt2")
 
 Command line::
 
-    clipcap convert --preset coco-mlp --checkpoint coco_weights.pt --output_dir clipcap-coco-mlp \\
+    clipcap convert --preset clipcap-coco-mlp --checkpoint coco_weights.pt --output_dir clipcap-coco-mlp \\
         --vision_model path/to/clip-vit-base-patch32 --text_model path/to/gpt2
 
 Key mapping (original -> this package)::
@@ -55,12 +55,9 @@ import torch
 from .configuration_clipcap import ClipCapConfig
 from .hub import fill_card
 from .modeling_clipcap import ClipCapForConditionalGeneration
-from .presets import hub_configs_dir, read_preset
+from .presets import find_preset, read_preset
 
 logger = logging.getLogger(__name__)
-
-PRESET_NAMES = ("coco-mlp", "conceptual-mlp", "coco-transformer")
-"""The released original checkpoints; their settings live in ``hub_configs/<name>/``."""
 
 GPT2_STOP_TOKEN_ID = 13
 """GPT-2's id of "." : the original decoding stops on it."""
@@ -93,7 +90,13 @@ _DEFAULTS: dict[str, Any] = {
     "freeze_language_model": None,  # mlp: fine-tuned GPT-2; transformer: frozen (the released recipes)
 }
 
-_GENERATION_DEFAULTS: dict[str, Any] = {"do_sample": False, "num_beams": 5, "max_new_tokens": 67}
+# The original decoding: beam search of 5 whose scores are divided by the length (length_penalty 1), 67 tokens.
+_GENERATION_DEFAULTS: dict[str, Any] = {
+    "do_sample": False,
+    "num_beams": 5,
+    "max_new_tokens": 67,
+    "length_penalty": 1.0,
+}
 
 _DROPPED_KEY = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 _TRANSFORMER_LAYER_KEY = re.compile(r"^clip_project\.transformer\.layers\.(\d+)\.(.+)$")
@@ -124,36 +127,23 @@ class ConversionError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_preset(preset: str | os.PathLike) -> dict[str, Any]:
-    """Read a conversion preset: a name in :data:`PRESET_NAMES` or a path to such a folder.
-
-    Returns ``{"name", "dir", "config", "generation_config", "preset", "training_args", "card_template"}``
-    (the parsed files of the folder; ``card_template`` is the README.md text or ``None``).
-    """
-    path = Path(preset)
-    if not path.is_dir():
-        if str(preset) not in PRESET_NAMES:
-            raise ConversionError(
-                f"Unknown preset {str(preset)!r}: use one of {', '.join(PRESET_NAMES)} or the path of a preset "
-                "folder (config.json, generation_config.json, preset.json, README.md)."
-            )
-        path = hub_configs_dir() / str(preset)
-        if not path.is_dir():
-            raise ConversionError(
-                f"Preset folder {path} not found (it ships with the package; is the installation complete?). "
-                "Set CLIPCAP_HUB_CONFIGS to a hub_configs/ folder, or pass the preset folder's path."
-            )
-
+def _read_conversion_preset(preset: str | os.PathLike) -> dict[str, Any]:
+    """The preset folder ``preset`` (a name under ``hub_configs/`` or a path, found by
+    :func:`modeling_clipcap.presets.find_preset`) parsed by :func:`~modeling_clipcap.presets.read_preset`;
+    ``name`` is ``preset`` as given (``conversion_info.json`` records it). Its ``config.json`` may hold only
+    ClipCap fields this converter sets."""
     try:
-        files = read_preset(path)
-    except ValueError as err:  # a file that is not valid JSON, named in the message
-        raise ConversionError(str(err)) from err
+        files = read_preset(find_preset(preset))
+    except (FileNotFoundError, ValueError) as err:  # no such folder, or a file that is not JSON (named)
+        raise ConversionError(f"--preset {err}") from err
     unknown = sorted(
         set(files["config"]) - set(_CONFIG_FIELDS) - {"model_type", "vision_config", "text_config"}
     )
     if unknown:
-        raise ConversionError(f"{path / 'config.json'} has fields this converter does not know: {unknown}.")
-    return files
+        raise ConversionError(
+            f"{files['dir'] / 'config.json'} has fields this converter does not know: {unknown}."
+        )
+    return files | {"name": Path(preset).name}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -450,6 +440,8 @@ def _resolve_settings(preset: dict[str, Any] | None, overrides: Mapping[str, Any
     settings = dict(_DEFAULTS)
     if preset is not None:
         settings.update({k: v for k, v in preset["config"].items() if k in _CONFIG_FIELDS})
+        if settings["image_embed_dim"] is None:  # the released checkpoint's embedding width (preset.json)
+            settings["image_embed_dim"] = preset["preset"].get("image_embed_dim")
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if settings["mapping_type"] not in ("mlp", "transformer"):
         raise ConversionError(
@@ -504,7 +496,8 @@ _FALLBACK_CARD_TEMPLATE = (
     "\n\nVision tower: ${vision_source}. GPT-2 config / tokenizer: ${text_source}.\n\n${settings_table}\n\n"
     '## Usage\n\n${usage}\n\nDecoding stops at the "." token${eos_note}.\n'
 )
-"""The card of a conversion without a preset (a preset's ``README.md`` is the template otherwise)."""
+"""The card of a conversion without a preset card (a preset's ``conversion_card.md``, else its ``README.md``, is
+the template otherwise)."""
 
 
 def _card_usage(config: ClipCapConfig, location: str, has_tokenizer: bool) -> str:
@@ -561,7 +554,8 @@ def _model_card(
     settings: Mapping[str, Any],
     has_tokenizer: bool,
 ) -> Any:
-    """The converted model's card: the preset's ``README.md`` template (else a short default) filled in."""
+    """The converted model's card: the preset's ``conversion_card.md`` (else its ``README.md``, else a short
+    default) filled in."""
     import transformers
 
     from . import __version__
@@ -587,7 +581,7 @@ def _model_card(
         "eos_note": eos_note,
         "model_id": location,
     }
-    template = preset.get("card_template") if preset else None
+    template = (preset.get("conversion_card_template") or preset.get("card_template")) if preset else None
     return fill_card(template if template is not None else _FALLBACK_CARD_TEMPLATE, values)
 
 
@@ -740,8 +734,8 @@ def convert_original_checkpoint(
 ) -> ClipCapForConditionalGeneration:
     """Convert an original ClipCap checkpoint into a :class:`ClipCapForConditionalGeneration`.
 
-    Settings come from the defaults, then ``preset`` (``"coco-mlp"``, ``"conceptual-mlp"``,
-    ``"coco-transformer"`` or a preset folder), then the explicit arguments.
+    Settings come from the defaults, then ``preset`` (``"clipcap-coco-mlp"``, ``"conceptual-mlp"``,
+    ``"clipcap-coco-transformer"`` or another preset name or folder), then the explicit arguments.
 
     Args:
         checkpoint_path: the original ``.pt`` file (a ``torch.save``'d state dict).
@@ -767,7 +761,7 @@ def convert_original_checkpoint(
 
     if push_to_hub and not hub_model_id:
         raise ConversionError("--push_to_hub needs --hub_model_id ORG/NAME.")
-    preset_data = load_preset(preset) if preset is not None else None
+    preset_data = _read_conversion_preset(preset) if preset is not None else None
     settings = _resolve_settings(
         preset_data,
         {
@@ -878,7 +872,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", help="folder to write the converted model to")
     parser.add_argument(
         "--preset",
-        help=f"settings of a released checkpoint: {', '.join(PRESET_NAMES)} (or a preset folder)",
+        help="preset of a released checkpoint: clipcap-coco-mlp, conceptual-mlp, clipcap-coco-transformer "
+        "(or another hub_configs/ name or preset folder)",
     )
     parser.add_argument("--mapping_type", choices=("mlp", "transformer"))
     parser.add_argument("--prefix_length", type=int, help="K, prefix vectors (10 MLP, 40 transformer)")
@@ -966,11 +961,9 @@ def cli_main(args: argparse.Namespace) -> int:
 
 __all__ = [
     "ConversionError",
-    "PRESET_NAMES",
     "convert_original_checkpoint",
     "convert_state_dict",
     "describe_checkpoint",
     "load_original_state_dict",
-    "load_preset",
     "map_original_key",
 ]

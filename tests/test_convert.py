@@ -576,6 +576,34 @@ def test_clip_vision_only_folder(tmp_path, text_config, text_dir, clip_dir):
         )
 
 
+def test_preset_gives_the_released_settings_and_card(tmp_path, text_config, text_dir):
+    """A released checkpoint's preset (found by presets.find_preset, also under its earlier conversion name)
+    gives the width of its image embeddings (preset.json), its mapper settings (config.json) and its
+    conversion card (conversion_card.md, not the trained-model README.md); a user's preset folder without a
+    conversion card has its README.md filled in instead."""
+    import shutil
+
+    from modeling_clipcap.presets import find_preset
+
+    checkpoint = save(original_mlp_state_dict(text_config, 512, 10, seed=2), tmp_path / "coco_weights.pt")
+    for name in ("clipcap-coco-mlp", "coco-mlp"):
+        out = tmp_path / name
+        model = convert_original_checkpoint(checkpoint, out, preset=name, text_model=text_dir, verify=False)
+        assert model.config.image_embed_dim == 512 and model.vision_model is None
+        card = (out / "README.md").read_text()
+        assert "108.35" in card and "coco_weights.pt" in card and "$hyperparameters" not in card
+        assert json.loads((out / "conversion_info.json").read_text())["preset"] == name
+
+    mine = tmp_path / "my-preset"
+    shutil.copytree(find_preset("clipcap-coco-mlp"), mine)
+    (mine / "conversion_card.md").unlink()
+    (mine / "README.md").write_text("---\nlicense: mit\n---\n\nMine: ${source_file}\n")
+    convert_original_checkpoint(checkpoint, tmp_path / "mine", preset=mine, text_model=text_dir, verify=False)
+    assert "Mine: coco_weights.pt" in (tmp_path / "mine" / "README.md").read_text()
+    with pytest.raises(ConversionError, match="no such preset folder"):
+        convert_original_checkpoint(checkpoint, preset="coco-nothing", text_model=text_dir)
+
+
 BLOCKER = textwrap.dedent(
     """
     # This interpreter must not be able to import the package: the editable install's finder (a .pth in

@@ -344,12 +344,16 @@ def test_paper_presets(name):
 
 def test_every_preset_has_the_one_schema():
     """Every preset folder of hub_configs/ (training and conversion alike) holds the same files, read by
-    modeling_clipcap.presets; its training_args.json is train.py flags (train.py --config accepts it) and
-    its README.md is a model-card template with the Hub front matter."""
-    from modeling_clipcap.presets import hub_configs_dir, read_preset
+    modeling_clipcap.presets; its training_args.json is train.py flags (train.py --config accepts it), its
+    README.md is the card template of a trained model and, where preset.json names a released checkpoint,
+    conversion_card.md that of the converted one (one folder per released checkpoint, whose earlier
+    conversion names still find it)."""
+    from modeling_clipcap.presets import PRESET_ALIASES, find_preset, hub_configs_dir, read_preset
 
     names = sorted(p.name for p in hub_configs_dir().iterdir() if (p / "config.json").is_file())
-    assert {"clipcap-coco-mlp", "coco-mlp", "coco-transformer", "clipcap-synthetic-tiny"} <= set(names)
+    expected = {"clipcap-coco-mlp", "clipcap-coco-transformer", "conceptual-mlp", "clipcap-synthetic-tiny"}
+    assert expected <= set(names)
+    released = {}
     for name in names:
         folder = hub_configs_dir() / name
         assert not (folder / "model_card.md").exists(), name  # one card-template name
@@ -359,13 +363,42 @@ def test_every_preset_has_the_one_schema():
         assert preset["config"]["model_type"] == "clipcap" and preset["card_template"].startswith("---\n"), (
             name
         )
+        assert "$hyperparameters" in preset["card_template"], name  # a trained model's card
+        if preset["preset"]:
+            assert (
+                preset["preset"]["image_embed_dim"]
+                and "${source_sha256}" in preset["conversion_card_template"]
+            )
+            assert released.setdefault(preset["preset"]["original_file"], name) == name, (
+                "one folder per checkpoint"
+            )
         args = train.parse_args(["--config", name, "--train_file", "unused"])
         assert args.preset == folder.resolve()
         for key, value in preset["training_args"].items():
             if key != "_comment" and not str(value).startswith("./"):
                 assert getattr(args, key) == value, (name, key)
-    assert read_preset(hub_configs_dir() / "coco-mlp")["preset"]["original_training"]["batch_size"] == 40
+    assert set(released) == {"coco_weights.pt", "conceptual_weights.pt", "transformer_weights.pt"}
+    for alias, name in PRESET_ALIASES.items():
+        assert find_preset(alias) == find_preset(name) == (hub_configs_dir() / name).resolve()
+    assert (
+        read_preset(hub_configs_dir() / "clipcap-coco-mlp")["preset"]["original_training"]["batch_size"] == 40
+    )
     assert read_preset(hub_configs_dir() / "clipcap-synthetic-tiny")["demo"]["recipe"]  # other *.json by stem
+
+
+def test_a_model_folder_is_never_taken_for_a_preset(tmp_path, monkeypatch):
+    """``--config clipcap-coco-mlp`` beside a converted or trained ``clipcap-coco-mlp/`` (it has weights)
+    still finds the preset; a folder without weights is a preset and wins over the shipped one."""
+    from modeling_clipcap.presets import find_preset, hub_configs_dir
+
+    monkeypatch.chdir(tmp_path)
+    model_dir = tmp_path / "clipcap-coco-mlp"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "clipcap"}')
+    (model_dir / "model.safetensors").write_bytes(b"")
+    assert find_preset("clipcap-coco-mlp") == (hub_configs_dir() / "clipcap-coco-mlp").resolve()
+    (model_dir / "model.safetensors").unlink()
+    assert find_preset("clipcap-coco-mlp") == model_dir.resolve()
 
 
 def test_accelerate_configs_load():

@@ -66,7 +66,6 @@ def test_wheel_installed_in_a_scratch_venv_loads_every_preset(tmp_path):
 
     code = """
 import json, modeling_clipcap
-from modeling_clipcap.convert_original import PRESET_NAMES, load_preset
 from modeling_clipcap.presets import find_preset, hub_configs_dir, read_preset
 names = sorted(p.name for p in hub_configs_dir().iterdir() if p.is_dir())
 print(json.dumps({
@@ -74,7 +73,8 @@ print(json.dumps({
     "hub_configs": str(hub_configs_dir()),
     "names": names,
     "presets": {n: {k: v for k, v in read_preset(find_preset(n)).items() if k != "dir"} for n in names},
-    "conversion": {n: load_preset(n)["preset"].get("stop_token_id") for n in PRESET_NAMES},
+    "conversion": {n: read_preset(find_preset(n))["preset"].get("stop_token_id")
+                   for n in ("coco-mlp", "conceptual-mlp", "coco-transformer")},
 }))
 """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CLIPCAP_HUB_CONFIGS")}
