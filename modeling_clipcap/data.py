@@ -77,7 +77,7 @@ from typing import Any
 
 import datasets
 
-from .image_io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .image_io import DEFAULT_MAX_PIXELS, ImageLoadError, check_bad_image_policy, load_image
 
 __all__ = [
     "CaptionCollator",
@@ -157,11 +157,6 @@ _WS = re.compile(r"\s+")
 def normalize_caption(text: str) -> str:
     """Strip and collapse whitespace runs to one space (``""`` for whitespace-only text)."""
     return _WS.sub(" ", text).strip()
-
-
-def _check_policy(on_bad_image: str) -> None:
-    if on_bad_image not in ("fail", "skip"):
-        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}.")
 
 
 def _read_text(path: Path) -> str:
@@ -302,7 +297,7 @@ def _image_problem(path: str, verify: bool, max_pixels: int | None) -> str | Non
 
 
 def _filter_bad_images(rows, get_path, report: DataReport, on_bad_image: str, verify: bool, max_pixels):
-    _check_policy(on_bad_image)
+    on_bad_image = check_bad_image_policy(on_bad_image)
     bad: list[tuple[str, str]] = []
     good = []
     iterator = rows
@@ -647,7 +642,7 @@ def load_hf_caption_dataset(
 
 
 def _filter_hf_images(rows, report: DataReport, on_bad_image: str, verify: bool, max_pixels) -> list[dict]:
-    _check_policy(on_bad_image)
+    on_bad_image = check_bad_image_policy(on_bad_image)
     bad, good = [], []
     for row in rows:
         value = row["image"]
@@ -700,7 +695,7 @@ def load_caption_dataset(
     Returns:
         ``(dataset, report)``: the image-level ``datasets.Dataset`` and a :class:`DataReport`.
     """
-    _check_policy(on_bad_image)
+    on_bad_image = check_bad_image_policy(on_bad_image)
     common = {"on_bad_image": on_bad_image, "verify_images": verify_images, "max_pixels": max_pixels}
     path = Path(source)
     if path.is_file():

@@ -36,7 +36,7 @@ __all__ = ["add_cli_arguments", "cli_main", "embed_shards", "load_image_encoder"
 
 class _TowerEncoder(torch.nn.Module):
     """A bare image tower behind the interface :func:`modeling_clipcap.embedding_cache.encode_images` uses
-    (``vision_model``, ``get_image_features``, ``config.image_embed_dim``)."""
+    (``vision_model``, ``get_image_embeddings``, ``config.image_embed_dim``)."""
 
     def __init__(self, tower: torch.nn.Module, vision_config: Any):
         from types import SimpleNamespace
@@ -52,7 +52,11 @@ class _TowerEncoder(torch.nn.Module):
             freeze_vision=True,
         )
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+    def get_image_embeddings(
+        self, pixel_values: torch.Tensor, return_dict: bool = True, **kwargs: Any
+    ) -> Any:
+        """The tower's outputs: ``pooler_output`` (B, D), ``last_hidden_state`` (B, N, D_tokens), as
+        ``ClipCapForConditionalGeneration.get_image_embeddings`` gives them (always as an output object)."""
         from .towers import image_features, tower_dtype
 
         return image_features(
@@ -108,9 +112,13 @@ def _write_atomically(target: Path, write: Any) -> None:
 def _write_shard(target: Path, columns: Any, skipped: list[list[str]]) -> None:
     import pyarrow.parquet as pq
 
-    skipped_json = json.dumps(skipped)
-    _write_atomically(target.with_suffix(".skipped.json"), lambda path: path.write_text(skipped_json))
-    _write_atomically(target, lambda path: pq.write_table(columns, path))  # the .parquet comes last
+    skipped_json, sidecar = json.dumps(skipped), target.with_suffix(".skipped.json")
+    _write_atomically(sidecar, lambda path: path.write_text(skipped_json))
+    try:
+        _write_atomically(target, lambda path: pq.write_table(columns, path))  # the .parquet comes last
+    except BaseException:
+        sidecar.unlink(missing_ok=True)
+        raise
 
 
 def embed_shards(
@@ -213,9 +221,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``clipcap embed`` in this process (one of those ``accelerate launch`` / ``torchrun`` started)."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object, parse_flag_from_env
 
-    state = PartialState()
+    # Like Accelerator: ACCELERATE_USE_CPU (and a machine without accelerator) means CPU processes over gloo;
+    # a bare PartialState() there leaves every launched process alone, each embedding every shard.
+    state = PartialState(
+        cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise RuntimeError(
+            f"clipcap embed was launched as {launched} processes but joined a group of {state.num_processes}: "
+            "each would embed every shard. Launch it with `accelerate launch` (on CPUs: ACCELERATE_USE_CPU=true)."
+        )
     start = time.time()
     described: dict[str, Any] = {"model": str(args.model)}
     try:

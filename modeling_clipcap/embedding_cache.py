@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .image_io import ImageLoadError, describe_source, load_image
+from .image_io import ImageLoadError, check_bad_image_policy, describe_source, load_image
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -242,8 +242,7 @@ def encode_images(
     """
     from tqdm.auto import tqdm
 
-    if on_bad_image not in ("fail", "skip"):
-        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}.")
+    on_bad_image = check_bad_image_policy(on_bad_image)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if getattr(model, "vision_model", None) is None:
@@ -435,6 +434,7 @@ def build_embedding_cache(
     """
     import datasets
 
+    on_bad_image = check_bad_image_policy(on_bad_image)  # "error" and "fail" share a cache
     unique_keys, unique_sources = _unique_images(images, keys)
     compute_dtype = dtype or torch.float32
     mapping_input = _mapping_input(model, mapping_input)

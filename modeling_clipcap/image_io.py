@@ -3,7 +3,9 @@
 Everything that reads user images (the processor, ``clipcap caption``, ``clipcap evaluate``,
 the training data readers and the embedding cache) goes through :func:`load_image`, so every
 bad file fails the same way: an :class:`ImageLoadError` (a ``ValueError``) whose message names
-the file, says what is wrong with it and what to do.
+the file, says what is wrong with it and what to do. What a caller does with such a file is one
+policy, ``on_bad_image`` (:data:`BAD_IMAGE_POLICIES`, checked by :func:`check_bad_image_policy`):
+stop at it, or skip it and list it.
 
 What :func:`load_image` guarantees
 ----------------------------------
@@ -44,11 +46,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
+    "BAD_IMAGE_POLICIES",
     "DEFAULT_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
     "ImageSource",
+    "check_bad_image_policy",
     "describe_source",
     "list_image_files",
     "load_image",
@@ -115,6 +119,26 @@ class ImageLoadError(ValueError):
     def __init__(self, message: str, source: str | None = None):
         super().__init__(message)
         self.source = source
+
+
+#: The values of ``on_bad_image`` (the flag ``--on_bad_image`` of every command that reads images): what to do
+#: with an image that cannot be read. ``"fail"`` stops with an :class:`ImageLoadError` naming it; ``"skip"``
+#: leaves it out and lists it with the reason; ``"error"`` is another name for ``"fail"``.
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("fail", "skip", "error")
+_POLICY_ALIASES: dict[str, str] = {"error": "fail"}
+
+
+def check_bad_image_policy(on_bad_image: str) -> str:
+    """The bad-image policy ``on_bad_image`` names, as ``"fail"`` or ``"skip"`` (``"error"`` gives ``"fail"``).
+
+    Raises:
+        ValueError: ``on_bad_image`` is not one of :data:`BAD_IMAGE_POLICIES`.
+    """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(
+            f"on_bad_image must be 'fail' (or its other name 'error') or 'skip', got {on_bad_image!r}."
+        )
+    return _POLICY_ALIASES.get(on_bad_image, on_bad_image)
 
 
 def describe_source(source: Any) -> str:
@@ -356,7 +380,7 @@ def load_images(
         ``(images, skipped)``: ``images`` has one entry per source (``None`` where skipped);
         ``skipped`` lists ``(name, reason)`` for every bad file, in order.
     """
-    _check_policy(on_bad_image)
+    on_bad_image = check_bad_image_policy(on_bad_image)
     images: list[Image.Image | None] = []
     skipped: list[tuple[str, str]] = []
     for source in sources:
@@ -368,11 +392,6 @@ def load_images(
             images.append(None)
             skipped.append((err.source or describe_source(source), str(err)))
     return images, skipped
-
-
-def _check_policy(on_bad_image: str) -> None:
-    if on_bad_image not in ("fail", "skip"):
-        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}.")
 
 
 def list_image_files(

@@ -113,6 +113,8 @@ def test_missing_images_fail_with_list_and_count_or_skip(folder):
     assert "images skipped" in report.summary()
     with pytest.raises(ValueError, match="on_bad_image"):
         load_caption_file(meta, on_bad_image="drop")
+    with pytest.raises(CaptionDataError, match="26 of 27"):  # "error" is the other name of "fail"
+        load_caption_file(meta, on_bad_image="error")
 
 
 def test_verify_images_catches_corrupt_files(folder):

@@ -256,6 +256,18 @@ def test_load_images_policy(tmp_path):
     assert [Path(name).name for name, _ in skipped] == ["bad.png", "gone.png"]
     with pytest.raises(ValueError, match="on_bad_image"):
         load_images(sources, on_bad_image="ignore")
+    with pytest.raises(ImageLoadError, match=r"bad\.png"):  # "error": the other name of "fail"
+        load_images(sources, on_bad_image="error")
+
+
+def test_one_bad_image_policy():
+    """One definition of the values of on_bad_image, with "error" as another name of "fail"."""
+    from modeling_clipcap.image_io import BAD_IMAGE_POLICIES, check_bad_image_policy
+
+    assert set(BAD_IMAGE_POLICIES) == {"fail", "skip", "error"}
+    assert [check_bad_image_policy(p) for p in ("fail", "skip", "error")] == ["fail", "skip", "fail"]
+    with pytest.raises(ValueError, match=r"on_bad_image must be 'fail' .*'skip', got 'drop'"):
+        check_bad_image_policy("drop")
 
 
 def test_list_image_files(tmp_path):
