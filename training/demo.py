@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from modeling_clipcap.evaluation import exact_match_text
-from modeling_clipcap.presets import read_preset
+from modeling_clipcap.presets import find_preset, read_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET = REPO_ROOT / "hub_configs" / "clipcap-synthetic-tiny"
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run the offline ClipCap demo end to end.")
     p.add_argument("--output_dir", default="demo_output")
     p.add_argument(
-        "--config", default=str(PRESET), help="the preset folder (default: clipcap-synthetic-tiny)"
+        "--config", default=str(PRESET), help="a preset name or folder (default: clipcap-synthetic-tiny)"
     )
     p.add_argument(
         "--recipe",
@@ -459,7 +459,11 @@ def train_command(data_dir: Path, model_dir: Path, cache_dir: Path, cfg: dict[st
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
-    preset = Path(args.config).resolve()
+    try:
+        preset = find_preset(args.config)
+    except FileNotFoundError as err:
+        print(f"error: --config {err}", file=sys.stderr)
+        return 2
     if not (preset / "config.json").is_file():
         print(f"error: --config {preset} has no config.json.", file=sys.stderr)
         return 2
