@@ -229,9 +229,9 @@ def cli_main(args: argparse.Namespace) -> int:
         cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != state.num_processes:
+    if launched > 1 and state.num_processes == 1:
         raise RuntimeError(
-            f"clipcap embed was launched as {launched} processes but joined a group of {state.num_processes}: "
+            f"clipcap embed was launched as {launched} processes but this one is alone (no process group): "
             "each would embed every shard. Launch it with `accelerate launch` (on CPUs: ACCELERATE_USE_CPU=true)."
         )
     start = time.time()
