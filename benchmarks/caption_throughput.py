@@ -118,7 +118,7 @@ def run_original(model: Any, pixel_values: torch.Tensor, num_beams: int) -> list
     out = []
     for i in range(pixel_values.shape[0]):
         with torch.no_grad():
-            embeds = model.get_image_features(pixel_values[i : i + 1]).pooler_output
+            embeds = model.get_image_embeddings(pixel_values[i : i + 1]).pooler_output
         if num_beams == 1:
             out.append(original_greedy(model, embeds))
         else:
@@ -129,7 +129,7 @@ def run_original(model: Any, pixel_values: torch.Tensor, num_beams: int) -> list
 def run_clip_batch1(model: Any, pixel_values: torch.Tensor) -> None:
     with torch.no_grad():
         for i in range(pixel_values.shape[0]):
-            _ = model.get_image_features(pixel_values[i : i + 1]).pooler_output
+            _ = model.get_image_embeddings(pixel_values[i : i + 1]).pooler_output
 
 
 # --------------------------------------------------------------------------------------------- ours
@@ -162,7 +162,7 @@ def run_ours_compiled(model: Any, pixel_values: torch.Tensor, num_beams: int) ->
 
 def run_clip(model: Any, pixel_values: torch.Tensor) -> None:
     with torch.no_grad():
-        model.get_image_features(pixel_values)
+        model.get_image_embeddings(pixel_values)
 
 
 class _NoSharedPrefill:
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             mapper_batches = batches if mapper == "mlp" else [max(batches)]
             # warm-up: allocator, thread pool, first-call overheads
             run_ours(model, make_pixel_values(1), 1)
-            original_greedy(model, model.get_image_features(make_pixel_values(1)).pooler_output.detach())
+            original_greedy(model, model.get_image_embeddings(make_pixel_values(1)).pooler_output.detach())
             for mode, beams in modes:
                 base = bench_row(
                     model, "original", "fp32", mode, beams, args.baseline_images,

@@ -81,7 +81,7 @@ def once_per_caption(model: Any, processor: Any, pairs: list[tuple[Path, int]]) 
         for path, _caption in pairs:
             with Image.open(path) as img:
                 pixel_values = processor(images=[img.convert("RGB")], return_tensors="pt")["pixel_values"]
-            out.append(model.get_image_features(pixel_values).pooler_output)
+            out.append(model.get_image_embeddings(pixel_values).pooler_output)
     return torch.cat(out)
 
 

@@ -127,7 +127,7 @@ def stage_times(setup: dict[str, Any], batch: int) -> list[dict[str, Any]]:
     with torch.no_grad():
         embeds = torch.cat(
             [
-                model.get_image_features(pixels[i : i + batch]).pooler_output
+                model.get_image_embeddings(pixels[i : i + batch]).pooler_output
                 for i in range(0, len(rows), batch)
             ]
         )

@@ -11,7 +11,9 @@ What it covers (each entry of the private-name table in ``docs/compatibility.md`
 * :data:`CACHE_KWARG`: transformers 5.24 renamed the key/value cache from ``past_key_values`` to
   ``cache`` in model ``forward`` s, ``generate`` and every ``ModelOutput``; older releases only know
   ``past_key_values``. :func:`cache_kwargs` and :func:`output_cache` pass and read it under the
-  installed name, so no call of ours triggers the rename's deprecation warning.
+  installed name, so no call of ours triggers the rename's deprecation warning;
+  :func:`pop_cache_argument` accepts the old name from callers, with the ``FutureWarning``
+  transformers' own models give (only where the installed release has the new name).
 * :func:`logits_processor_hook_available`: the private ``GenerationMixin._get_logits_processor`` hook
   that ``fast_decoding.FastDecodingMixin`` overrides for the CPU decoding speed path. If a release moves or
   reshapes it, the speed path switches itself off (stock processors, same captions, a little slower)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any
 
 import transformers
@@ -73,15 +76,29 @@ def output_cache(outputs: Any) -> Any:
     return getattr(outputs, CACHE_KWARG, None)
 
 
-def pop_cache_argument(cache: Any, kwargs: dict[str, Any]) -> Any:
+def pop_cache_argument(cache: Any, kwargs: dict[str, Any], caller: str | None = None) -> Any:
     """Merge the cache given under either name (``cache`` or the older ``past_key_values``).
 
     ``generate`` of transformers < 5.24 passes ``past_key_values``, later releases ``cache``; a user may
     pass either. Removes ``past_key_values`` from ``kwargs`` and returns the one cache (or ``None``).
+
+    With a ``caller`` (``"ClipCapForConditionalGeneration.forward"``), the old name gives the ``FutureWarning``
+    that transformers' models give for it (``deprecate_kwarg``: "`past_key_values` is deprecated ... Use `cache`
+    instead."), but only where the installed transformers has the new name (>= 5.24): before, ``past_key_values``
+    is the current name, and ``generate`` itself passes it.
     """
-    legacy = kwargs.pop("past_key_values", None)
+    if "past_key_values" not in kwargs:
+        return cache
+    legacy = kwargs.pop("past_key_values")
     if cache is not None and legacy is not None:
         raise ValueError("Pass the key/value cache once: as `cache` or as `past_key_values`, not both.")
+    if CACHE_KWARG == "cache" and caller is not None:
+        warnings.warn(
+            f"`past_key_values` is deprecated for `{caller}` since transformers 5.24 renamed it. Use `cache` "
+            "instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
     return cache if cache is not None else legacy
 
 

@@ -6,7 +6,7 @@ mixed-precision dtype), stores what the mapping network consumes as an Arrow dat
 ``save_to_disk`` and finds it again next time by fingerprint:
 
 * ``mapping_input="pooled"``: the tower's image embedding (``pooler_output`` of
-  ``get_image_features``; CLIP: the projected embedding), (D,) float32 per image;
+  ``get_image_embeddings``; CLIP: the projected embedding), (D,) float32 per image;
 * ``mapping_input="tokens"``: the tower's token features (``last_hidden_state``; a CNN's feature map
   flattened to (h*w, C)), (N, D) float32 per image. SigLIP2's NaFlex inputs (``pixel_attention_mask``,
   ``spatial_shapes``) reach the tower with the pixels, and all N patch slots are stored, padded ones
@@ -222,7 +222,7 @@ def encode_images(
     """Encode images with the model's image tower in batches.
 
     Args:
-        model: a ClipCap model with a vision tower (``get_image_features``).
+        model: a ClipCap model with a vision tower (``get_image_embeddings``).
         image_processor: turns a list of PIL images into ``pixel_values`` (B, 3, H, W) (SigLIP2: patches
             (B, N, 3*p*p) with ``pixel_attention_mask`` and ``spatial_shapes``; all of them reach the tower).
         images: anything :func:`modeling_clipcap.image_io.load_image` reads (paths, bytes, PIL, dicts).
@@ -282,7 +282,7 @@ def encode_images(
                 if batch["inputs"] is not None:
                     inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
                     with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
-                        features = model.get_image_features(**inputs)
+                        features = model.get_image_embeddings(**inputs, return_dict=True)
                     embeds = features.last_hidden_state if tokens else features.pooler_output
                     if chunks and embeds.shape[1:] != chunks[0].shape[1:]:
                         raise ValueError(

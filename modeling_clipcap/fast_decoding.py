@@ -102,13 +102,26 @@ def blocked_output_layer(lm_head: nn.Module, hidden_states: torch.Tensor, block:
 def shared_prefill_expand_size(generation_config: Any, kwargs: dict[str, Any]) -> int:
     """How many copies of each image's sequence ``generate`` will decode (beams or returned sequences).
 
-    1 (no shared prefill) whenever the caller controls the cache or asks for per-position outputs that a
-    shared prefill would not produce (hidden states / attentions of the prompt positions).
+    1 (no shared prefill) whenever the caller controls the cache, gives positions of its own, decodes without a
+    cache (``use_cache=False``: every step re-runs the whole sequence), drafts tokens (prompt lookup), or asks for
+    per-position outputs that a shared prefill would not produce (hidden states / attentions of the prompt
+    positions).
     """
     config = kwargs.get("generation_config") or generation_config
-    if any(kwargs.get(k) is not None for k in ("cache", "past_key_values", "custom_generate")):
+    if any(
+        kwargs.get(k) is not None for k in ("cache", "past_key_values", "custom_generate", "position_ids")
+    ):
         return 1
-    for name in ("cache_implementation", "prefill_chunk_size", "output_hidden_states", "output_attentions"):
+    use_cache = kwargs.get("use_cache")
+    if (getattr(config, "use_cache", True) if use_cache is None else use_cache) is False:
+        return 1
+    for name in (
+        "cache_implementation",
+        "prefill_chunk_size",
+        "output_hidden_states",
+        "output_attentions",
+        "prompt_lookup_num_tokens",
+    ):
         if kwargs.get(name, getattr(config, name, None)):
             return 1
     num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1

@@ -32,7 +32,7 @@ from .configuration_clipcap import ClipCapConfig
 from .fast_decoding import FastDecodingMixin
 from .interpretation import nearest_tokens
 from .mapping_networks import MAPPING_NETWORKS, ClipCapMLPMapper, ClipCapTransformerMapper
-from .prefix_sequence import generation_sequence, join_prefix
+from .prefix_sequence import PrefixDecoding, generation_sequence, join_prefix
 from .towers import (
     build_language_model,
     build_vision_tower,
@@ -75,20 +75,28 @@ class ClipCapOutput(CausalLMOutputWithPast):
         logits (`torch.FloatTensor` of shape `(B, S, V)`): language-model logits, S = K + L positions with an image
             (or the positions ``logits_to_keep`` selects).
         cache (`Cache`, *optional*): the language model's key/value cache, ``past_key_values`` under transformers < 5.24.
+        hidden_states, attentions (*optional*): the language model's, over the K + L positions.
         prefix_embeds (`torch.FloatTensor` of shape `(B, K, E)`, *optional*): the mapped prefix.
         image_embeds (`torch.FloatTensor` of shape `(B, D)` or `(B, N, D)`, *optional*): what the mapper read.
+        image_outputs (`BaseModelOutputWithPooling`, *optional*): the image tower's outputs when ``pixel_values``
+            were given (``None`` with ``image_embeds``): ``pooler_output`` (B, D), ``last_hidden_state``
+            (B, N, D_tokens), and its ``hidden_states`` / ``attentions`` with ``output_hidden_states`` /
+            ``output_attentions``.
     """
 
     prefix_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
 class ClipCapModelOutput(ModelOutput):
-    """Output of [`ClipCapModel.forward`]: prefix (B, K, E) and the image embedding (B, D) it came from."""
+    """Output of [`ClipCapModel.forward`]: prefix (B, K, E), the image embedding (B, D) it came from and the
+    tower's outputs (``None`` when ``image_embeds`` were given)."""
 
     prefix_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 class ClipCapPreTrainedModel(PreTrainedModel):
@@ -138,18 +146,58 @@ class ClipCapModel(ClipCapPreTrainedModel):
         self.mapping_network = MAPPING_NETWORKS[config.mapping_type](config)
         self.post_init()
 
-    def get_image_features(
-        self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs: Any
-    ) -> BaseModelOutputWithPooling | tuple:
-        """The image tower on ``pixel_values`` (B, 3, H, W): ``pooler_output`` is the image embedding (B, D) of the
-        tower's family (CLIP: the projected embedding; ``towers.VISION_FAMILIES``), ``last_hidden_state`` the token
-        features (B, N, D_tokens). SigLIP2 also takes ``pixel_attention_mask`` and ``spatial_shapes``."""
+    @can_return_tuple
+    def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """The image tower alone, on ``pixel_values`` (B, 3, H, W): what ``image_embeds=`` takes.
+
+        Returns a ``BaseModelOutputWithPooling`` (a tuple with ``return_dict=False`` or ``config.return_dict=False``):
+        ``pooler_output`` is the image embedding (B, D) of the tower's family (CLIP: the projected embedding;
+        ``towers.VISION_FAMILIES``), ``last_hidden_state`` the token features (B, N, D_tokens); the one
+        ``config.mapping_input`` names is what the mapper reads (and what the embedding cache stores).
+        ``hidden_states`` / ``attentions``: the tower's, with ``output_hidden_states`` / ``output_attentions``.
+        SigLIP2 also takes ``pixel_attention_mask`` and ``spatial_shapes``.
+        """
         if self.vision_model is None:
             raise ValueError("This ClipCap model has no vision tower; it takes `image_embeds` directly.")
         pixel_values = pixel_values.to(tower_dtype(self.vision_model))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            features = image_features(self.vision_model, self.config.vision_config, pixel_values, **kwargs)
-        return features if return_dict is not False else features.to_tuple()
+            return image_features(self.vision_model, self.config.vision_config, pixel_values, **kwargs)
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """Images as the language model consumes them (transformers 5.x): ``pooler_output`` is the prefix
+        (B, K, E); ``last_hidden_state`` (B, N, D_tokens), ``hidden_states`` and ``attentions`` are the tower's.
+
+        ``pixel_values`` (B, 3, H, W); ``kwargs``: ``output_hidden_states``, ``output_attentions``, SigLIP2's
+        ``pixel_attention_mask`` / ``spatial_shapes``. A tuple with ``return_dict=False`` (or
+        ``config.return_dict=False``). The image embedding (B, D) itself: [`~ClipCapModel.get_image_embeddings`].
+        """
+        prefix, _, tower = self.encode_images(pixel_values=pixel_values, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=prefix,
+            hidden_states=tower.hidden_states,
+            attentions=tower.attentions,
+        )
+
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **image_kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutputWithPooling | None]:
+        """Images (``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D), (B, N, D) with
+        ``mapping_input="tokens"``) -> ``(prefix (B, K, E), image_embeds, tower outputs or None)``."""
+        check_image_inputs(self.config, self.vision_model is not None, pixel_values, image_embeds)
+        tower = None
+        if image_embeds is None:
+            tower = self.get_image_embeddings(pixel_values, return_dict=True, **image_kwargs)
+            tokens = self.config.mapping_input == "tokens"
+            image_embeds = tower.last_hidden_state if tokens else tower.pooler_output
+        embeds = image_embeds.to(next(self.mapping_network.parameters()).dtype)
+        if self.config.normalize_prefix:
+            embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
+        return self.mapping_network(embeds), image_embeds, tower
 
     def get_prefix(
         self,
@@ -159,15 +207,8 @@ class ClipCapModel(ClipCapPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D), (B, N, D) with
         ``mapping_input="tokens"``) -> ``(prefix (B, K, E), image_embeds)``."""
-        check_image_inputs(self.config, self.vision_model is not None, pixel_values, image_embeds)
-        if image_embeds is None:
-            features = self.get_image_features(pixel_values, **image_kwargs)
-            tokens = self.config.mapping_input == "tokens"
-            image_embeds = features.last_hidden_state if tokens else features.pooler_output
-        embeds = image_embeds.to(next(self.mapping_network.parameters()).dtype)
-        if self.config.normalize_prefix:
-            embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
-        return self.mapping_network(embeds), image_embeds
+        prefix, image_embeds, _ = self.encode_images(pixel_values, image_embeds, **image_kwargs)
+        return prefix, image_embeds
 
     def forward(
         self,
@@ -175,9 +216,10 @@ class ClipCapModel(ClipCapPreTrainedModel):
         image_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ClipCapModelOutput:
-        """Images -> [`ClipCapModelOutput`] with ``prefix_embeds`` (B, K, E) and ``image_embeds`` (B, D)."""
-        prefix, image_embeds = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds, **kwargs)
-        return ClipCapModelOutput(prefix_embeds=prefix, image_embeds=image_embeds)
+        """Images -> [`ClipCapModelOutput`] with ``prefix_embeds`` (B, K, E), ``image_embeds`` (B, D) and the tower's
+        ``image_outputs``."""
+        prefix, image_embeds, tower = self.encode_images(pixel_values, image_embeds, **kwargs)
+        return ClipCapModelOutput(prefix_embeds=prefix, image_embeds=image_embeds, image_outputs=tower)
 
 
 class ClipCapForConditionalGeneration(
@@ -237,11 +279,20 @@ class ClipCapForConditionalGeneration(
     def get_decoder(self) -> nn.Module:
         return self.language_model.base_model
 
-    def get_image_features(
-        self, pixel_values: torch.Tensor, **kwargs: Any
-    ) -> BaseModelOutputWithPooling | tuple:
-        """See [`ClipCapModel.get_image_features`]: ``.pooler_output`` is the (B, D) image embedding."""
-        return self.model.get_image_features(pixel_values, **kwargs)
+    @can_return_tuple
+    def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """The image tower alone: ``pooler_output`` is the image embedding (B, D), what ``image_embeds=`` takes; see
+        [`ClipCapModel.get_image_embeddings`]."""
+        return self.model.get_image_embeddings(pixel_values, return_dict=True, **kwargs)
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """Images as the language model consumes them: ``pooler_output`` is the prefix (B, K, E) in the LM's dtype,
+        ``last_hidden_state`` / ``hidden_states`` / ``attentions`` the tower's; see
+        [`ClipCapModel.get_image_features`]. The image embedding (B, D): [`~ClipCapModel.get_image_embeddings`]."""
+        features = self.model.get_image_features(pixel_values, return_dict=True, **kwargs)
+        features.pooler_output = features.pooler_output.to(self.get_input_embeddings().weight.dtype)
+        return features
 
     def get_prefix(
         self,
@@ -250,10 +301,18 @@ class ClipCapForConditionalGeneration(
         **image_kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prefix (B, K, E) in the LM's dtype, image_embeds)``; see [`ClipCapModel.get_prefix`]."""
-        prefix, image_embeds = self.model.get_prefix(
-            pixel_values=pixel_values, image_embeds=image_embeds, **image_kwargs
-        )
-        return prefix.to(self.get_input_embeddings().weight.dtype), image_embeds
+        prefix, image_embeds, _ = self._encode_images(pixel_values, image_embeds, **image_kwargs)
+        return prefix, image_embeds
+
+    def _encode_images(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **image_kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutputWithPooling | None]:
+        """[`ClipCapModel.encode_images`] with the prefix (B, K, E) in the LM's dtype."""
+        prefix, image_embeds, tower = self.model.encode_images(pixel_values, image_embeds, **image_kwargs)
+        return prefix.to(self.get_input_embeddings().weight.dtype), image_embeds, tower
 
     @can_return_tuple
     def forward(
@@ -277,21 +336,26 @@ class ClipCapForConditionalGeneration(
         ``position_ids`` (0 = first text token) and ``labels`` (B, L) (-100 ignored) cover the text only. The
         first caption token is predicted from the last prefix position. ``shift_labels``, ``num_items_in_batch``
         and ``ignore_index`` reach ``self.loss_function``. Without an image, the inputs go straight to the LM
-        (``generate``'s decoding steps). ``cache`` (or ``past_key_values``) is the LM's key/value cache.
+        (``generate``'s decoding steps). ``cache`` is the LM's key/value cache; ``past_key_values`` (its name
+        before transformers 5.24) is accepted, with a ``FutureWarning`` under transformers >= 5.24.
+        ``output_hidden_states`` / ``output_attentions`` reach the LM and the image tower.
 
-        Returns a [`ClipCapOutput`] with ``logits`` (B, K + L, V) (or the ``logits_to_keep`` positions), or its
-        tuple with ``return_dict=False``.
+        Returns a [`ClipCapOutput`] with ``logits`` (B, K + L, V) (or the ``logits_to_keep`` positions) and the
+        tower's ``image_outputs``, or its tuple with ``return_dict=False``.
         """
-        cache = pop_cache_argument(cache, kwargs)
+        cache = pop_cache_argument(cache, kwargs, caller=f"{type(self).__name__}.forward")
         loss_kwargs = {
             k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs
         }
         image_kwargs = {k: kwargs.pop(k) for k in _TOWER_INPUTS if k in kwargs}
+        image_kwargs.update(
+            {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
+        )
         with_loss = labels is not None or "shift_labels" in loss_kwargs
-        prefix, k = None, 0
+        prefix, k, image_outputs = None, 0, None
         if pixel_values is not None or image_embeds is not None:
-            prefix, image_embeds = self.get_prefix(
-                pixel_values=pixel_values, image_embeds=image_embeds, **image_kwargs
+            prefix, image_embeds, image_outputs = self._encode_images(
+                pixel_values, image_embeds, **image_kwargs
             )
             check_text_inputs(
                 prefix.shape[0], input_ids, inputs_embeds, attention_mask, position_ids,
@@ -324,6 +388,7 @@ class ClipCapForConditionalGeneration(
             attentions=outputs.attentions,
             prefix_embeds=prefix,
             image_embeds=image_embeds,
+            image_outputs=image_outputs,
             **cache_kwargs(output_cache(outputs)),
         )
 
@@ -368,33 +433,140 @@ class ClipCapForConditionalGeneration(
             pixel_values: (B, 3, H, W) images (SigLIP2: with ``pixel_attention_mask``, ``spatial_shapes``), or
             image_embeds: (B, D) (or (B, N, D) with ``mapping_input="tokens"``) precomputed image embeddings.
             attention_mask: (B, L) mask of the prompt.
-            **generate_kwargs: anything ``GenerationMixin.generate`` takes; assisted decoding is refused.
+            **generate_kwargs: anything ``GenerationMixin.generate`` takes, notably
+                ``inputs_embeds`` (B, L, E): the prompt as embeddings, after the prefix (with or without its ids);
+                ``position_ids`` (B, L): the prompt's positions as ``forward`` takes them (0 = first text token);
+                ``cache`` (``past_key_values`` before transformers 5.24) with ``input_ids`` = the sequences so far:
+                continue a generation (the image may be left out: the cache holds the prefix);
+                ``use_cache=False``: every step re-runs the whole sequence, prefix included;
+                ``prompt_lookup_num_tokens``: prompt lookup decoding (batch size 1). A separate assistant model
+                (``assistant_model``, ``assistant_early_exit``) is refused.
 
         Returns:
-            Token ids (B * num_return_sequences, T): the generated tokens, after the prompt when one is given (the
+            Token ids (B * num_return_sequences, T): the generated tokens, after the prompt ids when given (the
             decoder-only convention); or a ``GenerateOutput`` when asked.
         """
         check_generation_kwargs(self.config, self.generation_config, inputs, generate_kwargs)
         if inputs is not None and input_ids is not None:
             raise ValueError("Pass the prompt once: as `inputs` or as `input_ids`.")
         input_ids = inputs if input_ids is None else input_ids
-        if pixel_values is None and image_embeds is None and "inputs_embeds" in generate_kwargs:
-            # Plain decoder-only use: the LM continuing given embeddings.
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        cache = pop_cache_argument(generate_kwargs.pop("cache", None), generate_kwargs)
+        caller = f"{type(self).__name__}.generate"
+        cache = pop_cache_argument(generate_kwargs.pop("cache", None), generate_kwargs, caller=caller)
+        prompt_embeds = generate_kwargs.pop("inputs_embeds", None)
+        position_ids = generate_kwargs.pop("position_ids", None)
         image_kwargs = {k: generate_kwargs.pop(k) for k in _TOWER_INPUTS if k in generate_kwargs}
-        prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds, **image_kwargs)
-        check_text_inputs(prefix.shape[0], input_ids, None, attention_mask)
-        prompt_embeds = None if input_ids is None else self.get_input_embeddings()(input_ids)
-        inputs_embeds, full_mask, input_ids = generation_sequence(
-            prefix, prompt_embeds, input_ids, attention_mask
+        if pixel_values is not None or image_embeds is not None:
+            prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds, **image_kwargs)
+        elif cache is not None:  # a continuation: the cache holds the prefix already
+            prefix = self._prefix_placeholder(cache, input_ids, prompt_embeds)
+        elif prompt_embeds is not None:  # plain decoder-only use: the LM continuing given embeddings
+            return super().generate(
+                input_ids=input_ids,
+                inputs_embeds=prompt_embeds,
+                attention_mask=attention_mask,
+                **({} if position_ids is None else {"position_ids": position_ids}),
+                **generate_kwargs,
+            )
+        else:
+            check_image_inputs(self.config, self.vision_model is not None, None, None)  # raises: no image
+        batch = prefix.shape[0]
+        if input_ids is not None or prompt_embeds is None:
+            check_text_inputs(batch, input_ids, None, attention_mask, position_ids)
+        if prompt_embeds is not None:
+            check_text_inputs(batch, None, prompt_embeds, attention_mask, position_ids)
+        if (
+            input_ids is not None
+            and prompt_embeds is not None
+            and input_ids.shape[1] != prompt_embeds.shape[1]
+        ):
+            raise ValueError(
+                f"`input_ids` {tuple(input_ids.shape)} and `inputs_embeds` {tuple(prompt_embeds.shape)} must be the "
+                "same prompt: give the same number of tokens (or only one of them)."
+            )
+        if prompt_embeds is None and input_ids is not None:
+            prompt_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds, full_mask, input_ids, positions = generation_sequence(
+            prefix, prompt_embeds, input_ids, attention_mask, position_ids
         )
-        cache = self._prefill_for_beams(inputs_embeds, full_mask, generate_kwargs, cache)
+        use_cache = self._generation_uses_cache(generate_kwargs)
+        if not use_cache and cache is not None:
+            raise ValueError("`use_cache=False` cannot continue from a `cache`: drop one of them.")
+        if positions is not None:
+            generate_kwargs["position_ids"] = positions
+        if use_cache:
+            cache = self._prefill_for_beams(inputs_embeds, full_mask, generate_kwargs, cache)
         if cache is not None:
             generate_kwargs[CACHE_KWARG] = cache
-        return super().generate(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask, **generate_kwargs
+        decoding = PrefixDecoding(
+            offset=inputs_embeds.shape[1] - (0 if input_ids is None else input_ids.shape[1]),
+            use_cache=use_cache,
         )
+        return super().generate(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=full_mask,
+            prefix_decoding=decoding,
+            **generate_kwargs,
+        )
+
+    def _generation_uses_cache(self, generate_kwargs: dict[str, Any]) -> bool:
+        """``use_cache`` as ``generate`` resolves it: the keyword, else the generation config's (default True)."""
+        if generate_kwargs.get("use_cache") is not None:
+            return bool(generate_kwargs["use_cache"])
+        config = generate_kwargs.get("generation_config") or self.generation_config
+        return getattr(config, "use_cache", True) is not False
+
+    def _prefix_placeholder(
+        self, cache: Any, input_ids: torch.Tensor | None, prompt_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Zeros (B, K, E) standing for a prefix that ``cache`` already holds (a continued generation): ``generate``
+        feeds only the positions the cache lacks, so these are never run."""
+        text = input_ids if input_ids is not None else prompt_embeds
+        k = self.config.prefix_length
+        cached = int(cache.get_seq_length())
+        if text is None:
+            raise ValueError(
+                "To continue from a `cache`, pass the sequences generated so far as `input_ids` (e.g. "
+                "`out.sequences`), or pass the image again."
+            )
+        if cached < k:
+            raise ValueError(
+                f"The cache holds {cached} positions, fewer than the {k} image prefix positions, so it does not hold "
+                "the image: pass `pixel_values` or `image_embeds` with it."
+            )
+        weight = self.get_input_embeddings().weight
+        return weight.new_zeros((text.shape[0], k, weight.shape[1]))
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        prefix_decoding: PrefixDecoding | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``GenerationMixin.prepare_inputs_for_generation``, with ``input_ids`` (B, T) lined up behind the prefix by
+        ``prefix_decoding`` (set by [`~ClipCapForConditionalGeneration.generate`]; see
+        ``prefix_sequence.PrefixDecoding``): whole-sequence steps without a cache, draft tokens on the first step.
+
+        ``inputs_embeds`` (B, S, E): the sequence ``generate`` started from; ``cache`` is named ``past_key_values``
+        by ``generate`` of transformers < 5.24 (both names are listed, as ``generate`` checks its model kwargs
+        against this signature).
+        """
+        kwargs.update(
+            next_sequence_length=next_sequence_length,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+        )
+        kwargs[CACHE_KWARG] = cache if cache is not None else past_key_values
+        if prefix_decoding is not None:
+            kwargs = prefix_decoding.step_inputs(input_ids, kwargs, self.get_input_embeddings(), CACHE_KWARG)
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
 
     @torch.no_grad()
     def interpret_prefix(

@@ -2,10 +2,15 @@
 
 ClipCap puts the K prefix vectors (B, K, E) in front of the text (B, L, E). Prefix positions are always
 attended; the text keeps its mask. For ``generate``, a left-padded prompt's padding is moved in front of the
-prefix (:func:`generation_sequence`), as transformers expects of a left-padded batch.
+prefix (:func:`generation_sequence`), as transformers expects of a left-padded batch; :class:`PrefixDecoding`
+lines ``generate``'s token ids up with that sequence at each decoding step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,29 +53,97 @@ def generation_sequence(
     prompt_embeds: torch.Tensor | None,
     input_ids: torch.LongTensor | None,
     attention_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor | None]:
-    """What ``generate`` starts from: ``[prefix ; prompt]`` embeddings (B, K + L, E), mask (B, K + L) and the
-    prompt ids (B, L), each row reordered to read ``[pad ... pad, prefix, prompt]`` (a left-padded prompt would
-    otherwise leave its padding between the prefix and the prompt).
+    position_ids: torch.LongTensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor | None, torch.LongTensor | None]:
+    """What ``generate`` starts from: ``[prefix ; prompt]`` embeddings (B, K + L, E), mask (B, K + L), the
+    prompt ids (B, L) and positions (B, K + L), each row reordered to read ``[pad ... pad, prefix, prompt]`` (a
+    left-padded prompt would otherwise leave its padding between the prefix and the prompt).
 
     Args:
         prefix: (B, K, E) mapped prefix.
-        prompt_embeds: (B, L, E) embeddings of ``input_ids``, or ``None`` without a prompt.
-        input_ids: (B, L) the prompt, or ``None``.
+        prompt_embeds: (B, L, E) embeddings of the prompt, or ``None`` without a prompt.
+        input_ids: (B, L) the prompt's ids, or ``None`` (no prompt, or a prompt given as embeddings only).
         attention_mask: (B, L) the prompt's mask, or ``None``.
+        position_ids: (B, L) the prompt's positions as ``forward`` takes them (0 = first text token), or ``None``:
+            returned shifted by K behind the prefix's 0 .. K-1 (``None`` stays ``None``: ``generate`` derives
+            positions from the mask).
     """
-    embeds, mask, _ = join_prefix(prefix, prompt_embeds, attention_mask, None)
+    embeds, mask, positions = join_prefix(prefix, prompt_embeds, attention_mask, position_ids)
     mask = (
         torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask.long()
     )
+    positions = positions if position_ids is not None else None
     if bool((mask == 0).any()):
         order = torch.sort(mask, dim=1, stable=True).indices  # pads (0) first, order kept otherwise
         embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
         mask = torch.gather(mask, 1, order)
+        positions = None if positions is None else torch.gather(positions, 1, order)
     if input_ids is not None and attention_mask is not None and bool((attention_mask == 0).any()):
         # keep returned prompt ids aligned with their (left-padded) rows
         input_ids = torch.gather(input_ids, 1, torch.sort(attention_mask.long(), dim=1, stable=True).indices)
-    return embeds, mask, input_ids
+    return embeds, mask, input_ids, positions
 
 
-__all__ = ["generation_sequence", "join_prefix"]
+@dataclass(frozen=True)
+class PrefixDecoding:
+    """How ``generate``'s token ids line up with the language-model sequence it decodes.
+
+    ``generate`` starts from ``inputs_embeds`` (B, S, E) = ``[pad ; prefix ; prompt]`` and keeps growing
+    ``input_ids`` (B, T): the prompt's ids (if it has ids), then the generated (or draft) tokens. The LM sequence
+    is ``offset + T`` positions long: ``offset`` = S minus the number of prompt ids (the prefix, plus a prompt given
+    as embeddings only); ids past the first S - ``offset`` follow the starting embeddings.
+
+    Attributes:
+        offset: LM positions that have no entry in ``input_ids`` (K, or K + L for a prompt given as embeddings).
+        use_cache: ``False`` re-runs the whole sequence at every step, prefix included (``generate(use_cache=False)``).
+    """
+
+    offset: int
+    use_cache: bool = True
+
+    def step_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        kwargs: dict[str, Any],
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        cache_name: str,
+    ) -> dict[str, Any]:
+        """``prepare_inputs_for_generation``'s keyword arguments for one step, adjusted to the prefix.
+
+        Args:
+            input_ids: (B, T) ``generate``'s ids so far (with draft tokens, in assisted decoding).
+            kwargs: ``generate``'s model kwargs for this step (``inputs_embeds`` (B, S, E), mask, positions, cache).
+            embed: the LM's input embeddings, ids (B, n) -> (B, n, E).
+            cache_name: the installed transformers' name of the cache argument (``compat.CACHE_KWARG``).
+
+        Without a cache, every step gets the whole sequence ``[starting embeddings ; embeds of the later ids]``
+        (B, offset + T, E). With one, the first step also embeds ids that follow the starting embeddings (the draft
+        tokens prompt lookup proposes before the first forward), fed from the first position the cache lacks.
+        Otherwise ``kwargs`` are returned as they are.
+        """
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return kwargs
+        later = input_ids[:, embeds.shape[1] - self.offset :]  # (B, n) ids after the starting embeddings
+        mask, length = kwargs.get("attention_mask"), self.offset + input_ids.shape[1]
+        if mask is not None and mask.ndim == 2 and mask.shape[1] < length:
+            # assisted decoding sizes the mask to the ids (T), not to the LM sequence (offset + T): what it cut off
+            # or lacks comes after the only padding there is (leading), so it is attended
+            kwargs = {
+                **kwargs,
+                "attention_mask": torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], 1),
+            }
+        if not self.use_cache:
+            kwargs = {k: v for k, v in kwargs.items() if k != cache_name}
+            full = torch.cat([embeds, embed(later).to(embeds.dtype)], dim=1)
+            return {**kwargs, "inputs_embeds": full, "is_first_iteration": True, "next_sequence_length": None,
+                    "use_cache": False}  # fmt: skip
+        if kwargs.get("is_first_iteration") and later.shape[1] > 0:
+            cache = kwargs.get(cache_name)
+            past = 0 if cache is None else int(cache.get_seq_length())
+            full = torch.cat([embeds, embed(later).to(embeds.dtype)], dim=1)
+            return {**kwargs, "inputs_embeds": full, "next_sequence_length": full.shape[1] - past}
+        return kwargs
+
+
+__all__ = ["PrefixDecoding", "generation_sequence", "join_prefix"]

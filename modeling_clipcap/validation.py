@@ -12,9 +12,11 @@ import torch
 
 from .towers import position_limit, vision_family
 
-#: ``generate`` options that verify draft tokens by re-running the model on ``input_ids`` alone, without the
-#: image prefix: their captions would silently differ from plain decoding.
-ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+#: ``generate`` options that draft tokens with a second model (or a truncated copy of this one) that is given
+#: ``input_ids`` alone, without the image prefix: its drafts would come from a model that never saw the image.
+#: (``prompt_lookup_num_tokens`` drafts from the ids themselves and is verified by this model with its prefix:
+#: allowed, same tokens as greedy decoding.)
+ASSISTED_DECODING_OPTIONS = ("assistant_model", "assistant_early_exit")
 
 
 def _check_pixel_values(config: Any, pixel_values: Any) -> None:
@@ -111,9 +113,9 @@ def check_generation_kwargs(config: Any, generation_config: Any, inputs: Any, kw
     for name in ASSISTED_DECODING_OPTIONS:
         if kwargs.get(name, getattr(generation_config, name, None)) is not None:
             raise ValueError(
-                f"ClipCap does not support assisted / speculative decoding (`{name}`): the draft tokens are "
-                "verified on the text alone, without the image prefix, so captions would silently change. "
-                "Drop it (plain greedy, beam search or sampling give the same captions)."
+                f"ClipCap does not support assisted / speculative decoding with an assistant model (`{name}`): the "
+                "assistant is given the text alone, without the image prefix. Drop it (plain greedy, beam search "
+                "or sampling give the same captions), or use `prompt_lookup_num_tokens`, which needs no assistant."
             )
     _check_positive_ints(kwargs)
     temperature, top_p = kwargs.get("temperature"), kwargs.get("top_p")

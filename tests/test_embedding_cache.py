@@ -83,7 +83,7 @@ def test_each_unique_image_is_encoded_once_and_a_second_run_encodes_none(encoder
     # the cached rows are the encoder's output for that image
     pixel_values = image_processor([Image.open(image_files[4])], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        direct = model.get_image_features(pixel_values).pooler_output[0]
+        direct = model.get_image_embeddings(pixel_values).pooler_output[0]
     torch.testing.assert_close(embeds[cache.index["4.png"]], direct, rtol=1e-5, atol=1e-6)
 
 
@@ -207,7 +207,7 @@ def test_a_tokens_model_caches_token_features_never_the_pooled_cache(
     # a row is the tower's last_hidden_state for that image, and feeds the model as image_embeds
     pixel_values = image_processor([Image.open(image_files[4])], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        direct = twin.get_image_features(pixel_values).last_hidden_state[0]
+        direct = twin.get_image_embeddings(pixel_values).last_hidden_state[0]
     torch.testing.assert_close(embeds[tokens.index[tokens.keys[4]]], direct, rtol=1e-5, atol=1e-6)
     kwargs = dict(max_new_tokens=3, do_sample=False)
     assert torch.equal(
@@ -251,7 +251,7 @@ def test_embed_split_gives_token_rows_in_split_order(encoder, image_files, tiny_
         "pixel_values"
     ]
     with torch.no_grad():
-        direct = twin.get_image_features(pixel_values).last_hidden_state
+        direct = twin.get_image_embeddings(pixel_values).last_hidden_state
     for row in range(4):
         torch.testing.assert_close(split.embeds[row], direct[row], rtol=1e-5, atol=1e-6)
     rows = CachedCaptionDataset(split.embeds, [2, 0], ["a", "b"])
@@ -286,9 +286,9 @@ def test_siglip2_mask_and_shapes_reach_the_tower(mapping_input, image_files, tmp
     inputs = processor([Image.open(s) for s in sources], return_tensors="pt")
     assert min(inputs["pixel_attention_mask"].sum(1).tolist()) < 16  # one image leaves patch slots empty
     with torch.no_grad():
-        features = model.get_image_features(**inputs)
+        features = model.get_image_embeddings(**inputs)
         all_ones = dict(inputs, pixel_attention_mask=torch.ones_like(inputs["pixel_attention_mask"]))
-        unmasked = model.get_image_features(**all_ones)
+        unmasked = model.get_image_embeddings(**all_ones)
     expected = features.last_hidden_state if mapping_input == "tokens" else features.pooler_output
     unmasked = unmasked.last_hidden_state if mapping_input == "tokens" else unmasked.pooler_output
     embeds = cache.embeddings()

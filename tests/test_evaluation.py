@@ -724,8 +724,8 @@ def test_evaluate_model_batched_equals_one_by_one_and_uses_image_embeds(tmp_path
             "pixel_values"
         ]
         embeds = (
-            tiny_model.get_image_features(pixel_values=pix).pooler_output
-            if hasattr(tiny_model, "get_image_features")
+            tiny_model.get_image_embeddings(pixel_values=pix).pooler_output
+            if hasattr(tiny_model, "get_image_embeddings")
             else None
         )
     if embeds is not None:

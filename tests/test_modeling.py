@@ -564,7 +564,7 @@ def test_from_vision_text_pretrained(tiny_tokenizer, tmp_path, full_clip):
     )
     if not torch.is_tensor(expected):
         expected = expected.pooler_output
-    torch.testing.assert_close(model.get_image_features(pixel_values).pooler_output, expected)
+    torch.testing.assert_close(model.get_image_embeddings(pixel_values).pooler_output, expected)
     torch.testing.assert_close(model.language_model.lm_head.weight, gpt.lm_head.weight)
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(
@@ -617,7 +617,7 @@ def test_shared_prefix_prefill_equals_plain_generation(tiny_tokenizer, kwargs, w
     shared = model.generate(image_embeds=embeds, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     prefix, _ = model.get_prefix(image_embeds=embeds)
     prompt_embeds = None if input_ids is None else model.get_input_embeddings()(input_ids)
-    inputs_embeds, mask, _ = generation_sequence(prefix, prompt_embeds, input_ids, attention_mask)
+    inputs_embeds, mask, _, _ = generation_sequence(prefix, prompt_embeds, input_ids, attention_mask)
     prompt = None
     if with_prompt:
         order = torch.sort(attention_mask, dim=1, stable=True).indices

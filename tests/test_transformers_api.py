@@ -28,17 +28,15 @@ def text_batch(vocab, batch=3, length=6, seed=1):
 NO_EOS = dict(eos_token_id=None, pad_token_id=0)  # every row runs max_new_tokens steps
 
 
-# 1. assisted / speculative decoding
-def test_assisted_decoding_is_refused_clearly(tiny_tokenizer):
+# 1. assisted / speculative decoding with an assistant model (prompt lookup is allowed: test_transformers_conventions)
+def test_assisted_decoding_with_an_assistant_is_refused_clearly(tiny_tokenizer):
     model = make_model(tiny_tokenizer)
     pixel_values = torch.randn(1, 3, 32, 32)
-    for kwargs in ({"assistant_model": make_model(tiny_tokenizer, seed=1)}, {"prompt_lookup_num_tokens": 2}):
-        with pytest.raises(ValueError, match="assisted / speculative decoding"):
+    for kwargs in ({"assistant_model": make_model(tiny_tokenizer, seed=1)}, {"assistant_early_exit": 1}):
+        with pytest.raises(ValueError, match="assisted / speculative decoding with an assistant model"):
             model.generate(pixel_values=pixel_values, max_new_tokens=3, **kwargs)
-    model.generation_config.prompt_lookup_num_tokens = (
-        2  # also when it comes from the saved generation config
-    )
-    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+    model.generation_config.assistant_early_exit = 1  # also when it comes from the saved generation config
+    with pytest.raises(ValueError, match="assistant_early_exit"):
         model.generate(pixel_values=pixel_values, max_new_tokens=3)
 
 
@@ -80,15 +78,16 @@ def test_return_dict_false_gives_the_tuple_of_the_output(tiny_tokenizer):
                 torch.testing.assert_close(g, w)
 
 
-# 4. get_image_features returns the v5 output object
+# 4. get_image_features returns the v5 output object: the prefix as pooler_output, the tower's states
+#    (get_image_embeddings gives the image embedding itself; return_dict from the config: test_transformers_conventions)
 def test_get_image_features_output_object(tiny_tokenizer):
     model = make_model(tiny_tokenizer)
     model.set_attn_implementation("eager")  # attention weights exist only outside the fused kernels
     pixel_values = torch.randn(2, 3, 32, 32)
     out = model.get_image_features(pixel_values, output_hidden_states=True, output_attentions=True)
-    vc = model.config.vision_config
-    assert out.pooler_output.shape == (2, model.config.image_embed_dim)
-    torch.testing.assert_close(out.pooler_output, model.vision_model(pixel_values).image_embeds)
+    vc, k, e = model.config.vision_config, model.config.prefix_length, model.config.text_config.n_embd
+    assert out.pooler_output.shape == (2, k, e)
+    torch.testing.assert_close(out.pooler_output, model.get_prefix(pixel_values=pixel_values)[0])
     patches = (vc.image_size // vc.patch_size) ** 2 + 1
     assert out.last_hidden_state.shape == (2, patches, vc.hidden_size)
     assert len(out.hidden_states) == vc.num_hidden_layers + 1
@@ -99,6 +98,10 @@ def test_get_image_features_output_object(tiny_tokenizer):
     as_tuple = model.get_image_features(pixel_values, return_dict=False)
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[1], out.pooler_output)
+    embeddings = model.get_image_embeddings(pixel_values)
+    assert embeddings.pooler_output.shape == (2, model.config.image_embed_dim)
+    torch.testing.assert_close(embeddings.pooler_output, model.vision_model(pixel_values).image_embeds)
+    torch.testing.assert_close(embeddings.last_hidden_state, out.last_hidden_state)
 
 
 # 5. inputs_embeds with an image
@@ -151,21 +154,30 @@ def test_use_cache_false_and_dict_outputs(tiny_tokenizer, strategy):
         assert all(s.shape == (rows, vocab) for s in out.scores + out.logits)
     for a, b in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(a, b)
-    torch.manual_seed(0)
-    full = model.generate(
-        **kwargs,
-        return_dict_in_generate=True,
-        output_hidden_states=True,
-        output_attentions=True,
-        use_cache=False,
-    )
     k, tc = model.config.prefix_length, model.config.text_config
+    outputs = {}
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        outputs[use_cache] = model.generate(
+            **kwargs,
+            return_dict_in_generate=True,
+            output_hidden_states=True,
+            output_attentions=True,
+            use_cache=use_cache,
+        )
+    full = outputs[False]
+    assert torch.equal(full.sequences, outputs[True].sequences)
     assert len(full.hidden_states) == len(full.attentions) == new
-    first, later = full.hidden_states[0], full.hidden_states[1]
-    assert len(first) == tc.n_layer + 1 and first[0].shape == (rows, k, tc.n_embd)
-    assert later[0].shape == (rows, 1, tc.n_embd)
-    assert full.attentions[0][0].shape == (rows, tc.n_head, k, k)
-    assert full.attentions[-1][0].shape == (rows, tc.n_head, 1, k + new - 1)
+    # GIT's convention: without a cache, every step re-runs the whole sequence, prefix included
+    for step, (states, attentions) in enumerate(zip(full.hidden_states, full.attentions)):
+        assert len(states) == tc.n_layer + 1 and len(attentions) == tc.n_layer
+        assert all(h.shape == (rows, k + step, tc.n_embd) for h in states)
+        assert all(a.shape == (rows, tc.n_head, k + step, k + step) for a in attentions)
+    # ... and computes the same states as the cached steps (which cover the new position only)
+    for step in range(new):
+        for cached, uncached in zip(outputs[True].hidden_states[step], full.hidden_states[step]):
+            assert cached.shape[1] == (k if step == 0 else 1)
+            torch.testing.assert_close(cached[:, -1], uncached[:, -1], rtol=1e-4, atol=1e-5)
 
 
 # 8. continue from a returned cache
@@ -185,7 +197,17 @@ def test_generation_continues_from_a_returned_cache(tiny_tokenizer):
         input_ids=first.sequences,
         attention_mask=attention_mask,
         max_new_tokens=2,
-        past_key_values=cache,
+        # the installed release's name (the old one warns: test_transformers_conventions)
+        **{CACHE_KWARG: cache},
+    )
+    assert torch.equal(second.sequences, at_once.sequences)
+    for a, b in zip(first.scores + second.scores, at_once.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # without the image, as LLaVA continues: the cache holds the prefix already
+    first = model.generate(**kwargs, max_new_tokens=3)
+    no_image = {k: v for k, v in kwargs.items() if k != "image_embeds"}
+    second = model.generate(
+        **no_image, input_ids=first.sequences, max_new_tokens=2, **{CACHE_KWARG: getattr(first, CACHE_KWARG)}
     )
     assert torch.equal(second.sequences, at_once.sequences)
     for a, b in zip(first.scores + second.scores, at_once.scores):

@@ -441,10 +441,10 @@ def test_embed_cli_flags_patch_tokens_batch_size_dtype_and_bad_image_policy(
     tiny_model.save_pretrained(tmp_path / "model")
     tiny_processor.save_pretrained(tmp_path / "model")
     calls = []
-    original = ClipCapForConditionalGeneration.get_image_features
+    original = ClipCapForConditionalGeneration.get_image_embeddings
     monkeypatch.setattr(
         ClipCapForConditionalGeneration,
-        "get_image_features",
+        "get_image_embeddings",
         lambda self, *a, **k: (
             calls.append(a[0].shape[0] if a else k["pixel_values"].shape[0]) or original(self, *a, **k)
         ),
