@@ -30,8 +30,10 @@ def join_prefix(
         position_ids: (B, L) positions of the text (0 = its first token), or ``None``.
 
     Without ``position_ids``, a left-padded row gets the positions of the same row unpadded (right padding
-    keeps GPT-2's 0, 1, 2...); given text positions are shifted by K. Inputs are assumed checked
-    (``validation.check_text_inputs``).
+    keeps GPT-2's 0, 1, 2...); given text positions are shifted by K, and come with a mask (all ones when none
+    was given): without a mask and a cache, transformers reads a jump in the positions (text positions that do
+    not start at 0) as the start of another packed sequence, which would cut the text off the prefix. Inputs are
+    assumed checked (``validation.check_text_inputs``).
     """
     batch, k = prefix.shape[:2]
     text_length = 0 if text_embeds is None else text_embeds.shape[1]
@@ -39,6 +41,8 @@ def join_prefix(
     ones = torch.ones((batch, k), dtype=torch.long, device=prefix.device)
     if position_ids is not None:
         position_ids = torch.cat([ones.cumsum(-1) - 1, position_ids.to(prefix.device) + k], dim=1)
+        if attention_mask is None:
+            attention_mask = torch.ones((batch, text_length), dtype=torch.long, device=prefix.device)
     if attention_mask is not None:
         if position_ids is None:  # left padding shifts a row's text back by its number of leading pads
             leading = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1)
@@ -125,19 +129,28 @@ class PrefixDecoding:
         if embeds is None:
             return kwargs
         later = input_ids[:, embeds.shape[1] - self.offset :]  # (B, n) ids after the starting embeddings
-        mask, length = kwargs.get("attention_mask"), self.offset + input_ids.shape[1]
+        length = self.offset + input_ids.shape[1]
+        mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim == 2 and mask.shape[1] < length:
             # assisted decoding sizes the mask to the ids (T), not to the LM sequence (offset + T): what it cut off
             # or lacks comes after the only padding there is (leading), so it is attended
-            kwargs = {
-                **kwargs,
-                "attention_mask": torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], 1),
-            }
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], dim=1)
+            kwargs = {**kwargs, "attention_mask": mask}
         if not self.use_cache:
-            kwargs = {k: v for k, v in kwargs.items() if k != cache_name}
+            if (
+                mask is None
+            ):  # without a mask and a cache, a jump in given positions would read as packed sequences
+                mask = torch.ones((input_ids.shape[0], length), dtype=torch.long, device=embeds.device)
             full = torch.cat([embeds, embed(later).to(embeds.dtype)], dim=1)
-            return {**kwargs, "inputs_embeds": full, "is_first_iteration": True, "next_sequence_length": None,
-                    "use_cache": False}  # fmt: skip
+            kwargs = {k: v for k, v in kwargs.items() if k != cache_name}
+            return {
+                **kwargs,
+                "inputs_embeds": full,
+                "attention_mask": mask,
+                "is_first_iteration": True,
+                "next_sequence_length": None,
+                "use_cache": False,
+            }
         if kwargs.get("is_first_iteration") and later.shape[1] > 0:
             cache = kwargs.get(cache_name)
             past = 0 if cache is None else int(cache.get_seq_length())
