@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
@@ -73,22 +72,34 @@ def markdown_rows(values: Mapping[str, Any], number_format: str | None = None) -
     )
 
 
-def render_training_card(args: Any, summary: Mapping[str, Any], config: Any) -> ModelCard:
-    """The card ``training/train.py`` writes: the preset's template (else :data:`TRAINING_CARD_TEMPLATE`)
-    filled with the run's base models, data, hyper-parameters and validation metrics."""
-    from .presets import read_preset
+def render_training_card(
+    summary: Mapping[str, Any],
+    config: Any,
+    *,
+    model_id: str,
+    base_models: Sequence[str | None] = (),
+    card_template: str | None = None,
+) -> ModelCard:
+    """The card ``training/train.py`` writes: ``card_template`` (a preset's ``README.md``; ``None``:
+    :data:`TRAINING_CARD_TEMPLATE`) filled with the run's base models, data, hyper-parameters and validation
+    metrics.
 
-    template = (
-        read_preset(args.preset)["card_template"] if args.preset is not None else None
-    ) or TRAINING_CARD_TEMPLATE
+    Args:
+        summary: the run's summary (``hyperparameters``, ``training_data``, ``trainable_parameters``,
+            ``completed_steps``, optional ``final_metrics`` and ``final_train_loss``).
+        config: the trained model's ``ClipCapConfig``.
+        model_id: the Hub repository or folder name the card calls the model by.
+        base_models: the checkpoints the model was built from (``None`` entries are left out).
+    """
+    template = card_template or TRAINING_CARD_TEMPLATE
     hyper = {k: v for k, v in sorted(summary["hyperparameters"].items()) if v is not None}
     metrics = {k: v for k, v in (summary.get("final_metrics") or {}).items() if isinstance(v, (int, float))}
-    bases = (args.vision_model_name_or_path, args.text_model_name_or_path, args.model_name_or_path)
     final_loss = summary.get("final_train_loss")
     values = {
-        "model_id": args.hub_model_id or Path(args.output_dir).name,
+        "model_id": model_id,
         "training_data": summary["training_data"],
-        "base_models": ", ".join(x for x in bases if x) or "trained from scratch (random initialisation)",
+        "base_models": ", ".join(x for x in base_models if x)
+        or "trained from scratch (random initialisation)",
         "mapping_type": config.mapping_type,
         "prefix_length": config.prefix_length,
         "freeze_language_model": config.freeze_language_model,

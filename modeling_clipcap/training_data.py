@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,11 @@ import datasets
 import numpy as np
 import torch
 
-from .captioning import caption_batch
+from .captioning import caption_items
 from .data import CaptionCollator, explode_captions, load_caption_dataset
 from .embedding_cache import build_embedding_cache, encoder_fingerprint
-from .image_io import load_image
-from .shards import build_train_stream, is_shard_source, load_shard_captions, stream_report
+from .image_io import check_bad_image_policy, load_image
+from .shards import is_shard_source, load_shard_captions, stream_report
 
 logger = logging.getLogger(__name__)
 
@@ -169,14 +169,41 @@ def _explode_batch(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The data of one training run (``args``: the parsed arguments of training/train.py)
+# The data of one training run (the keyword arguments are training/train.py's flags of the same names)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_splits(args: Any, accelerator: Any, mapping_input: str = "pooled") -> dict[str, Any]:
+def read_splits(
+    accelerator: Any,
+    *,
+    train_file: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_split: str = "train",
+    validation_file: str | None = None,
+    validation_split: str = "validation",
+    image_dir: str | None = None,
+    validation_image_dir: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    streaming: bool = False,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    on_bad_image: str = "fail",
+    mapping_input: str = "pooled",
+) -> dict[str, Any]:
     """The training split (a ``datasets`` image table, or a stream) and the validation split (or None).
 
-    ``mapping_input``: which precomputed embeddings a Parquet source gives (``shards.EMBEDDING_COLUMNS``)."""
+    The training data is ``train_file`` (a caption file, an image folder or shards) or ``dataset_name`` (a
+    ``datasets`` dataset, ``dataset_config_name``, split ``train_split``; ``streaming``: read lazily). The
+    validation split is ``validation_file``, else ``dataset_name``'s ``validation_split``, else a Karpathy JSON's
+    or an image folder's ``validation_split``; the image paths of a caption file are relative to ``image_dir``
+    (``validation_image_dir`` for validation). ``max_train_samples`` / ``max_eval_samples`` keep the first N
+    images; ``on_bad_image`` is the bad-image policy (``"fail"``, ``"skip"``); ``mapping_input``: which
+    precomputed embeddings a Parquet source gives (``shards.EMBEDDING_COLUMNS``).
+
+    Returns ``{"train", "validation", "reports", "skipped"}``; ``train`` is None for ``streaming`` shards.
+    """
 
     splits: dict[str, Any] = {"reports": [], "skipped": [], "train": None, "validation": None}
 
@@ -188,10 +215,10 @@ def read_splits(args: Any, accelerator: Any, mapping_input: str = "pooled") -> d
                 source,
                 split,
                 image_dir=image_dir,
-                config_name=args.dataset_config_name,
-                image_column=args.image_column,
-                caption_column=args.caption_column,
-                on_bad_image=args.on_bad_image,
+                config_name=dataset_config_name,
+                image_column=image_column,
+                caption_column=caption_column,
+                on_bad_image=on_bad_image,
             )
         if accelerator.is_main_process:
             logger.info(report.summary())
@@ -199,59 +226,91 @@ def read_splits(args: Any, accelerator: Any, mapping_input: str = "pooled") -> d
         splits["skipped"] += [tuple(s) for s in report.skipped_images]
         return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
-    source = args.train_file or args.dataset_name
-    train_file = Path(args.train_file) if args.train_file else None
-    if args.validation_file or args.dataset_name:
-        validation_source = args.validation_file or args.dataset_name
-    elif train_file is not None and (
-        train_file.suffix.lower() == ".json"  # a Karpathy JSON holds the val split too
-        or (train_file.is_dir() and (train_file / args.validation_split).is_dir())  # <folder>/<split>/
+    source = train_file or dataset_name
+    train_path = Path(train_file) if train_file else None
+    if validation_file or dataset_name:
+        validation_source = validation_file or dataset_name
+    elif train_path is not None and (
+        train_path.suffix.lower() == ".json"  # a Karpathy JSON holds the val split too
+        or (train_path.is_dir() and (train_path / validation_split).is_dir())  # <folder>/<split>/
     ):
-        validation_source = args.train_file
+        validation_source = train_file
     else:
         validation_source = None
     with accelerator.main_process_first():
-        if args.streaming and is_shard_source(args.train_file):
+        if streaming and is_shard_source(train_file):
             splits["train"] = None  # streamed by shards.build_train_stream
-        elif args.streaming:
-            if not args.dataset_name:
+        elif streaming:
+            if not dataset_name:
                 raise ValueError("--streaming reads --dataset_name, or shards: --train_file 'data/*.tar'.")
             splits["train"] = datasets.load_dataset(
-                args.dataset_name, args.dataset_config_name, split=args.train_split, streaming=True
+                dataset_name, dataset_config_name, split=train_split, streaming=True
             )
         else:
-            splits["train"] = read(source, args.train_split, args.image_dir, args.max_train_samples)
+            splits["train"] = read(source, train_split, image_dir, max_train_samples)
         if validation_source is not None:
-            image_dir = args.validation_image_dir or args.image_dir
             try:
                 splits["validation"] = read(
-                    validation_source, args.validation_split, image_dir, args.max_eval_samples
+                    validation_source, validation_split, validation_image_dir or image_dir, max_eval_samples
                 )
             except (ValueError, KeyError) as err:
-                if args.validation_file:
+                if validation_file:
                     raise
                 logger.warning(f"no validation split found ({err}); validation is off.")
     return splits
 
 
-def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> dict[str, Any]:
+def build_datasets(
+    accelerator: Any,
+    model: Any,
+    processor: Any,
+    *,
+    train_file: str | None = None,
+    dataset_name: str | None = None,
+    streaming: bool = False,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    on_bad_image: str = "fail",
+    max_caption_length: int = 64,
+    embedding_cache: bool = True,
+    embedding_cache_dir: str | None = None,
+    embedding_batch_size: int = 64,
+    preprocessing_num_workers: int = 0,
+    shard_stream: Callable[[CaptionCollator], Any] | None = None,
+    **split_options: Any,
+) -> dict[str, Any]:
     """Training rows, validation captions (for the loss) and validation images (for generation).
 
-    With a frozen vision tower, both splits' images are encoded once into the embedding cache and the
-    datasets hold ``image_embeds``; otherwise they hold images that the collator turns into pixels.
+    With a frozen vision tower (and ``embedding_cache``), both splits' images are encoded once into the
+    embedding cache (``embedding_cache_dir``, batches of ``embedding_batch_size``, ``preprocessing_num_workers``
+    loader workers) and the datasets hold ``image_embeds``; otherwise they hold images that the collator turns
+    into pixels. The data arguments and ``split_options`` (the other keyword arguments of :func:`read_splits`)
+    say what is read. ``streaming`` over shards: ``shard_stream(collator)`` returns the training loader
+    (``training/train.py`` passes :func:`modeling_clipcap.shards.build_train_stream`); captions are cut to
+    ``max_caption_length`` tokens.
     """
-    args.on_bad_image = "fail" if args.on_bad_image == "error" else args.on_bad_image
-    splits = read_splits(args, accelerator, model.config.mapping_input)
+    on_bad_image = check_bad_image_policy(on_bad_image)
+    splits = read_splits(
+        accelerator,
+        train_file=train_file,
+        dataset_name=dataset_name,
+        streaming=streaming,
+        image_column=image_column,
+        caption_column=caption_column,
+        on_bad_image=on_bad_image,
+        mapping_input=model.config.mapping_input,
+        **split_options,
+    )
     train, validation = splits["train"], splits["validation"]
     frozen_vision = model.vision_model is None or model.config.freeze_vision
-    precomputed = train is not None and not args.streaming and "image_embeds" in train.column_names
-    use_cache = frozen_vision and not args.streaming and args.embedding_cache and not precomputed
+    precomputed = train is not None and not streaming and "image_embeds" in train.column_names
+    use_cache = frozen_vision and not streaming and embedding_cache and not precomputed
     if use_cache and model.vision_model is None:
         raise ValueError(
             "This model has no vision tower (embeddings only): train it on precomputed image_embeds "
             "through the Python API; train.py reads images."
         )
-    if not frozen_vision and args.embedding_cache:
+    if not frozen_vision and embedding_cache:
         logger.info("freeze_vision=False: images are encoded at every step (no embedding cache).")
     embed_validation = validation is not None and len(validation) > 0 and frozen_vision
     data: dict[str, Any] = {"encode_stats": {}, "skipped": splits["skipped"], "reports": splits["reports"]}
@@ -260,13 +319,13 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
         model.to(accelerator.device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
         cache_kwargs = {
-            "cache_dir": args.embedding_cache_dir
+            "cache_dir": embedding_cache_dir
             or str(Path(datasets.config.HF_DATASETS_CACHE) / "clipcap_embeddings"),
-            "batch_size": args.embedding_batch_size,
+            "batch_size": embedding_batch_size,
             "dtype": dtype,
             "device": accelerator.device,
-            "num_workers": args.preprocessing_num_workers,
-            "on_bad_image": args.on_bad_image,
+            "num_workers": preprocessing_num_workers,
+            "on_bad_image": on_bad_image,
             "show_progress": accelerator.is_local_main_process,
             "encoder_hash": encoder_fingerprint(model, processor.image_processor, dtype or torch.float32),
             "processes": accelerator,  # every process encodes its part of the unique images
@@ -280,27 +339,25 @@ def build_datasets(args: Any, accelerator: Any, model: Any, processor: Any) -> d
         data["skipped"].extend(split.skipped)
         return split.embeds, split.images
 
-    source = args.train_file or args.dataset_name
+    source = train_file or dataset_name
     if precomputed:  # e.g. Parquet shards written by `clipcap embed`: no image is opened
         data["train"] = _precomputed_rows(train)
     elif use_cache:
         embeds, train = embedded(train, "Encoding train images")
         flat = explode_captions(train.add_column("embed_row", list(range(len(train)))))
         data["train"] = CachedCaptionDataset(embeds, flat["embed_row"], flat["caption"])
-    elif args.streaming and train is None:
+    elif streaming and train is None:
+        if shard_stream is None:
+            raise ValueError("streaming shards needs shard_stream (e.g. shards.build_train_stream).")
         collator = CaptionCollator(
-            processor.tokenizer, args.max_caption_length, image_processor=processor.image_processor
+            processor.tokenizer, max_caption_length, image_processor=processor.image_processor
         )
-        data["train"] = data["train_loader"] = build_train_stream(
-            args, accelerator, collator, model.config.mapping_input
-        )
-    elif args.streaming:
-        data["train"] = stream_caption_pairs(
-            train, args.image_column or "image", args.caption_column or "caption"
-        )
+        data["train"] = data["train_loader"] = shard_stream(collator)
+    elif streaming:
+        data["train"] = stream_caption_pairs(train, image_column or "image", caption_column or "caption")
     else:
         data["train"] = explode_captions(train).select_columns(["image", "caption"])
-    if args.streaming:
+    if streaming:
         data["description"] = f"{source} (streaming)"
     else:
         data["description"] = f"{source} ({len(train)} images, {len(data['train'])} captions)"
@@ -410,18 +467,22 @@ def validate(
         for batch in tqdm(
             loaders["images"], desc="Validation captions", disable=not accelerator.is_local_main_process
         ):
-            captions = caption_batch(
+            # this process's share of the images, one row each (image_embeds, or pixel_values and the tower's other
+            # tensors), captioned through the library's one captioning path in one generate call
+            tensors = {k: v for k, v in batch.items() if k != "index" and torch.is_tensor(v)}
+            rows = [
+                {"image_id": index, **{k: v[i] for k, v in tensors.items()}}
+                for i, index in enumerate(batch["index"].tolist())
+            ]
+            results = caption_items(
                 unwrapped,
                 processor,
-                image_embeds=batch.get("image_embeds"),
-                pixel_values=batch.get("pixel_values"),
-                image_inputs={
-                    k: v for k, v in batch.items() if k not in ("index", "pixel_values", "image_embeds")
-                },
+                rows,
+                batch_size=len(rows),
                 generation_config=unwrapped.generation_config,
             )
             pairs += accelerator.gather_for_metrics(
-                list(zip(batch["index"].tolist(), captions)), use_gather_object=True
+                [(index, captions[0]) for index, captions, _ in results], use_gather_object=True
             )
     random.setstate(python_state)
     np.random.set_state(numpy_state)

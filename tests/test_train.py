@@ -401,6 +401,23 @@ def test_a_model_folder_is_never_taken_for_a_preset(tmp_path, monkeypatch):
     assert find_preset("clipcap-coco-mlp") == model_dir.resolve()
 
 
+def test_data_flags_reach_the_library_as_keywords():
+    """train.py hands the data flags to training_data.build_datasets / read_splits as keyword arguments of the
+    same names: every keyword that is a flag is passed (the mapper's input comes from the model)."""
+    import inspect
+
+    from modeling_clipcap.training_data import build_datasets, read_splits
+
+    flags = set(vars(train.build_parser().parse_args(["--train_file", "x"])))
+    keywords = {
+        name
+        for function in (build_datasets, read_splits)
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY
+    }
+    assert set(train.DATA_ARGUMENTS) == (keywords & flags) - {"mapping_input"}
+
+
 def test_accelerate_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -44,8 +44,9 @@ from modeling_clipcap.hub import (
     push_folder,
     render_training_card,
 )
+from modeling_clipcap.image_io import BAD_IMAGE_POLICIES
 from modeling_clipcap.presets import find_preset, read_preset
-from modeling_clipcap.shards import is_shard_source
+from modeling_clipcap.shards import build_train_stream, is_shard_source
 from modeling_clipcap.training_data import build_datasets, make_dataloaders, run_report, validate
 from modeling_clipcap.training_utils import optimizer_parameter_groups
 
@@ -57,6 +58,13 @@ __all__ = ["build_model_and_processor", "build_parser", "main", "parse_args"]
 MODEL_FIELDS = (
     "mapping_type", "prefix_length", "clip_length", "normalize_prefix", "freeze_language_model", "freeze_vision",
     "mapping_input",
+)  # fmt: skip
+# Flags that say what data is read and how (keyword arguments of training_data.build_datasets / read_splits).
+DATA_ARGUMENTS = (
+    "train_file", "dataset_name", "dataset_config_name", "train_split", "validation_file", "validation_split",
+    "image_dir", "validation_image_dir", "image_column", "caption_column", "streaming", "max_train_samples",
+    "max_eval_samples", "on_bad_image", "max_caption_length", "embedding_cache", "embedding_cache_dir",
+    "embedding_batch_size", "preprocessing_num_workers",
 )  # fmt: skip
 # Recorded in train_results.json and the model card.
 HYPERPARAMETERS = MODEL_FIELDS[:3] + MODEL_FIELDS[4:] + (
@@ -98,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_samples", type=int, help="Use the first N training images.")
     g.add_argument("--max_eval_samples", type=int, help="Use the first N validation images.")
     g.add_argument("--max_caption_length", type=int, default=64, help="Tokens per caption, eos included.")
-    g.add_argument("--on_bad_image", choices=["fail", "error", "skip"], default="fail", help="error = fail.")
+    g.add_argument("--on_bad_image", choices=BAD_IMAGE_POLICIES, default="fail", help="error = fail.")
     g.add_argument("--embedding_cache_dir", help="Where image embeddings are cached.")
     add_bool_argument(g, "embedding_cache", default=True, help="Encode each image once (default).")
     g.add_argument("--embedding_batch_size", type=int, default=64)
@@ -273,7 +281,16 @@ def save_outputs(
         if finished:
             processor.save_pretrained(output_dir)
             unwrapped.generation_config.save_pretrained(output_dir)
-            render_training_card(args, summary, unwrapped.config).save(output_dir / "README.md")
+            bases = (args.vision_model_name_or_path, args.text_model_name_or_path, args.model_name_or_path)
+            template = read_preset(args.preset)["card_template"] if args.preset is not None else None
+            card = render_training_card(
+                summary,
+                unwrapped.config,
+                model_id=args.hub_model_id or output_dir.name,
+                base_models=bases,
+                card_template=template,
+            )
+            card.save(output_dir / "README.md")
         summary["skipped_images"] = len(summary.pop("skipped"))
         (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2, default=str))
     accelerator.wait_for_everyone()
@@ -464,7 +481,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Model and data
     model, processor = build_model_and_processor(args)
-    data = build_datasets(args, accelerator, model, processor)
+    data = build_datasets(
+        accelerator,
+        model,
+        processor,
+        **{k: getattr(args, k) for k in DATA_ARGUMENTS},
+        shard_stream=lambda collator: build_train_stream(
+            args, accelerator, collator, model.config.mapping_input
+        ),
+    )
     train_dataloader, val_dataloaders = make_dataloaders(args, data, processor)
 
     # Optimizer and schedule
