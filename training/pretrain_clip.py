@@ -55,6 +55,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python training/pretrain_clip.py` from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from modeling_clipcap.data import load_caption_dataset  # noqa: E402
 from modeling_clipcap.image_io import load_image  # noqa: E402
 from modeling_clipcap.presets import find_preset, read_preset  # noqa: E402
 from modeling_clipcap.towers import (  # noqa: E402
@@ -92,34 +93,17 @@ DEFAULTS: dict[str, Any] = {
 def read_metadata(
     train_file: str | Path, image_dir: str | Path | None = None
 ) -> tuple[list[Path], list[list[str]]]:
-    """Image paths and their reference captions from an image folder's ``metadata.jsonl``.
-
-    Each line is ``{"file_name": ..., "captions": [...]}`` (or ``"caption": str``); paths are relative to
-    ``image_dir`` (default: the folder of ``train_file``).
-    """
-    train_file = Path(train_file)
-    if train_file.is_dir():
-        train_file = train_file / "metadata.jsonl"
-    if not train_file.is_file():
+    """Image paths and their reference captions from an image folder's ``metadata.jsonl`` (or the folder), read
+    by the library's reader (``modeling_clipcap.data.load_caption_dataset``: captions cleaned, one entry per
+    image, missing images named); paths are relative to ``image_dir`` (default: the metadata file's folder)."""
+    if not Path(train_file).exists():  # a path that is not there is never a dataset name here
         raise FileNotFoundError(
             f"--train_file {train_file} does not exist; pass an image folder's metadata.jsonl."
         )
-    root = Path(image_dir) if image_dir is not None else train_file.parent
-    paths: list[Path] = []
-    captions: list[list[str]] = []
-    with open(train_file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            caps = row.get("captions") or ([row["caption"]] if "caption" in row else [])
-            if not caps or "file_name" not in row:
-                raise ValueError(f"{train_file}:{line_no}: needs 'file_name' and 'captions' (or 'caption').")
-            paths.append(root / row["file_name"])
-            captions.append([str(c) for c in caps])
-    if not paths:
+    images, _ = load_caption_dataset(train_file, image_dir=image_dir)
+    if len(images) == 0:
         raise ValueError(f"{train_file} lists no images.")
-    return paths, captions
+    return [Path(path) for path in images["image"]], images["captions"]
 
 
 def load_pixels(paths: list[Path], image_size: int, show_progress: bool = True) -> torch.Tensor:
@@ -299,7 +283,11 @@ def build_text_side(
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int) -> float:
-    """Learning-rate factor: linear warm-up, then a cosine to 0 at ``max_steps``."""
+    """Learning-rate factor: linear warm-up, then a cosine to 0 at ``max_steps``.
+
+    After the warm-up this is transformers' ``get_scheduler("cosine", ...)`` exactly; during it, that one gives
+    step ``k`` the factor ``k / warmup_steps`` (step 0 does not move), this one ``(k + 1) / warmup_steps``.
+    Kept so that the demo's pretrained towers stay what docs/demo.md measured."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
