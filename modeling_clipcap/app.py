@@ -33,18 +33,16 @@ import argparse
 import csv
 import json
 import os
-import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .captioning import DTYPES, CaptionInputError, caption_batch, load_captioner
+from .captioning import DTYPES, CaptionInputError, caption_items, load_captioner, resolve_model_path
 from .image_io import DEFAULT_MAX_PIXELS, ImageLoadError, list_image_files, load_image
 
 __all__ = [
@@ -66,41 +64,13 @@ PAGE_BATCH_SIZE = 16
 MAX_EXAMPLES = 12
 #: largest upload the server accepts (Gradio refuses bigger files before they reach the model)
 DEFAULT_MAX_FILE_SIZE = "25mb"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-
-class AppInputError(ValueError):
-    """An argument of the app (model, CLIP model, examples, decoding choice) is unusable; the message says why."""
+#: An argument of the app (model, CLIP model, examples, decoding choice) is unusable; the message says why. The
+#: same class as the loader's error (``captioning.CaptionInputError``): one error type for unusable command inputs.
+AppInputError = CaptionInputError
 
 
 # ------------------------------------------------------------------------------------------ loading
-
-
-def resolve_model_path(name_or_path: str | os.PathLike, flag: str = "--model") -> Path:
-    """A local model folder for ``name_or_path``: the folder itself, or a Hub model id downloaded to the cache.
-
-    Raises:
-        AppInputError: the path does not exist and is not a Hub id, or the download failed.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    name = str(name_or_path)
-    if not _REPO_ID.match(name):
-        raise AppInputError(
-            f"{flag} {name}: no such folder. Pass a folder written by save_pretrained, or a Hugging Face "
-            "Hub model id such as org/clipcap-coco."
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=name))
-    except Exception as err:  # offline, unknown id, private repository without a token, ...
-        raise AppInputError(
-            f"{flag} {name} is not a local folder, and downloading it from the Hugging Face Hub failed "
-            f"({type(err).__name__}: {err}). Check the model id (and HF_TOKEN for a private model), or pass "
-            "a local folder."
-        ) from err
 
 
 def load_app_models(
@@ -109,21 +79,20 @@ def load_app_models(
     dtype: str = "float32",
     device: str | None = None,
 ) -> tuple[Any, Any, tuple[Any, Any] | None, Path]:
-    """Load the captioner (and the CLIP model that scores captions) from folders or Hub ids.
+    """Load the captioner (:func:`modeling_clipcap.captioning.load_captioner`) and the CLIP model that scores
+    captions, from folders or Hub ids.
 
     Returns:
-        ``(model, processor, clip, model_dir)`` where ``clip`` is ``(CLIPModel, CLIPProcessor)`` or ``None``.
+        ``(model, processor, clip, model_dir)`` where ``clip`` is ``(CLIPModel, CLIPProcessor)`` or ``None`` and
+        ``model_dir`` the model's local folder (a Hub id's download).
 
     Raises:
         AppInputError: a model cannot be found or loaded; the message names it and says what to do.
     """
     from .evaluation import load_clip
 
-    model_dir = resolve_model_path(model, "--model")
-    try:
-        captioner, processor = load_captioner(model_dir, dtype=dtype, device=device)
-    except CaptionInputError as err:
-        raise AppInputError(str(err)) from err
+    captioner, processor = load_captioner(model, dtype=dtype, device=device)
+    model_dir = Path(captioner.name_or_path)
     clip = None
     if clip_model is not None:
         clip_dir = resolve_model_path(clip_model, "--clip_model")
@@ -249,31 +218,63 @@ class Decoding:
 # ------------------------------------------------------------------------------------------ captioning
 
 
-@torch.no_grad()
+def _captions_with_prefix(
+    model: Any,
+    processor: Any,
+    items: Iterable[Any],
+    generate_kwargs: dict[str, Any],
+    *,
+    batch_size: int,
+    on_bad_image: str,
+    max_pixels: int | None,
+) -> Iterator[tuple[Any, list[str], str | None, list[str], Any]]:
+    """:func:`modeling_clipcap.captioning.caption_items` plus, per captioned image, its prefix read back as the K
+    nearest vocabulary tokens (from the model inputs its captions came from) and its decoded image (for CLIPScore).
+
+    Yields:
+        ``(id, captions, error, prefix_tokens, image)`` per item, in order (``[]`` and ``None`` for a failed one).
+    """
+    extras: dict[Any, tuple[list[str], Any]] = {}
+
+    def read_prefix(ids: list[Any], inputs: dict[str, Any], images: list[Any] | None) -> None:
+        tokens = model.interpret_prefix(**inputs, tokenizer=processor.tokenizer)  # (B, K) token strings
+        extras.update(zip(ids, zip(tokens, images or [None] * len(ids))))
+
+    for image_id, captions, error in caption_items(
+        model,
+        processor,
+        items,
+        batch_size=batch_size,
+        on_bad_image=on_bad_image,
+        max_pixels=max_pixels,
+        on_batch=read_prefix,
+        **generate_kwargs,
+    ):
+        tokens, image = extras.pop(image_id, ([], None))
+        yield image_id, captions, error, list(tokens), image
+
+
 def caption_pil_images(
     model: Any, processor: Any, images: list[Any], generate_kwargs: dict[str, Any]
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """Captions and prefix tokens of decoded RGB images, in one ``generate`` call (``captioning.caption_batch``).
+    """Captions and prefix tokens of decoded RGB images, in one ``generate`` call.
 
     Returns:
         ``(captions, prefix_tokens)``: per image, its ``num_return_sequences`` captions (the model's order) and
         the K nearest vocabulary tokens of its prefix.
     """
-    processed = processor(images=images, return_tensors="pt")
-    pixel_values = processed["pixel_values"].to(device=model.device, dtype=model.dtype)  # (B, 3, H, W)
-    # the tower's other inputs (SigLIP2: pixel_attention_mask (B, N), spatial_shapes (B, 2))
-    tower_inputs = {
-        k: v.to(model.device) for k, v in processed.items() if k != "pixel_values" and torch.is_tensor(v)
-    }
-    texts = caption_batch(  # B * n captions
-        model, processor, pixel_values=pixel_values, image_inputs=tower_inputs, **generate_kwargs
+    results = list(
+        _captions_with_prefix(
+            model,
+            processor,
+            images,
+            generate_kwargs,
+            batch_size=max(len(images), 1),
+            on_bad_image="fail",
+            max_pixels=None,  # decoded already, under the limit of whoever decoded them
+        )
     )
-    n = len(texts) // len(images)
-    captions = [texts[i * n : (i + 1) * n] for i in range(len(images))]
-    prefix_tokens = model.interpret_prefix(
-        pixel_values=pixel_values, tokenizer=processor.tokenizer, **tower_inputs
-    )
-    return captions, prefix_tokens
+    return [r[1] for r in results], [r[3] for r in results]
 
 
 def _clip_rank(
@@ -327,6 +328,16 @@ def caption_files(
         AppInputError: the decoding choice is impossible.
     """
     generate_kwargs = decoding.generate_kwargs()
+    rows = [{"image_id": i, "image": str(path), "name": _display_name(path)} for i, path in enumerate(files)]
+    stream = _captions_with_prefix(
+        model,
+        processor,
+        rows,
+        generate_kwargs,
+        batch_size=batch_size,
+        on_bad_image="skip",
+        max_pixels=max_pixels,
+    )
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         if progress is not None:
@@ -334,30 +345,28 @@ def caption_files(
                 start / len(files),
                 desc=f"captioning images {start + 1}-{min(start + batch_size, len(files))}",
             )
-        chunk = files[start : start + batch_size]
-        loaded: list[tuple[dict[str, Any], Any]] = []
-        for path in chunk:
-            result = {"image": _display_name(path), "path": str(path), "captions": [], "prefix_tokens": []}
-            try:
-                image = load_image(path, max_pixels=max_pixels, name=result["image"])
-                result["error"] = None
-                loaded.append((result, image))
-            except ImageLoadError as err:
-                result["error"] = str(err)
-            results.append(result)
-        if not loaded:
-            continue
-        images = [image for _, image in loaded]
-        captions, prefix_tokens = caption_pil_images(model, processor, images, generate_kwargs)
-        if clip is not None:
-            ranked: list[list[tuple[str, float | None]]] = _clip_rank(clip, images, captions)
+        batch = list(islice(stream, batch_size))  # one generate call of the captioning path
+        done = [entry for entry in batch if entry[2] is None]
+        if clip is not None and done:
+            ranked = iter(_clip_rank(clip, [entry[4] for entry in done], [entry[1] for entry in done]))
         else:
-            ranked = [[(c, None) for c in caps] for caps in captions]
-        for (result, _), pairs, tokens in zip(loaded, ranked, prefix_tokens):
-            result["captions"] = [
-                {"rank": i + 1, "caption": text, "clip_score": score} for i, (text, score) in enumerate(pairs)
-            ]
-            result["prefix_tokens"] = list(tokens)
+            ranked = iter([[(c, None) for c in entry[1]] for entry in done])
+        for index, _, error, tokens, _ in batch:
+            result = {
+                "image": rows[index]["name"],
+                "path": rows[index]["image"],
+                "captions": [],
+                "prefix_tokens": [],
+            }
+            if error is None:
+                pairs = next(ranked)
+                result["captions"] = [
+                    {"rank": i + 1, "caption": text, "clip_score": score}
+                    for i, (text, score) in enumerate(pairs)
+                ]
+                result["prefix_tokens"] = tokens
+            result["error"] = error
+            results.append(result)
     if progress is not None:
         progress(1.0, desc="done")
     return results
@@ -577,14 +586,23 @@ def _api_handlers(gr: Any, model: Any, processor: Any, max_pixels: int | None) -
     def caption_api(images: list[Any]) -> tuple[list[str]]:
         """Caption one image file (batched: Gradio hands over up to max_batch_size concurrent requests)."""
         paths = [_upload_path(image) for image in images]
+        rows = [{"image_id": i, "image": p, "name": _display_name(p)} for i, p in enumerate(paths)]
         try:
-            decoded = [load_image(p, max_pixels=max_pixels, name=_display_name(p)) for p in paths]
+            results = list(
+                caption_items(
+                    model,
+                    processor,
+                    rows,
+                    batch_size=len(rows),
+                    max_pixels=max_pixels,
+                    num_return_sequences=1,
+                )
+            )
         except (
             ImageLoadError
         ) as err:  # the validator refused such files already; only a vanished file gets here
             raise gr.Error(str(err), print_exception=False) from err
-        captions, _ = caption_pil_images(model, processor, decoded, {"num_return_sequences": 1})
-        return ([caps[0] for caps in captions],)
+        return ([captions[0] for _, captions, _ in results],)
 
     return validate_api_image, caption_api
 

@@ -1,20 +1,27 @@
-"""``clipcap caption``: caption image files and folders with a saved ClipCap model.
+"""The one captioning path and the one model loader; ``clipcap caption`` on top of them.
+
+:func:`caption_items` is the library's one loop from images to captions: it reads them under the bad-image
+policy (:func:`modeling_clipcap.image_io.check_bad_image_policy`), runs the processor once per image, batches,
+generates and decodes. ``clipcap caption``, ``clipcap evaluate``, training's validation, the
+``image-captioning`` pipeline and ``clipcap app`` all caption through it. :func:`load_captioner` is the one
+model loader of ``clipcap caption | evaluate | app``: a saved folder or a Hugging Face Hub model id, a precision
+and a device.
 
 Library use::
 
-    from modeling_clipcap.captioning import caption_images, load_captioner
-    model, processor = load_captioner("path/to/model")
-    for path, caption, error in caption_images(model, processor, ["a.jpg", "b.png"], batch_size=32):
-        print(path, caption if error is None else f"FAILED: {error}")
+    from modeling_clipcap.captioning import caption_items, load_captioner
+    model, processor = load_captioner("path/or/org/clipcap-coco")
+    for image_id, captions, error in caption_items(model, processor, ["a.jpg", "b.png"], on_bad_image="skip"):
+        print(image_id, captions[0] if error is None else f"FAILED: {error}")
 
 Command line::
 
-    clipcap caption photos/ extra.jpg --model path/to/model --num_beams 5 --batch_size 32 [--json]
+    clipcap caption photos/ extra.jpg --model path/or/org/clipcap-coco --num_beams 5 --batch_size 32 [--json]
 
 Output: one line per image on stdout, ``PATH<TAB>CAPTION`` (or one JSON object per line with
 ``--json``), in the order the inputs were given, folders expanded to their image files sorted by
 name. An unreadable file gets ``error: PATH: reason`` on stderr and the others are still captioned;
-the exit status is then 1. Bad arguments or a model folder that cannot be loaded give a one-line
+the exit status is then 1. Bad arguments or a model that cannot be loaded give a one-line
 message and exit status 2. Images are read and captioned one batch at a time, so memory stays flat
 however many images are given.
 """
@@ -24,22 +31,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from .image_io import ImageLoadError, list_image_files, load_image
+from .image_io import (
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    check_bad_image_policy,
+    list_image_files,
+    load_image,
+)
 
 __all__ = [
+    "CaptionInputError",
     "add_cli_arguments",
     "caption_batch",
     "caption_images",
+    "caption_items",
     "cli_main",
     "expand_inputs",
     "load_captioner",
+    "resolve_device",
+    "resolve_model_path",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -49,6 +68,13 @@ DTYPES: dict[str, torch.dtype] = {
 }
 #: ``bfloat16-vision``: only the CLIP tower in bf16 (where the FLOPs are); mapper and GPT-2 stay fp32, which
 #: keeps the captions (docs/performance.md measured 96-97% agreement with fp32 vs 76-87% for a bf16 GPT-2).
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+#: ``on_batch(ids, inputs, images)`` of :func:`caption_items`: the ids of a batch just captioned, the model inputs
+#: its captions were generated from (on the model's device) and its decoded images (``None`` for precomputed
+#: inputs).
+BatchHook = Callable[[list[Any], dict[str, torch.Tensor], list[Any] | None], None]
 
 
 class CaptionInputError(ValueError):
@@ -76,22 +102,20 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[tuple[str, st
             yield str(path), "no such file or folder"
 
 
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+# ------------------------------------------------------------------------------------------ the captioning path
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    for param in model.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return torch.float32
+def _model_inputs(model: Any, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of ``inputs`` on the model's device; images (``pixel_values``, ``image_embeds``) in its dtype."""
+    out = {}
+    for name, value in inputs.items():
+        if not torch.is_tensor(value):
+            continue
+        if name in ("pixel_values", "image_embeds"):
+            out[name] = value.to(device=model.device, dtype=model.dtype)
+        else:  # the tower's other inputs (SigLIP2: pixel_attention_mask (B, N), spatial_shapes (B, 2))
+            out[name] = value.to(model.device)
+    return out
 
 
 @torch.no_grad()
@@ -102,39 +126,218 @@ def caption_batch(
     images: list[Any] | None = None,
     pixel_values: torch.Tensor | None = None,
     image_embeds: torch.Tensor | None = None,
-    image_inputs: dict[str, torch.Tensor] | None = None,
+    image_inputs: Mapping[str, torch.Tensor] | None = None,
     **generation_kwargs: Any,
 ) -> list[str]:
-    """The library's one images -> ``generate`` -> text step (captioning, evaluation, training's validation).
+    """One ``generate`` call on one batch and its decoding: the step :func:`caption_items` repeats.
 
     Args:
-        model: a ClipCap model; inputs are moved to its device (and floating ones to its dtype).
+        model: a ClipCap model; inputs are moved to its device (and images to its dtype).
         processor: its ``ClipCapProcessor`` (``images`` -> ``pixel_values``; ``batch_decode``).
-        images: PIL images, turned into ``pixel_values`` (B, 3, H, W) by the processor, with every other tensor
-            it returns (SigLIP2: ``pixel_attention_mask`` (B, N), ``spatial_shapes`` (B, 2)) passed on too; or give
-            ``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D) / (B, N, D) directly.
-        image_inputs: with ``pixel_values``, the other tensors the image tower takes (SigLIP2's mask and shapes).
+        images: decoded PIL images, turned into ``pixel_values`` (B, 3, H, W) by the processor, with every other
+            tensor it returns (SigLIP2: ``pixel_attention_mask`` (B, N), ``spatial_shapes`` (B, 2)) passed on too;
+            or give ``pixel_values`` (B, 3, H, W) or ``image_embeds`` (B, D) / (B, N, D) directly.
+        image_inputs: model inputs as a mapping (a processor's full output, or the tower's other tensors next to
+            ``pixel_values``).
         **generation_kwargs: passed to ``model.generate`` (``num_beams``, ``max_new_tokens``, ...).
 
     Returns:
         B * ``num_return_sequences`` captions, special tokens removed and white space collapsed.
     """
-    tower_inputs = dict(image_inputs or {})
+    inputs = dict(image_inputs or {})
     if images is not None:
-        processed = processor(images=images, return_tensors="pt")
-        pixel_values = processed["pixel_values"]
-        tower_inputs.update(
-            {k: v for k, v in processed.items() if k != "pixel_values" and torch.is_tensor(v)}
-        )
-    inputs = {
-        name: value.to(device=model.device, dtype=model.dtype)
-        for name, value in (("pixel_values", pixel_values), ("image_embeds", image_embeds))
-        if value is not None
-    }
-    inputs.update({name: value.to(model.device) for name, value in tower_inputs.items()})
-    output = model.generate(**inputs, **generation_kwargs)  # (B, T) ids, or an output with .sequences
+        inputs.update(processor(images=images, return_tensors="pt"))
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values
+    if image_embeds is not None:
+        inputs["image_embeds"] = image_embeds
+    output = model.generate(**_model_inputs(model, inputs), **generation_kwargs)  # (B, T) or .sequences
     sequences = output.sequences if hasattr(output, "sequences") else output
     return [" ".join(text.split()) for text in processor.batch_decode(sequences, skip_special_tokens=True)]
+
+
+@dataclass
+class _Item:
+    """One input of :func:`caption_items` on its way: an image source to read, or precomputed model inputs."""
+
+    id: Any
+    name: str | None = None  # how error messages name it (default: load_image's description of the source)
+    source: Any = None
+    inputs: dict[str, torch.Tensor] | None = (
+        None  # unbatched: image_embeds (D,) / (N, D), or pixel_values & co.
+    )
+    image: Any = None
+    captions: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.inputs is None:
+            return "image"
+        return "image_embeds" if "image_embeds" in self.inputs else "pixel_values"
+
+
+def _as_item(position: int, item: Any) -> _Item:
+    """A path (id: the path), a row with ``image_id`` (id: that), or any other image source (id: its position)."""
+    if isinstance(item, Mapping) and "image_id" in item:
+        image_id, name = item["image_id"], item.get("name")
+        if item.get("error") is not None:
+            return _Item(image_id, name or str(image_id), error=str(item["error"]))
+        if item.get("image_embeds") is not None:
+            return _Item(image_id, name, inputs={"image_embeds": torch.as_tensor(item["image_embeds"])})
+        if item.get("pixel_values") is not None:
+            tensors = {k: v for k, v in item.items() if torch.is_tensor(v)}
+            return _Item(
+                image_id, name, inputs=tensors | {"pixel_values": torch.as_tensor(item["pixel_values"])}
+            )
+        if "image" in item:
+            return _Item(image_id, name, source=item["image"])
+        raise ValueError(
+            f"item {position} (image_id {image_id!r}) has no 'image', 'image_embeds' or 'pixel_values'; "
+            f"it has {sorted(item)}."
+        )
+    if isinstance(item, (str, os.PathLike)):
+        return _Item(str(item), source=item)
+    return _Item(position, source=item)
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[_Item]]:
+    batch: list[_Item] = []
+    for position, item in enumerate(items):
+        batch.append(_as_item(position, item))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _read_images(batch: list[_Item], policy: str, max_pixels: int | None) -> None:
+    """Decode the batch's image files; a bad one raises (``"fail"``) or keeps its error (``"skip"``)."""
+    for item in batch:
+        if item.error is None and item.inputs is None:
+            try:
+                item.image = load_image(item.source, max_pixels=max_pixels, name=item.name)
+            except ImageLoadError as err:
+                if policy == "fail":
+                    raise
+                item.error = str(err)
+        elif item.error is not None and policy == "fail":
+            raise ImageLoadError(f"cannot read image {item.name}: {item.error}", source=item.name)
+
+
+def _require_vision_tower(model: Any) -> None:
+    if getattr(model, "vision_model", True) is None:
+        raise ValueError(
+            "this model has no vision tower (it was built with vision_config=None and takes only "
+            "image_embeds); caption images with a model that includes its vision tower."
+        )
+
+
+@torch.no_grad()
+def _caption_group(
+    model: Any,
+    processor: Any,
+    group: list[_Item],
+    policy: str,
+    on_batch: BatchHook | None,
+    generation_kwargs: dict[str, Any],
+) -> None:
+    """Caption items of one kind in one ``generate`` call; the processor runs once on their images.
+
+    When the call fails under ``"skip"``, the items are captioned one at a time, so only the image(s)
+    responsible get the error.
+    """
+    try:
+        images = None
+        if group[0].inputs is None:
+            images = [item.image for item in group]
+            inputs = _model_inputs(model, processor(images=images, return_tensors="pt"))
+        else:  # precomputed per item: stack them back into (B, ...) tensors
+            inputs = _model_inputs(
+                model, {name: torch.stack([item.inputs[name] for item in group]) for name in group[0].inputs}
+            )
+        texts = caption_batch(model, processor, image_inputs=inputs, **generation_kwargs)
+        if on_batch is not None:
+            on_batch([item.id for item in group], inputs, images)
+    except (ValueError, RuntimeError) as err:
+        if policy == "fail":
+            raise
+        if len(group) == 1:
+            group[0].error = f"captioning failed ({type(err).__name__}: {err})"
+            return
+        for item in group:
+            _caption_group(model, processor, [item], policy, on_batch, generation_kwargs)
+        return
+    per_item = len(texts) // len(group)  # num_return_sequences
+    for i, item in enumerate(group):
+        item.captions = texts[i * per_item : (i + 1) * per_item]
+
+
+def caption_items(
+    model: Any,
+    processor: Any,
+    items: Iterable[Any],
+    *,
+    batch_size: int = 16,
+    on_bad_image: str = "fail",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    on_batch: BatchHook | None = None,
+    **generation_kwargs: Any,
+) -> Iterator[tuple[Any, list[str], str | None]]:
+    """Caption images lazily, one batch at a time: the library's one captioning path.
+
+    Args:
+        model: a ``ClipCapForConditionalGeneration`` (put in eval mode while captioning, then back).
+        processor: its ``ClipCapProcessor`` (run once per image; ``batch_decode``).
+        items: an iterable, consumed one batch at a time, of
+
+            * image files (``str`` / ``os.PathLike``; id: the path as a string),
+            * rows with an ``image_id`` (the id) and one of: ``image`` (anything
+              :func:`modeling_clipcap.image_io.load_image` reads), ``image_embeds`` ((D,) or (N, D): no image is
+              read), or ``pixel_values`` with the tower's other tensors, unbatched (SigLIP2:
+              ``pixel_attention_mask`` (N,), ``spatial_shapes`` (2,)); optionally ``name`` (how errors name the
+              image) or ``error`` (a reason it is already known to be unusable, reported as is),
+            * any other image source (PIL image, bytes, ``datasets`` image dict; id: its position in ``items``).
+        batch_size: images per ``generate`` call; at most this many decoded images are held at once.
+        on_bad_image: ``"fail"`` raises at an image that cannot be read or captioned (before anything of its
+            batch is generated); ``"skip"`` reports it in its place and goes on
+            (:func:`modeling_clipcap.image_io.check_bad_image_policy`).
+        max_pixels: decompression-bomb limit of :func:`modeling_clipcap.image_io.load_image`.
+        on_batch: called after each ``generate`` call as ``on_batch(ids, inputs, images)`` (:data:`BatchHook`),
+            e.g. to read more from the same model inputs (the app's prefix tokens).
+        **generation_kwargs: passed to ``model.generate`` (``num_beams``, ``max_new_tokens``, ...).
+
+    Yields:
+        ``(id, captions, error)`` per item, in input order: ``captions`` holds ``num_return_sequences`` strings
+        and ``error`` is ``None``; or, under ``"skip"``, ``captions == []`` and ``error`` names the image and says
+        what was wrong.
+
+    Raises:
+        ValueError: ``batch_size`` or ``on_bad_image`` is invalid, or images are given to a model without a
+            vision tower. ImageLoadError: under ``"fail"``, an image that cannot be read.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    policy = check_bad_image_policy(on_bad_image)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _batches(items, batch_size):
+            _read_images(batch, policy, max_pixels)
+            groups: dict[str, list[_Item]] = {}
+            for item in batch:
+                if item.error is None:
+                    groups.setdefault(item.kind, []).append(item)
+            for kind, group in groups.items():
+                if kind != "image_embeds":
+                    _require_vision_tower(model)
+                _caption_group(model, processor, group, policy, on_batch, generation_kwargs)
+            for item in batch:
+                yield item.id, item.captions, item.error
+            del batch, groups  # nothing from this batch outlives it
+    finally:
+        model.train(was_training)
 
 
 def caption_images(
@@ -144,10 +347,10 @@ def caption_images(
     batch_size: int = 16,
     **generation_kwargs: Any,
 ) -> Iterator[tuple[str, str | None, str | None]]:
-    """Caption image files lazily, one batch at a time.
+    """Caption image files lazily (:func:`caption_items` with ``on_bad_image="skip"``), one caption per file.
 
     Args:
-        model: a ``ClipCapForConditionalGeneration`` with a vision tower (in eval mode).
+        model: a ``ClipCapForConditionalGeneration`` with a vision tower.
         processor: its ``ClipCapProcessor``.
         paths: image paths (an iterable, consumed lazily), or ``(path, problem)`` pairs as produced by
             :func:`expand_inputs` (a pair with a problem is reported without being read).
@@ -158,59 +361,19 @@ def caption_images(
         ``(path, caption, None)`` for every captioned image and ``(path, None, error)`` for every file that
         could not be read (the error names the file and says why), in input order.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if getattr(model, "vision_model", True) is None:
-        raise ValueError(
-            "this model has no vision tower (it was built with vision_config=None and takes only "
-            "image_embeds); caption files with a model that includes its CLIP vision tower."
-        )
 
-    def normalized() -> Iterator[tuple[str, str | None]]:
+    def rows() -> Iterator[dict[str, Any]]:
         for item in paths:
-            if isinstance(item, tuple):
-                yield str(item[0]), item[1]
-            else:
-                yield str(item), None
+            path, problem = item if isinstance(item, tuple) else (item, None)
+            yield {"image_id": str(path), "image": path, "name": str(path), "error": problem}
 
-    for batch in _batches(normalized(), batch_size):
-        loaded: list[tuple[str, Any, str | None]] = []
-        for path, problem in batch:
-            if problem is not None:
-                loaded.append((path, None, problem))
-                continue
-            try:
-                loaded.append((path, load_image(path), None))
-            except ImageLoadError as err:
-                loaded.append((path, None, str(err)))
-        good = [(i, image) for i, (_, image, _) in enumerate(loaded) if image is not None]
-        captions: dict[int, str] = {}
-        errors: dict[int, str] = {}
-        if good:
-            try:
-                texts = caption_batch(
-                    model, processor, images=[image for _, image in good], **generation_kwargs
-                )
-                captions = {i: text for (i, _), text in zip(good, texts)}
-            except (ValueError, RuntimeError) as batch_err:
-                if len(good) == 1:
-                    errors[good[0][0]] = f"captioning failed ({type(batch_err).__name__}: {batch_err})"
-                else:  # find the image(s) responsible: caption them one at a time
-                    for i, image in good:
-                        try:
-                            captions[i] = caption_batch(
-                                model, processor, images=[image], **generation_kwargs
-                            )[0]
-                        except (ValueError, RuntimeError) as err:
-                            errors[i] = f"captioning failed ({type(err).__name__}: {err})"
-        for i, (path, _, problem) in enumerate(loaded):
-            if problem is not None:
-                yield path, None, problem
-            elif i in errors:
-                yield path, None, errors[i]
-            else:
-                yield path, captions[i], None
-        del loaded, good  # nothing from this batch outlives it
+    for path, captions, error in caption_items(
+        model, processor, rows(), batch_size=batch_size, on_bad_image="skip", **generation_kwargs
+    ):
+        yield path, (captions[0] if error is None else None), error
+
+
+# ------------------------------------------------------------------------------------------ the model loader
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -234,55 +397,94 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def load_captioner(
-    model_dir: str | os.PathLike, dtype: str = "float32", device: str | None = None
-) -> tuple[Any, Any]:
-    """Load a saved ClipCap model folder (model + processor) for captioning.
+def resolve_model_path(name_or_path: str | os.PathLike, flag: str = "--model") -> Path:
+    """A local folder for ``name_or_path``: the path itself, or a Hugging Face Hub model id downloaded to the cache.
 
     Raises:
-        CaptionInputError: the folder is missing, lacks files, or cannot be loaded, or ``device`` is not usable
-            here; the message says what to do.
+        CaptionInputError: the path does not exist and is not a Hub id, or the download failed; the message names
+            ``flag`` and the input.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if not _REPO_ID.match(name):
+        raise CaptionInputError(
+            f"{flag} {name}: no such folder (it does not exist here, so it is not a local model directory, and it "
+            "is not a Hugging Face Hub model id either). Pass a folder written by save_pretrained (config.json, "
+            "model.safetensors, processor and tokenizer files), or a Hub model id such as org/clipcap-coco."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name))
+    except Exception as err:  # offline, unknown id, private repository without a token, ...
+        raise CaptionInputError(
+            f"{flag} {name} is not a local folder, and downloading it from the Hugging Face Hub failed "
+            f"({type(err).__name__}: {err}). Check the model id (and HF_TOKEN for a private model), or pass "
+            "a local folder."
+        ) from err
+
+
+def load_captioner(
+    name_or_path: str | os.PathLike,
+    dtype: str = "float32",
+    device: str | None = None,
+    *,
+    flag: str = "--model",
+) -> tuple[Any, Any]:
+    """The one model loader of ``clipcap caption | evaluate | app``: model + processor, in eval mode on ``device``.
+
+    Args:
+        name_or_path: a folder written by ``save_pretrained`` (model and processor), or a Hub model id.
+        dtype: a name of :data:`DTYPES` (``bfloat16-vision``: only the image tower in bf16), or ``"auto"`` (the
+            precision it was saved in).
+        device: a torch device name (checked before any weights are read); default cuda if available, else cpu.
+        flag: the command-line flag that gave ``name_or_path``, for error messages.
+
+    Raises:
+        CaptionInputError: the device or dtype is unusable, the folder or id cannot be found, lacks files, or cannot
+            be loaded, or the model has no vision tower; the message names the input and says what to do.
     """
     torch_device = resolve_device(device)  # before any weights are read
+    if dtype not in DTYPES and dtype != "auto":
+        raise CaptionInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     from . import ClipCapForConditionalGeneration, ClipCapProcessor
 
-    path = Path(model_dir)
-    if not path.exists():
-        raise CaptionInputError(
-            f"model folder {path} does not exist. Pass --model a folder written by save_pretrained "
-            "(config.json, model.safetensors, processor and tokenizer files)."
-        )
+    path = resolve_model_path(name_or_path, flag)
+    label = str(path) if path == Path(name_or_path).expanduser() else f"{name_or_path} (downloaded to {path})"
     if not path.is_dir():
-        raise CaptionInputError(f"--model {path} is a file; pass the folder that contains config.json.")
+        raise CaptionInputError(f"{flag} {label} is a file; pass the folder that contains config.json.")
     if not (path / "config.json").is_file():
         raise CaptionInputError(
-            f"model folder {path} has no config.json; pass a folder written by save_pretrained "
+            f"model folder {label} has no config.json; pass a folder written by save_pretrained "
             "(a training run's final output folder)."
         )
-    if dtype not in DTYPES:
-        raise CaptionInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     try:
-        model = ClipCapForConditionalGeneration.from_pretrained(str(path), dtype=DTYPES[dtype])
+        model = ClipCapForConditionalGeneration.from_pretrained(str(path), dtype=DTYPES.get(dtype, "auto"))
         if dtype == "bfloat16-vision" and model.vision_model is not None:
             model.vision_model.to(torch.bfloat16)
     except Exception as err:  # any loading failure becomes one clear line
         raise CaptionInputError(
-            f"cannot load the model in {path} ({type(err).__name__}: {err}). Check that it was saved by "
+            f"cannot load the model in {label} ({type(err).__name__}: {err}). Check that it was saved by "
             "ClipCapForConditionalGeneration.save_pretrained and is complete."
         ) from err
     try:
         processor = ClipCapProcessor.from_pretrained(str(path))
     except Exception as err:
         raise CaptionInputError(
-            f"cannot load the processor (image processor + tokenizer) in {path} ({type(err).__name__}: "
+            f"cannot load the processor (image processor + tokenizer) in {label} ({type(err).__name__}: "
             f"{err}). Save it next to the model with processor.save_pretrained({str(path)!r})."
         ) from err
     if model.vision_model is None:
         raise CaptionInputError(
-            f"the model in {path} has no vision tower (image_embeds only), so it cannot caption image files."
+            f"the model in {label} has no vision tower (image_embeds only), so it cannot caption image files."
         )
     model.to(torch_device).eval()
     return model, processor
+
+
+# ------------------------------------------------------------------------------------------ clipcap caption
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -840,7 +840,8 @@ def generate_captions(
     on_bad_image: str = "fail",
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]:
-    """Caption unique images in batches.
+    """Caption unique images in batches, through the library's one captioning path
+    (:func:`modeling_clipcap.captioning.caption_items`).
 
     Args:
         model: a ClipCap model (``generate(pixel_values=... | image_embeds=...)`` returning new tokens only).
@@ -849,7 +850,8 @@ def generate_captions(
             ``image_embeds`` (D,) precomputed embeddings (then no image is read).
         num_beams, max_new_tokens: decoding settings; None keeps the model's generation config
             (``max_new_tokens`` falls back to 30 when that has none).
-        on_bad_image: ``"fail"`` raises on an unreadable image; ``"skip"`` leaves it out and reports it.
+        on_bad_image: ``"fail"`` raises on an unreadable image; ``"skip"`` leaves it out and reports it
+            (:func:`modeling_clipcap.image_io.check_bad_image_policy`).
 
     Returns:
         ``(predictions, skipped)``: ``[{"image_id", "caption"}]`` in record order, and
@@ -857,13 +859,8 @@ def generate_captions(
     """
     from tqdm.auto import tqdm
 
-    from .captioning import caption_batch
-    from .image_io import ImageLoadError, load_image
+    from .captioning import caption_items
 
-    if on_bad_image not in ("fail", "skip"):
-        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     kwargs: dict[str, Any] = dict(generation_kwargs or {})
     if num_beams is not None:
         kwargs["num_beams"] = num_beams
@@ -871,43 +868,22 @@ def generate_captions(
         kwargs["max_new_tokens"] = max_new_tokens
     elif "max_new_tokens" not in kwargs and getattr(model.generation_config, "max_new_tokens", None) is None:
         kwargs["max_new_tokens"] = 30
-    was_training = model.training
-    model.eval()
     predictions: list[dict[str, Any]] = []
     skipped: list[tuple[Any, str]] = []
-    bar = tqdm(total=len(records), desc="captioning", unit="img", disable=not progress)
-    try:
-        for start in range(0, len(records), batch_size):
-            batch = records[start : start + batch_size]
-            use_embeds = all("image_embeds" in r for r in batch)
-            ids, inputs = [], []
-            for row in batch:
-                if use_embeds:
-                    ids.append(row["image_id"])
-                    inputs.append(torch.as_tensor(row["image_embeds"]))
-                    continue
-                try:
-                    inputs.append(load_image(row["image"]))
-                    ids.append(row["image_id"])
-                except ImageLoadError as err:
-                    if on_bad_image == "fail":
-                        raise
-                    skipped.append((row["image_id"], str(err)))
-            if ids:
-                if use_embeds:
-                    captions = caption_batch(model, processor, image_embeds=torch.stack(inputs), **kwargs)
-                else:
-                    captions = caption_batch(model, processor, images=inputs, **kwargs)
-                if len(captions) != len(ids):
-                    raise ValueError(
-                        f"generate returned {len(captions)} captions for {len(ids)} images; "
-                        "evaluation needs num_return_sequences=1"
-                    )
-                predictions.extend({"image_id": i, "caption": c} for i, c in zip(ids, captions))
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        model.train(was_training)
+    with tqdm(total=len(records), desc="captioning", unit="img", disable=not progress) as bar:
+        for image_id, captions, error in caption_items(
+            model, processor, records, batch_size=batch_size, on_bad_image=on_bad_image, **kwargs
+        ):
+            bar.update(1)
+            if error is not None:
+                skipped.append((image_id, error))
+                continue
+            if len(captions) != 1:
+                raise ValueError(
+                    f"generate returned {len(captions)} captions for image {image_id!r}; "
+                    "evaluation needs num_return_sequences=1"
+                )
+            predictions.append({"image_id": image_id, "caption": captions[0]})
     return predictions, skipped
 
 
@@ -1110,9 +1086,12 @@ def _with_model_index(
 def add_cli_arguments(parser: Any) -> None:
     """Arguments of ``clipcap evaluate`` (see :func:`cli_main`)."""
     from .cli import add_bool_argument
+    from .image_io import BAD_IMAGE_POLICIES
 
     parser.add_argument(
-        "--model", required=True, help="local ClipCap model directory (save_pretrained output)"
+        "--model",
+        required=True,
+        help="a saved ClipCap model folder (save_pretrained) or a Hugging Face Hub model id",
     )
     parser.add_argument(
         "--data",
@@ -1154,7 +1133,7 @@ def add_cli_arguments(parser: Any) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--on_bad_image",
-        choices=("fail", "skip"),
+        choices=BAD_IMAGE_POLICIES,
         default="fail",
         help="unreadable images: stop (default) or skip and report them",
     )
@@ -1175,20 +1154,18 @@ def run_evaluation(args: Any) -> dict[str, Any]:
 
     Returns ``{"predictions", "metrics", "output_dir", "files"}``.
     """
-    from transformers import AutoModel, AutoProcessor
-
     from . import data as data_lib
-    from .captioning import resolve_device
+    from .captioning import load_captioner
 
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--model {str(model_dir)!r} is not a local model directory with a config.json "
-            "(evaluation never downloads; save or download the model first)"
+    if args.update_model_card and not model_dir.is_dir():
+        raise ValueError(
+            f"--update_model_card writes the table into the model folder's README.md, and --model {args.model} is "
+            "not a local folder: download it (huggingface-cli download), or leave the flag out."
         )
-    device = resolve_device(args.device)
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    # the one loader (a folder or a Hub id; --device checked before weights are read), in the saved precision
+    model, processor = load_captioner(args.model, dtype="auto", device=args.device)
+    device = model.device
     dataset, report = data_lib.load_caption_dataset(
         args.data, split=args.split, image_dir=args.image_dir, on_bad_image=args.on_bad_image
     )

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 import torch
 
-from .captioning import caption_batch
+from .captioning import caption_items
 from .data import CaptionCollator, explode_captions, load_caption_dataset
 from .embedding_cache import build_embedding_cache, encoder_fingerprint
 from .image_io import check_bad_image_policy, load_image
@@ -467,18 +467,22 @@ def validate(
         for batch in tqdm(
             loaders["images"], desc="Validation captions", disable=not accelerator.is_local_main_process
         ):
-            captions = caption_batch(
+            # this process's share of the images, one row each (image_embeds, or pixel_values and the tower's other
+            # tensors), captioned through the library's one captioning path in one generate call
+            tensors = {k: v for k, v in batch.items() if k != "index" and torch.is_tensor(v)}
+            rows = [
+                {"image_id": index, **{k: v[i] for k, v in tensors.items()}}
+                for i, index in enumerate(batch["index"].tolist())
+            ]
+            results = caption_items(
                 unwrapped,
                 processor,
-                image_embeds=batch.get("image_embeds"),
-                pixel_values=batch.get("pixel_values"),
-                image_inputs={
-                    k: v for k, v in batch.items() if k not in ("index", "pixel_values", "image_embeds")
-                },
+                rows,
+                batch_size=len(rows),
                 generation_config=unwrapped.generation_config,
             )
             pairs += accelerator.gather_for_metrics(
-                list(zip(batch["index"].tolist(), captions)), use_gather_object=True
+                [(index, captions[0]) for index, captions, _ in results], use_gather_object=True
             )
     random.setstate(python_state)
     np.random.set_state(numpy_state)

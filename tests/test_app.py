@@ -301,29 +301,42 @@ def test_decoding_defaults_follow_the_generation_config():
         Decoding("nucleus").generate_kwargs()
 
 
-def test_page_captions_through_the_library_captioning_step(saved_model, real_photos, monkeypatch):
-    """The app's captions come from ``captioning.caption_batch`` (the library's one images -> generate -> text
-    step): one call per batch of uploads, with the pixel values the prefix tokens are read from."""
+def test_page_captions_through_the_library_captioning_path(saved_model, real_photos, monkeypatch):
+    """The app's captions come from ``captioning.caption_items`` (the library's one captioning path): one
+    ``generate`` call per batch of uploads, the processor run once per image (the prefix tokens are read from the
+    same inputs), the captions those of ``model.generate``."""
     import modeling_clipcap.app as app_module
-    from modeling_clipcap.captioning import caption_batch, load_captioner
+    from modeling_clipcap.captioning import caption_items, load_captioner
 
     model, processor = load_captioner(saved_model)
-    calls: list[int] = []
+    path_calls: list[int] = []
 
     def recording(*args, **kwargs):
-        calls.append(int(kwargs["pixel_values"].shape[0]))
-        return caption_batch(*args, **kwargs)
+        path_calls.append(1)
+        return caption_items(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "caption_batch", recording)
+    processed: list[int] = []  # images per processor call
+    process = type(processor).__call__
+
+    def counting(self, images=None, **kwargs):
+        processed.append(len(images))
+        return process(self, images=images, **kwargs)
+
+    monkeypatch.setattr(app_module, "caption_items", recording)
+    monkeypatch.setattr(type(processor), "__call__", counting)
+    counter = GenerateCounter(model)
     decoding = Decoding(mode="beam search", num_beams=2, num_captions=2, max_new_tokens=4)
     results = caption_files(model, processor, real_photos[:3], decoding, batch_size=2)
-    assert calls == [2, 1]
+    assert path_calls == [1] and counter.sizes == [2, 1] and processed == [2, 1]
+    monkeypatch.undo()
     for path, result in zip(real_photos[:3], results):
-        beams = expected_captions(
-            model, processor, [path], num_beams=2, num_return_sequences=2, max_new_tokens=4
-        )
-        assert result["captions"][0]["caption"] == beams[0]
-        assert len(result["captions"]) == 2 and len(result["prefix_tokens"]) == model.config.prefix_length
+        inputs = processor(images=[load_image(path)], return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, num_beams=2, num_return_sequences=2, max_new_tokens=4)
+            tokens = model.interpret_prefix(**inputs, tokenizer=processor.tokenizer)[0]
+        beams = [" ".join(text.split()) for text in processor.batch_decode(ids)]
+        assert [c["caption"] for c in result["captions"]] == beams
+        assert result["prefix_tokens"] == tokens and len(tokens) == model.config.prefix_length
 
 
 def test_clip_model_scores_and_reranks_captions(saved_model, real_photos, tmp_path):
