@@ -243,3 +243,157 @@ def test_bfloat16_vision_loads_only_the_clip_tower_in_bf16(saved_model, run_cli,
     proc = run_cli(str(folder / good[0]), "--model", str(saved_model), "--dtype", "bfloat16-vision")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- the one captioning path
+
+
+def test_caption_items_takes_paths_images_rows_and_embeddings_in_order(saved_model, mixed_folder):
+    """Every kind of item in one stream: ids, order, num_return_sequences captions each, equal to generating for
+    the image alone; a bad file reported in its place ("skip") or raised ("fail" and its other name "error")."""
+    from modeling_clipcap.captioning import caption_items
+    from modeling_clipcap.image_io import ImageLoadError, load_image
+
+    folder, good, bad = mixed_folder
+    model, processor = load_captioner(saved_model)
+    photo = load_image(folder / good[1])
+    with torch.no_grad():
+        pixels = processor(images=[photo], return_tensors="pt")["pixel_values"]
+        embeds = model.get_image_embeddings(pixel_values=pixels).pooler_output[
+            0
+        ]  # (D,): what image_embeds takes
+    items = [
+        str(folder / good[0]),  # a path: its id is the path
+        photo,  # a PIL image: its id is its position
+        {"image_id": "row", "image": str(folder / good[2])},
+        {"image_id": "embedded", "image_embeds": embeds},
+        str(folder / bad[0]),
+        {"image_id": "known", "error": "listed as broken"},
+    ]
+    kwargs = dict(num_beams=2, num_return_sequences=2, max_new_tokens=5)
+    generate_calls: list[list] = []
+    results = list(
+        caption_items(
+            model,
+            processor,
+            items,
+            batch_size=4,
+            on_bad_image="skip",
+            on_batch=lambda ids, inputs, images: generate_calls.append(ids),
+            **kwargs,
+        )
+    )
+    assert [r[0] for r in results] == [
+        str(folder / good[0]),
+        1,
+        "row",
+        "embedded",
+        str(folder / bad[0]),
+        "known",
+    ]
+    assert generate_calls == [[str(folder / good[0]), 1, "row"], ["embedded"]]  # one call per kind and batch
+    for (_, captions, error), image in zip(results, [good[0], good[1], good[2], good[1]]):
+        inputs = processor(images=[load_image(folder / image)], return_tensors="pt")
+        with torch.no_grad():
+            expected = processor.batch_decode(model.generate(**inputs, **kwargs))
+        assert error is None and captions == [" ".join(t.split()) for t in expected]
+    assert results[4][1] == [] and bad[0] in results[4][2]
+    assert results[5] == ("known", [], "listed as broken")
+    for policy in ("fail", "error"):
+        with pytest.raises(ImageLoadError, match=bad[0]):
+            list(caption_items(model, processor, items[4:5], on_bad_image=policy))
+    with pytest.raises(ValueError, match="on_bad_image"):
+        next(caption_items(model, processor, items, on_bad_image="ignore"))
+
+
+def test_pipeline_batch_size_reaches_generate(saved_model, mixed_folder, monkeypatch):
+    """The pipeline captions through caption_items: batch_size images per generate call, one result per image."""
+    from transformers import pipeline
+
+    from modeling_clipcap import ClipCapForConditionalGeneration
+
+    folder, good, _ = mixed_folder
+    sizes: list[int] = []
+    generate = ClipCapForConditionalGeneration.generate
+
+    def recording_generate(self, *args, **kwargs):
+        sizes.append(int(kwargs["pixel_values"].shape[0]))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClipCapForConditionalGeneration, "generate", recording_generate)
+    captioner = pipeline("image-captioning", model=str(saved_model))
+    paths = [str(folder / name) for name in good]
+    batched = captioner(paths, batch_size=3, max_new_tokens=4)
+    assert sizes == [3, 1]
+    single = captioner(paths, max_new_tokens=4)
+    assert sizes[2:] == [1, 1, 1, 1] and single == batched
+    assert captioner(paths[0], max_new_tokens=4) == batched[0] and len(batched[0]) == 1
+
+
+# ----------------------------------------------------------------------------- the one model loader
+
+
+def test_load_captioner_names_an_input_that_is_neither_a_folder_nor_a_hub_id(tmp_path, monkeypatch):
+    from modeling_clipcap.captioning import CaptionInputError
+
+    with pytest.raises(
+        CaptionInputError, match=r"--model .*nope: no such folder.*not a Hugging Face Hub model id"
+    ):
+        load_captioner(tmp_path / "nope")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        CaptionInputError, match=r"--model someone/no-such-model is not a local folder, and down"
+    ):
+        load_captioner("someone/no-such-model")
+
+
+def test_caption_evaluate_and_app_load_a_hub_model_id(hub_server, saved_model, mixed_folder, tmp_path):
+    """clipcap caption, clipcap evaluate and the app take a Hub model id (the real huggingface_hub client against
+    the local Hub emulation): the same captions as the local folder gives; an unknown id is named."""
+    folder, good, _ = mixed_folder
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in good[:2]:
+        (data / name).write_bytes((folder / name).read_bytes())
+    rows = [json.dumps({"file_name": name, "captions": ["a red circle."]}) for name in good[:2]]
+    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    model, processor = load_captioner(saved_model)
+    local = {Path(p).name: c for p, c, _ in caption_images(model, processor, [data / n for n in good[:2]])}
+    repo = f"{hub_server.user}/tiny-clipcap"
+    out = tmp_path / "out.json"
+    hub_server.run_python(
+        f"""
+        import contextlib, io, json
+        from pathlib import Path
+        from huggingface_hub import HfApi
+        from modeling_clipcap.app import load_app_models
+        from modeling_clipcap.cli import main
+
+        HfApi().create_repo({repo!r})
+        HfApi().upload_folder(folder_path={str(saved_model)!r}, repo_id={repo!r})
+        caption_out, caption_err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(caption_out):
+            status = main(["caption", {str(data / good[0])!r}, {str(data / good[1])!r}, "--model", {repo!r},
+                           "--json", "--quiet"])
+        assert status == 0, status
+        with contextlib.redirect_stderr(caption_err):
+            missing = main(["caption", {str(data / good[0])!r}, "--model", "{hub_server.user}/no-such-model"])
+        status = main(["evaluate", "--model", {repo!r}, "--data", {str(data)!r}, "--split", "train",
+                       "--no_meteor", "--no_progress", "--output_dir", {str(tmp_path / "eval")!r}])
+        assert status == 0, status
+        _, _, _, model_dir = load_app_models({repo!r})
+        Path({str(out)!r}).write_text(json.dumps({{
+            "caption": [json.loads(line) for line in caption_out.getvalue().splitlines()],
+            "missing": [missing, caption_err.getvalue()],
+            "evaluate": json.loads(Path({str(tmp_path / "eval" / "predictions.json")!r}).read_text()),
+            "app_dir_has_config": (model_dir / "config.json").is_file(),
+        }}))
+        """
+    )
+    hub_server.assert_all_handled()
+    got = json.loads(out.read_text())
+    assert {Path(r["image"]).name: r["caption"] for r in got["caption"]} == local
+    assert {p["image_id"]: p["caption"] for p in got["evaluate"]} == local
+    status, stderr = got["missing"]
+    assert status == 2 and f"{hub_server.user}/no-such-model is not a local folder, and downloading" in stderr
+    assert got["app_dir_has_config"]

@@ -798,3 +798,26 @@ def test_java_version_reads_the_banner_of_the_java_on_path(tmp_path, monkeypatch
         assert reason is not None and f"version {major}" in reason
     else:  # a usable java: whatever is still missing is named, never the java version
         assert reason is None or "version" not in reason
+
+
+def test_evaluate_bad_image_policy_error_is_fail_and_skip_lists(tmp_path, saved_tiny_model, capsys):
+    """--on_bad_image takes the one policy's values: "error" (another name of "fail") stops naming the file that
+    cannot be decoded, "skip" scores the others and lists it."""
+    from PIL import Image
+
+    from modeling_clipcap.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (24, 20), (200, 30, 30)).save(data / "good.png")
+    (data / "broken.png").write_bytes(b"not a png, but not empty either")
+    rows = [{"file_name": name, "captions": ["a red square."]} for name in ("good.png", "broken.png")]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["evaluate", "--model", str(saved_tiny_model), "--data", str(data), "--split", "train"]
+    argv += ["--no_meteor", "--no_progress", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "eval")]
+    capsys.readouterr()
+    assert main(argv + ["--on_bad_image", "error"]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main(argv + ["--on_bad_image", "skip"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_skipped_images"] == 1 and "broken.png" in json.dumps(metrics["skipped_images"])
