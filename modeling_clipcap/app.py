@@ -296,6 +296,12 @@ def _clip_rank(
     return ranked
 
 
+def _upload_rows(files: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Uploaded files as rows of :func:`modeling_clipcap.captioning.caption_items`: id = position, errors name the
+    file by its name (the upload folder is the server's business)."""
+    return [{"image_id": i, "image": str(path), "name": _display_name(path)} for i, path in enumerate(files)]
+
+
 def _display_name(path: str | os.PathLike) -> str:
     return Path(path).name
 
@@ -328,7 +334,7 @@ def caption_files(
         AppInputError: the decoding choice is impossible.
     """
     generate_kwargs = decoding.generate_kwargs()
-    rows = [{"image_id": i, "image": str(path), "name": _display_name(path)} for i, path in enumerate(files)]
+    rows = _upload_rows(files)
     stream = _captions_with_prefix(
         model,
         processor,
@@ -585,8 +591,7 @@ def _api_handlers(gr: Any, model: Any, processor: Any, max_pixels: int | None) -
 
     def caption_api(images: list[Any]) -> tuple[list[str]]:
         """Caption one image file (batched: Gradio hands over up to max_batch_size concurrent requests)."""
-        paths = [_upload_path(image) for image in images]
-        rows = [{"image_id": i, "image": p, "name": _display_name(p)} for i, p in enumerate(paths)]
+        rows = _upload_rows([_upload_path(image) for image in images])
         try:
             results = list(
                 caption_items(
