@@ -192,7 +192,8 @@ class FastDecodingMixin:
         outputs = self.language_model(**lm_inputs, logits_to_keep=0 if with_loss else logits_to_keep)
         all_logits = outputs.logits
         logits = slice_logits_to_keep(all_logits, logits_to_keep) if with_loss else all_logits
-        return outputs, logits, lambda window: all_logits[:, window]
+        # contiguous: transformers' causal-LM loss flattens the window with .view
+        return outputs, logits, lambda window: all_logits[:, window].contiguous()
 
     def _shared_prefill_expand_size(self, kwargs: dict[str, Any]) -> int:
         return shared_prefill_expand_size(self.generation_config, kwargs)
