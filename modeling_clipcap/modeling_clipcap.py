@@ -6,6 +6,8 @@ Data flow (B images, K = ``prefix_length``, D = ``image_embed_dim``, E = the LM'
     image_embeds -> [optional per-vector L2 norm] -> mapping network -> prefix (B, K, E)        } (the base)
     [prefix ; embed(input_ids)] (B, K + L, E) -> causal LM -> logits (B, K + L, V)
 
+``get_image_embeddings`` gives the first line's output (the tower's), ``get_image_features`` the second's (the
+prefix as ``pooler_output``, transformers 5.x's convention), ``get_prefix`` both tensors.
 The tower (CLIP by default) and the LM (GPT-2 by default) are unmodified transformers models built through the
 Auto classes (``towers.py`` says what is read from each family); the paper's two mapping networks are in
 ``mapping_networks.py``. This file wires them together and generation through ``GenerationMixin`` with
@@ -227,6 +229,9 @@ class ClipCapForConditionalGeneration(
 ):
     """ClipCap: ``model`` ([`ClipCapModel`], images -> prefix) and ``language_model`` (a causal LM, GPT-2 by default).
 
+    Images in: ``get_image_embeddings(pixel_values).pooler_output`` is the image embedding (B, D), what
+    ``image_embeds=`` takes (precompute it once per image); ``get_image_features(pixel_values).pooler_output`` is,
+    as for every transformers 5.x multimodal model, what the language model consumes: the prefix (B, K, E).
     The CPU decoding speed paths and their switches come from ``fast_decoding.FastDecodingMixin``.
 
     ```python
