@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer, tiny_text_config, tiny_vision_config
+from conftest import TINY_CORPUS, build_tiny_tokenizer, tiny_text_config, tiny_vision_config
 from test_auto_and_remote import run_without_package
 from transformers import AutoConfig, AutoModel
 
@@ -69,22 +69,69 @@ def build(
 
 
 def image_inputs(family: str, batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    """What the family's image processor gives for ``batch`` images (SigLIP2: NaFlex patches, mask and shapes)."""
+    """What the family's image processor gives for ``batch`` images (SigLIP2: NaFlex patches, mask and shapes):
+    noise around a brightness that changes from image to image (+1, -1, 0, +1, ...), so that even random towers
+    tell them apart."""
     g = torch.Generator().manual_seed(seed)
+    brightness = torch.tensor([(1.0, -1.0, 0.0)[i % 3] for i in range(batch)])
     if family == "siglip2_vision_model":
         mask = torch.ones(batch, 16, dtype=torch.long)
         mask[1::2, 12:] = 0  # every other image uses 12 of the 16 patch slots
         shapes = torch.tensor([[4, 4] if i % 2 == 0 else [3, 4] for i in range(batch)])
         return dict(
-            pixel_values=torch.randn(batch, 16, 3 * 64, generator=g),
+            pixel_values=torch.randn(batch, 16, 3 * 64, generator=g) + brightness.view(-1, 1, 1),
             pixel_attention_mask=mask,
             spatial_shapes=shapes,
         )
-    return dict(pixel_values=torch.randn(batch, 3, 32, 32, generator=g))
+    return dict(pixel_values=torch.randn(batch, 3, 32, 32, generator=g) + brightness.view(-1, 1, 1, 1))
 
 
 def rows(inputs: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     return {k: v[i : i + 1] for k, v in inputs.items()}
+
+
+#: Captions that differ from their first word on (TINY_CORPUS's 3rd, 7th and 1st).
+DISTINCT_CAPTIONS = [TINY_CORPUS[2], TINY_CORPUS[6], TINY_CORPUS[0]]
+
+
+def captions_differ(model, inputs, num_beams: int) -> bool:
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    return len({tuple(row.tolist()) for row in out}) == out.shape[0]
+
+
+def teach_distinct_captions(model, tokenizer, *batches: dict[str, torch.Tensor], beams=(1, 2), max_steps=150):
+    """Train ``model`` until the images of each of ``batches`` get different captions (greedy and with each beam
+    width of ``beams``, 4 new tokens), teaching each image of a batch another caption of DISTINCT_CAPTIONS.
+
+    A random tiny model writes the same tokens for every image (its mapper's constant and small weights drown
+    the image), so comparing a batch with one image at a time could not see rows that were swapped or mixed. The
+    mapper starts from torch's default Linear init (weights about 5x transformers' 0.02), which lets the image
+    through, so a few steps suffice; the tower is frozen: its embeddings are computed once.
+    """
+    for module in model.model.mapping_network.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    targets = []
+    for inputs in batches:
+        with torch.no_grad():
+            _, embeds = model.get_prefix(**inputs)
+        enc = tokenizer(DISTINCT_CAPTIONS[: embeds.shape[0]], return_tensors="pt", padding=True)
+        targets.append((embeds, enc, enc.input_ids.masked_fill(enc.attention_mask == 0, -100)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(max_steps + 1):
+        if step % 5 == 0:
+            model.eval()
+            if all(captions_differ(model, {"image_embeds": e}, b) for e, _, _ in targets for b in beams):
+                return model
+            model.train()
+        optimizer.zero_grad()
+        for embeds, enc, labels in targets:
+            out = model(
+                image_embeds=embeds, input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels
+            )
+            out.loss.backward()
+        optimizer.step()
+    raise AssertionError(f"{max_steps} steps did not give the images different captions")
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +141,45 @@ def tokenizer():
     return tok
 
 
+def processor_images():
+    """Two images of different aspect ratios (SigLIP2's processor gives them different patch counts)."""
+    from PIL import Image
+
+    return [Image.new("RGB", (40, 30), (200, 20, 20)), Image.new("RGB", (20, 60), (20, 20, 200))]
+
+
+def siglip2_processor(tokenizer):
+    from transformers import Siglip2ImageProcessorPil
+
+    from modeling_clipcap import ClipCapProcessor
+
+    return ClipCapProcessor(Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16), tokenizer)
+
+
 @pytest.fixture(scope="module")
 def vision_models(tokenizer):
-    """Each vision family with a tiny GPT-2 (MLP mapper, pooled input)."""
-    return {family: build(family, "gpt2", len(tokenizer)) for family in VISION}
+    """Each vision family with a tiny GPT-2 (MLP mapper, pooled input), taught distinct captions for the images
+    the tests compare (SigLIP2 also for the processor's two images)."""
+    models = {}
+    for family in VISION:
+        batches = [image_inputs(family, 2)]
+        if family == "siglip2_vision_model":
+            batches.append(dict(siglip2_processor(tokenizer)(images=processor_images(), return_tensors="pt")))
+        models[family] = teach_distinct_captions(build(family, "gpt2", len(tokenizer)), tokenizer, *batches)
+    return models
 
 
 @pytest.fixture(scope="module")
 def language_models(tokenizer):
-    """Each LM family with a tiny CLIP tower (transformer mapper)."""
+    """Each LM family with a tiny CLIP tower (transformer mapper), taught distinct captions for the images the
+    tests compare."""
     return {
-        family: build("clip_vision_model", family, len(tokenizer), mapping_type="transformer")
+        family: teach_distinct_captions(
+            build("clip_vision_model", family, len(tokenizer), mapping_type="transformer"),
+            tokenizer,
+            image_inputs("clip_vision_model", 2, seed=2),
+            beams=(1, 3),
+        )
         for family in LANGUAGE
     }
 
@@ -137,9 +212,12 @@ def training_step(model, tokenizer, inputs):
 
 
 def assert_batched_equals_single(model, inputs, batch, **kwargs):
+    """Each row of a batched ``generate`` equals that image's own ``generate`` (up to the batch's padding); the
+    images' captions differ, so a batch that mixed up its rows would fail."""
     kwargs = dict(max_new_tokens=4, do_sample=False, **kwargs)
     batched = model.generate(**inputs, **kwargs)
     assert batched.shape[0] == batch
+    assert len({tuple(row.tolist()) for row in batched}) == batch, f"captions coincide: {batched.tolist()}"
     eos = model.generation_config.eos_token_id
     for i in range(batch):
         single = model.generate(**rows(inputs, i), **kwargs)[0]
@@ -161,34 +239,59 @@ def test_vision_family_trains_the_mapper_and_generates_batched_as_single(family,
     assert not any(n.startswith("model.vision_model.") for n in changed)  # frozen tower
     assert any(n.startswith("language_model.") for n in changed)
     inputs = {k: v[:2] for k, v in inputs.items()}
-    features = model.get_image_features(**inputs)
-    assert features.pooler_output.shape == (2, model.config.image_embed_dim)
-    # the prefix is the mapper of the family's pooled embedding
+    # the prefix is the mapper of the family's pooled embedding (which embedding: the test below)
     prefix, embeds = model.get_prefix(**inputs)
-    torch.testing.assert_close(embeds, features.pooler_output)
-    torch.testing.assert_close(prefix, model.mapping_network(features.pooler_output))
+    assert embeds.shape == (2, model.config.image_embed_dim)
+    torch.testing.assert_close(prefix, model.mapping_network(embeds))
     for num_beams in (1, 2):
         assert_batched_equals_single(model, inputs, 2, num_beams=num_beams)
 
 
 def test_pooled_embedding_is_the_documented_output_of_each_family(vision_models):
-    """Which output each family's image embedding is (towers.VISION_FAMILIES), checked on the towers themselves."""
+    """Which output each family's image embedding is (towers.VISION_FAMILIES), checked on the towers themselves;
+    SigLIP2 with its patch mask and shapes (the test below shows the mask matters)."""
     x = image_inputs("vit", 2)["pixel_values"]
+    naflex = image_inputs("siglip2_vision_model", 2)
     expected = {
         "clip_vision_model": lambda t: t(pixel_values=x).image_embeds,
         "siglip_vision_model": lambda t: t(pixel_values=x).pooler_output,
+        "siglip2_vision_model": lambda t: t(**naflex).pooler_output,
         "dinov2": lambda t: t(pixel_values=x).pooler_output,
         "vit": lambda t: t.layernorm(t(pixel_values=x, output_hidden_states=True).hidden_states[-1])[:, 0],
         "convnext": lambda t: t(pixel_values=x).pooler_output,
         "convnextv2": lambda t: t(pixel_values=x).pooler_output,
         "resnet": lambda t: t(pixel_values=x).pooler_output.flatten(1),
     }
+    assert set(expected) == set(VISION)
     for family, reference in expected.items():
         model = vision_models[family]
+        inputs = naflex if family == "siglip2_vision_model" else {"pixel_values": x}
         with torch.no_grad():
-            got = model.get_image_features(x).pooler_output
+            _, got = model.get_prefix(**inputs)  # the image embedding the mapper reads
             torch.testing.assert_close(got, reference(model.vision_model), msg=family)
     assert vision_models["vit"].vision_model.pooler is None  # no untrained tanh pooler in the model
+
+
+def test_siglip2_pooled_embedding_reads_only_the_unmasked_patches(vision_models):
+    """SigLIP2's pooled embedding depends on pixel_attention_mask: whatever fills the padding patch slots leaves
+    each image's embedding unchanged, an image alone equals it in a batch with an image of another patch count,
+    and dropping the mask changes it (so a model that lost the mask on the way would fail here)."""
+    model = vision_models["siglip2_vision_model"]
+    inputs = image_inputs("siglip2_vision_model", 2)
+    mask = inputs["pixel_attention_mask"]
+    assert mask.sum(1).tolist() == [16, 12]  # the second image pads 4 of its 16 slots
+    noisy = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+    noisy["pixel_values"][mask == 0] = 50.0  # padding that would dominate the pooling if it were attended to
+    unmasked = dict(noisy, pixel_attention_mask=torch.ones_like(mask))
+    with torch.no_grad():
+        _, pooled = model.get_prefix(**inputs)
+        _, padded_noise = model.get_prefix(**noisy)
+        _, alone = model.get_prefix(**rows(inputs, 1))
+        _, without_mask = model.get_prefix(**unmasked)
+    torch.testing.assert_close(padded_noise, pooled)
+    torch.testing.assert_close(alone[0], pooled[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(without_mask[1], pooled[1], atol=1e-3)
+    torch.testing.assert_close(without_mask[0], pooled[0])  # the unpadded image never had a mask to lose
 
 
 # ----------------------------------------------------------------------------- language-model families
@@ -280,8 +383,8 @@ def test_other_causal_lm_runs_its_own_forward(tokenizer, monkeypatch):
     text = AutoConfig.for_model("gemma2", vocab_size=len(tokenizer), **ROPE, final_logit_softcapping=2.0,
                                 bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1, pad_token_id=0)  # fmt: skip
     config = ClipCapConfig(vision_config=tiny_vision_config(), text_config=text, prefix_length=4)
-    model = ClipCapForConditionalGeneration(config).eval()
     inputs = image_inputs("clip_vision_model", 2)
+    model = teach_distinct_captions(ClipCapForConditionalGeneration(config), tokenizer, inputs)
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     with torch.no_grad():
         logits = model(**inputs, input_ids=ids).logits
@@ -364,6 +467,7 @@ def test_token_features_into_the_transformer_mapper(family, tokens, width, token
     model = build(family, "gpt2", len(tokenizer), mapping_type="transformer", mapping_input="tokens")
     assert model.config.image_embed_dim == width
     inputs = image_inputs(family, 3)
+    teach_distinct_captions(model, tokenizer, inputs)
     prefix, embeds = model.get_prefix(**inputs)
     assert embeds.shape == (3, tokens, width) and prefix.shape == (3, 4, 32)  # K prefix vectors all the same
     with torch.no_grad():
@@ -469,7 +573,7 @@ def test_from_vision_text_pretrained_full_siglip_and_llama(tmp_path, tokenizer):
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(
-            model.get_image_features(pixel_values).pooler_output,
+            model.get_prefix(pixel_values=pixel_values)[1],  # the image embedding the mapper reads
             siglip.get_image_features(pixel_values=pixel_values).pooler_output,
         )
         ids = torch.tensor([[5, 6, 7]])
@@ -567,13 +671,10 @@ def test_modern_pair_presets_are_valid_configs(preset, vision, text):
 def test_processor_with_the_towers_own_image_processor_feeds_generate(vision_models, tokenizer, tmp_path):
     """SigLIP2's NaFlex processor gives patches, their mask and shapes: the processor passes all three, and the
     model decodes them batched as one at a time; AutoProcessor reloads the same image processor."""
-    from PIL import Image
     from transformers import AutoProcessor, Siglip2ImageProcessorPil
 
-    from modeling_clipcap import ClipCapProcessor
-
-    processor = ClipCapProcessor(Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16), tokenizer)
-    images = [Image.new("RGB", (40, 30), (200, 20, 20)), Image.new("RGB", (20, 60), (20, 20, 200))]
+    processor = siglip2_processor(tokenizer)
+    images = processor_images()
     inputs = processor(images=images, return_tensors="pt")
     assert set(processor.model_input_names) >= {"pixel_attention_mask", "spatial_shapes", "input_ids"}
     assert inputs["spatial_shapes"].tolist() == [[3, 4], [6, 2]]  # two aspect ratios, different patch counts
