@@ -44,7 +44,7 @@ from .towers import (
     tower_dtype,
 )
 from .training_utils import FrozenPartsTrainingMixin
-from .validation import check_generation_kwargs, check_image_inputs, check_text_inputs
+from .validation import check_generation_kwargs, check_image_inputs, check_prompt_inputs, check_text_inputs
 
 #: Checkpoints keep the layout of release 0.1.0 (no base model): these renames map it onto today's modules on
 #: load, and ``save_pretrained`` writes it back (transformers' ``save_original_format``).
@@ -474,20 +474,7 @@ class ClipCapForConditionalGeneration(
             )
         else:
             check_image_inputs(self.config, self.vision_model is not None, None, None)  # raises: no image
-        batch = prefix.shape[0]
-        if input_ids is not None or prompt_embeds is None:
-            check_text_inputs(batch, input_ids, None, attention_mask, position_ids)
-        if prompt_embeds is not None:
-            check_text_inputs(batch, None, prompt_embeds, attention_mask, position_ids)
-        if (
-            input_ids is not None
-            and prompt_embeds is not None
-            and input_ids.shape[1] != prompt_embeds.shape[1]
-        ):
-            raise ValueError(
-                f"`input_ids` {tuple(input_ids.shape)} and `inputs_embeds` {tuple(prompt_embeds.shape)} must be the "
-                "same prompt: give the same number of tokens (or only one of them)."
-            )
+        check_prompt_inputs(prefix.shape[0], input_ids, prompt_embeds, attention_mask, position_ids)
         if prompt_embeds is None and input_ids is not None:
             prompt_embeds = self.get_input_embeddings()(input_ids)
         inputs_embeds, full_mask, input_ids, positions = generation_sequence(

@@ -169,4 +169,30 @@ def check_text_inputs(
             )
 
 
-__all__ = ["ASSISTED_DECODING_OPTIONS", "check_generation_kwargs", "check_image_inputs", "check_text_inputs"]
+def check_prompt_inputs(
+    batch: int,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> None:
+    """``generate``'s prompt after ``batch`` images: ``input_ids`` (B, L) and / or ``inputs_embeds`` (B, L, E) (both:
+    the same L tokens, the ids naming them in the result); ``attention_mask`` and ``position_ids`` (B, L)."""
+    if input_ids is not None or inputs_embeds is None:
+        check_text_inputs(batch, input_ids, None, attention_mask, position_ids)
+    if inputs_embeds is not None:
+        check_text_inputs(batch, None, inputs_embeds, attention_mask, position_ids)
+    if input_ids is not None and inputs_embeds is not None and input_ids.shape[1] != inputs_embeds.shape[1]:
+        raise ValueError(
+            f"`input_ids` {tuple(input_ids.shape)} and `inputs_embeds` {tuple(inputs_embeds.shape)} must be the same "
+            "prompt: give the same number of tokens (or only one of them)."
+        )
+
+
+__all__ = [
+    "ASSISTED_DECODING_OPTIONS",
+    "check_generation_kwargs",
+    "check_image_inputs",
+    "check_prompt_inputs",
+    "check_text_inputs",
+]
