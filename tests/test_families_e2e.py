@@ -243,6 +243,7 @@ def test_siglip2_captioning_passes_the_mask_and_shapes(monkeypatch):
     ]
     expected = processor.batch_decode(generate(**inputs, max_new_tokens=4, do_sample=False))
     assert captions == [" ".join(c.split()) for c in expected]
+    assert captions[0] != captions[1]  # the two images' captions differ: a swap would fail
     # precomputed pixels with their mask and shapes (training's validation path) give the same captions
     again = caption_batch(
         model,
@@ -319,6 +320,7 @@ def test_siglip2_through_the_pipeline_and_the_app_keeps_the_mask_and_shapes(tmp_
     images = [Image.new("RGB", (40, 30), (200, 20, 20)), Image.new("RGB", (20, 60), (20, 20, 200))]
     full = processor(images=images, return_tensors="pt")
     expected = [" ".join(t.split()) for t in processor.batch_decode(model.generate(**full, max_new_tokens=4))]
+    assert expected[0] != expected[1]  # the two images' captions differ: a swap would fail
 
     captioner = pipeline("image-captioning", model=str(tmp_path / "m"))
     outs = captioner(images, max_new_tokens=4)
