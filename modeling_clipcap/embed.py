@@ -29,7 +29,13 @@ from typing import Any
 
 import torch
 
-from .shards import EMBEDDING_COLUMNS, expand_shards, iter_shard_rows
+from .shards import (
+    embedding_table,
+    expand_shards,
+    iter_shard_rows,
+    write_atomically,
+    write_embedding_parquet,
+)
 
 __all__ = ["add_cli_arguments", "cli_main", "embed_shards", "load_image_encoder"]
 
@@ -91,31 +97,11 @@ def load_image_encoder(model: str) -> tuple[Any, Any, dict[str, Any]]:
     return encoder.eval(), image_processor, {"model": str(model), "tower": tower_config.model_type}
 
 
-def _fixed_size_lists(values: torch.Tensor) -> Any:
-    """(M, D) float tensor -> an Arrow ``fixed_size_list<float32>[D]`` array of M rows."""
-    import pyarrow as pa
-
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.float().numpy().reshape(-1)), values.shape[-1])
-
-
-def _write_atomically(target: Path, write: Any) -> None:
-    """``write(path)`` into a hidden temporary name beside ``target``, then rename: ``target`` appears complete or
-    not at all (the temporary file is removed when writing fails)."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_shard(target: Path, columns: Any, skipped: list[list[str]]) -> None:
-    import pyarrow.parquet as pq
-
+def _write_shard(target: Path, table: Any, skipped: list[list[str]]) -> None:
     skipped_json, sidecar = json.dumps(skipped), target.with_suffix(".skipped.json")
-    _write_atomically(sidecar, lambda path: path.write_text(skipped_json))
+    write_atomically(sidecar, lambda path: path.write_text(skipped_json))
     try:
-        _write_atomically(target, lambda path: pq.write_table(columns, path))  # the .parquet comes last
+        write_embedding_parquet(target, table)  # the .parquet comes last
     except BaseException:
         sidecar.unlink(missing_ok=True)
         raise
@@ -140,11 +126,9 @@ def embed_shards(
     """Encode this process's part of the shards of ``data`` (``shards[rank::world_size]``) into Parquet shards.
 
     Returns ``{"shards_written", "shards_skipped" (already complete), "images_encoded", "skipped"}`` for this
-    process. ``image_embeds`` (D,) float32 per row; ``patch_tokens`` (N, D_tokens) when asked.
+    process. Each shard is a :func:`modeling_clipcap.shards.embedding_table`: ``key``, ``caption``,
+    ``image_embeds`` (D,) float32 per row, and ``patch_tokens`` (N, D_tokens) when asked.
     """
-    import numpy as np
-    import pyarrow as pa
-
     from .embedding_cache import encode_images
 
     output_dir = Path(output_dir)
@@ -174,26 +158,19 @@ def embed_shards(
         embeds, kept, skipped = encode_images(
             encoder, image_processor, images, mapping_input="pooled", **kwargs
         )
-        columns = {
-            "key": pa.array([rows[i]["key"] for i in kept], pa.string()),
-            "caption": pa.array([rows[i]["caption"] for i in kept], pa.string()),
-            EMBEDDING_COLUMNS["pooled"]: _fixed_size_lists(embeds),  # (M, D)
-        }
+        embeddings = {"pooled": embeds}  # (M, D)
         if patch_tokens:  # a second pass over the good images for the token features (M, N, D_tokens)
-            tokens, _, _ = encode_images(
+            embeddings["tokens"], _, _ = encode_images(
                 encoder,
                 image_processor,
                 [images[i] for i in kept],
                 mapping_input="tokens",
                 **kwargs | {"names": None},
             )
-            columns[EMBEDDING_COLUMNS["tokens"]] = pa.ListArray.from_arrays(
-                pa.array(
-                    np.arange(0, tokens.shape[0] * tokens.shape[1] + 1, tokens.shape[1], dtype=np.int32)
-                ),
-                _fixed_size_lists(tokens.reshape(-1, tokens.shape[-1])),
-            )
-        _write_shard(target, pa.table(columns), [list(s) for s in skipped])
+        table = embedding_table(
+            [rows[i]["key"] for i in kept], embeddings, captions=[rows[i]["caption"] for i in kept]
+        )
+        _write_shard(target, table, [list(s) for s in skipped])
         report["shards_written"] += 1
         report["images_encoded"] += len(kept)
         report["skipped"] += [list(s) for s in skipped]
@@ -277,7 +254,7 @@ def cli_main(args: argparse.Namespace) -> int:
             summary |= {"failures": failures, "shards_missing": _missing_outputs(args.data, args.output_dir)}
         text = json.dumps(summary, indent=2)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        _write_atomically(Path(args.output_dir) / "embed_info.json", lambda path: path.write_text(text))
+        write_atomically(Path(args.output_dir) / "embed_info.json", lambda path: path.write_text(text))
         if failures:
             print(
                 "clipcap embed: error: " + "\n".join(failures) + f"\nShards finished so far are kept in "

@@ -2,8 +2,8 @@
 
 With a frozen vision tower, training never needs to run the tower twice on the same image. This module
 encodes a list of images in batches (decoding in ``DataLoader`` workers, progress bar, optional
-mixed-precision dtype), stores what the mapping network consumes as an Arrow dataset with
-``save_to_disk`` and finds it again next time by fingerprint:
+mixed-precision dtype), stores what the mapping network consumes as Parquet, in the layout ``clipcap embed``
+writes (:func:`modeling_clipcap.shards.embedding_table`), and finds it again next time by fingerprint:
 
 * ``mapping_input="pooled"``: the tower's image embedding (``pooler_output`` of
   ``get_image_embeddings``; CLIP: the projected embedding), (D,) float32 per image;
@@ -21,29 +21,36 @@ The fingerprint covers everything that changes the result:
   read for a tokens model, nor the reverse);
 * the data: the images' keys and identities (for files: resolved path, size and modification
   time; for bytes and PIL images: a hash of the content);
-* the bad-image policy and the cache format version.
+* the bad-image policy and the version of the way embeddings are computed (``EMBEDDING_VERSION``).
 
-Layout::
+Layout (``CACHE_FORMAT_VERSION`` 3)::
 
-    CACHE_DIR/clipcap-embeds-<fingerprint>/     a ``datasets.Dataset`` (``save_to_disk``) with columns
-        image_key (string), image_embeds (D float32, or an (N, D) float32 array for tokens);
-        plus cache_info.json
+    CACHE_DIR/clipcap-embeds-v3-<fingerprint>/
+        embeddings.parquet   clipcap embed's columns without captions: key (string) and image_embeds
+                             (D float32 per image) or, for tokens, patch_tokens (N x D float32 per image)
+        cache_info.json      format_version, fingerprints, dtype, embedding_shape, skipped images, ...
 
 A cache folder is written to a temporary sibling and renamed into place, so an interrupted run
-never leaves a half-written cache that a later run would trust.
+never leaves a half-written cache that a later run would trust. A cache of format 2 (the same fingerprint in
+``clipcap-embeds-<fingerprint>/``, a ``datasets`` Arrow folder ``data/`` with ``image_key`` / ``image_embeds``)
+is read once, written in this layout and removed; an INFO log line says so, and nothing is encoded again.
 
 Example::
 
     cache = build_embedding_cache(model, processor.image_processor, images=paths, cache_dir="cache")
     embeds = cache.embeddings()            # (M, D) float32 (tokens: (M, N, D)), row i for cache.keys[i]
     row = cache.index[key]                 # key -> row
-    view = cache.rows([2, 0])              # memory-mapped rows: view[0] is row 2's (D,) or (N, D) tensor
+    view = cache.rows([2, 0])              # rows read from disk: view[0] is row 2's (D,) or (N, D) tensor
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
+import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -57,9 +64,11 @@ import torch
 from PIL import Image
 
 from .image_io import ImageLoadError, check_bad_image_policy, describe_source, load_image
+from .shards import EMBEDDING_COLUMNS, embedding_table, embedding_values, write_embedding_parquet
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
+    "EMBEDDING_VERSION",
     "CachedRows",
     "EmbeddingCache",
     "build_embedding_cache",
@@ -68,9 +77,19 @@ __all__ = [
     "image_identity",
 ]
 
-#: Bumped whenever the stored layout or the way embeddings are computed changes.
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever the way embeddings are computed changes; part of the fingerprint.
 #: 2: mapping_input in the fingerprint; token features; every image-processor output reaches the tower.
-CACHE_FORMAT_VERSION = "2"
+EMBEDDING_VERSION = "2"
+#: The stored layout, named in the folder but not in the fingerprint (a new layout converts, it does not re-encode).
+#: 2: a ``datasets`` Arrow folder in clipcap-embeds-<fp>/;
+#: 3: Parquet (shards.embedding_table) in clipcap-embeds-v3-<fp>/.
+CACHE_FORMAT_VERSION = "3"
+EMBEDDINGS_FILE = "embeddings.parquet"
+INFO_FILE = "cache_info.json"
+#: Parquet row groups of about this size: a row read alone (token features, CachedRows) reads its whole group.
+ROW_GROUP_BYTES = 1 << 18
 MAPPING_INPUTS = ("pooled", "tokens")
 
 
@@ -112,7 +131,7 @@ def encoder_fingerprint(
     mapping_input = _mapping_input(model, mapping_input)
     encoder = getattr(model, "vision_model", None) or model
     hasher = hashlib.sha256()
-    hasher.update(f"clipcap-embedding-cache/{CACHE_FORMAT_VERSION}/{dtype}/{mapping_input}".encode())
+    hasher.update(f"clipcap-embedding-cache/{EMBEDDING_VERSION}/{dtype}/{mapping_input}".encode())
     config = getattr(encoder, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         hasher.update(config.to_json_string(use_diff=False).encode())
@@ -307,21 +326,48 @@ def encode_images(
 
 
 class CachedRows(torch.utils.data.Dataset):
-    """Rows of a cache read from its memory-mapped Arrow file one at a time: ``view[i]`` is the (D,) or (N, D)
-    float32 tensor of cache row ``order[i]``. Token features of a large data set need not fit in memory.
+    """Rows of a cache read from its Parquet file as they are asked for: ``view[i]`` is the (D,) or (N, D) float32
+    tensor of cache row ``order[i]``. Token features of a large data set need not fit in memory: a row costs one
+    read of its row group (about ``ROW_GROUP_BYTES``); the last group read is kept for the rows after it.
 
     ``shape`` is ``(len(view), *row shape)``, like the tensor :meth:`EmbeddingCache.embeddings` would give.
     """
 
-    def __init__(self, dataset: Any, order: Sequence[int]):
-        self.column = dataset.select_columns(["image_embeds"]).with_format("torch")
+    def __init__(self, source: Path | Any, column: str, order: Sequence[int]):
+        self.source = source  # the Parquet file, or a pyarrow.Table in memory
+        self.column = column
         self.order = [int(i) for i in order]
+        self._file: Any = None
+        self._group: tuple[int, torch.Tensor] | None = None
+        if isinstance(source, Path):
+            meta = self._parquet().metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        else:
+            sizes = [source.num_rows]
+        self._starts = list(itertools.accumulate(sizes, initial=0))
+
+    def _parquet(self) -> Any:
+        import pyarrow.parquet as pq
+
+        if self._file is None:
+            self._file = pq.ParquetFile(self.source, memory_map=True)
+        return self._file
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open the file themselves
+        return self.__dict__ | {"_file": None, "_group": None}
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.column[self.order[i]]["image_embeds"].to(torch.float32)
+        row = self.order[i]
+        if not isinstance(self.source, Path):
+            return embedding_values(self.source.column(self.column).slice(row, 1))[0]
+        group = bisect.bisect_right(self._starts, row) - 1
+        if self._group is None or self._group[0] != group:
+            read = self._parquet().read_row_group(group, columns=[self.column])
+            self._group = (group, embedding_values(read.column(0)))
+        return self._group[1][row - self._starts[group]].clone()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -330,11 +376,12 @@ class CachedRows(torch.utils.data.Dataset):
 
 @dataclass
 class EmbeddingCache:
-    """Image embeddings stored as an Arrow dataset.
+    """Image embeddings in the Parquet layout of :func:`modeling_clipcap.shards.embedding_table`: ``key`` and the
+    column of ``mapping_input`` (``image_embeds`` (D,) float32, or ``patch_tokens`` (N, D) float32 per image).
 
     Attributes:
-        dataset: ``datasets.Dataset`` with ``image_key`` (str) and ``image_embeds`` (D float32, or (N, D) float32
-            token features when ``mapping_input="tokens"``) columns.
+        table: the rows as a ``pyarrow.Table`` when not saved (``path`` None); a saved cache is read from
+            ``path / "embeddings.parquet"`` when asked.
         path: the folder it lives in (``None`` when not saved).
         fingerprint: the cache key (encoder + data).
         num_encoded: images encoded by this call (0 when everything came from disk).
@@ -344,7 +391,7 @@ class EmbeddingCache:
         num_encoded_per_process: images each process encoded (``processes``; ``[num_encoded]`` otherwise).
     """
 
-    dataset: Any
+    table: Any
     path: Path | None
     fingerprint: str
     num_encoded: int
@@ -354,43 +401,108 @@ class EmbeddingCache:
     num_encoded_per_process: list[int] = field(default_factory=list)
 
     @property
+    def column(self) -> str:
+        """The embedding column: ``shards.EMBEDDING_COLUMNS[mapping_input]``."""
+        return EMBEDDING_COLUMNS[self.mapping_input]
+
+    def _source(self) -> Path | Any:
+        return self.path / EMBEDDINGS_FILE if self.path is not None else self.table
+
+    def _read(self, column: str) -> Any:
+        import pyarrow.parquet as pq
+
+        source = self._source()
+        table = pq.read_table(source, columns=[column], memory_map=True) if self.path else source
+        return table.column(column)
+
+    @property
     def keys(self) -> list[str]:
         """Image keys, row order."""
-        return list(self.dataset["image_key"])
+        return self._read("key").to_pylist()
 
     @property
     def index(self) -> dict[str, int]:
         """Image key -> row of :meth:`embeddings`."""
-        return {key: i for i, key in enumerate(self.dataset["image_key"])}
+        return {key: i for i, key in enumerate(self.keys)}
 
     def embeddings(self) -> torch.Tensor:
         """All embeddings in memory, (M, D) float32 ((M, N, D) for tokens), row ``i`` for ``keys[i]``."""
-        column = self.dataset.with_format("torch")["image_embeds"]
-        if len(self.dataset) == 0:
-            return torch.empty(0, 0)
-        return column.to(torch.float32) if torch.is_tensor(column) else torch.stack(list(column)).float()
+        return embedding_values(self._read(self.column))
 
     def rows(self, order: Sequence[int]) -> CachedRows:
         """Rows ``order`` read lazily from disk (``view[i]`` is row ``order[i]``)."""
-        return CachedRows(self.dataset, order)
+        return CachedRows(self._source(), self.column, order)
 
 
-def _save_atomically(dataset: Any, target: Path, info: dict[str, Any]) -> None:
+def _folder(
+    cache_dir: str | os.PathLike, fingerprint: str, format_version: str = CACHE_FORMAT_VERSION
+) -> Path:
+    """The cache folder of ``fingerprint`` in a layout (format 2 had no version in the name)."""
+    version = f"v{format_version}-" if format_version != "2" else ""
+    return Path(cache_dir) / f"clipcap-embeds-{version}{fingerprint}"
+
+
+def _table(keys: list[str], embeds: torch.Tensor, mapping_input: str) -> Any:
+    """Cache rows: ``clipcap embed``'s layout without captions."""
+    return embedding_table(keys, {mapping_input: embeds})
+
+
+def _write_rows(table: Any, path: Path) -> None:
+    """The one Parquet writer (``shards.write_embedding_parquet``), in row groups of about ``ROW_GROUP_BYTES``."""
+    row_bytes = table.nbytes // max(table.num_rows, 1)
+    write_embedding_parquet(path, table, row_group_rows=max(1, ROW_GROUP_BYTES // max(row_bytes, 1)))
+
+
+def _save_atomically(table: Any, target: Path, info: dict[str, Any]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        dataset.save_to_disk(str(tmp / "data"))
-        (tmp / "cache_info.json").write_text(json.dumps(info, indent=2))
+        _write_rows(table, tmp / EMBEDDINGS_FILE)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
         try:
             os.replace(tmp, target)
         except OSError:
-            if (target / "cache_info.json").exists():  # another process won the race: theirs is as good
+            if (target / INFO_FILE).exists():  # another process won the race: theirs is as good
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _convert_format_2(old: Path, target: Path) -> None:
+    """A finished cache of format 2 at ``old`` (same fingerprint) and none at ``target``: its rows are written in
+    this layout at ``target`` and ``old`` is removed. An unreadable one is left alone (its images get encoded)."""
+    if not (old / INFO_FILE).is_file() or (target / INFO_FILE).exists():
+        return
+    import datasets
+
+    try:
+        info = json.loads((old / INFO_FILE).read_text())
+        rows = datasets.load_from_disk(str(old / "data")).with_format("numpy")[:]
+        keys = [str(k) for k in rows["image_key"]]
+        embeds = torch.from_numpy(
+            rows["image_embeds"]
+        ).float()  # (M, D) or (M, N, D), as format 2 stored them
+        table = _table(keys, embeds, info.get("mapping_input", "pooled"))
+    except Exception as err:
+        logger.warning(
+            f"embedding cache {old}: not readable as a format-2 (Arrow) cache ({type(err).__name__}: {err}); "
+            f"its images are encoded again into {target.name}."
+        )
+        return
+    info = info | {
+        "format_version": CACHE_FORMAT_VERSION,
+        "converted_from_format": info.get("format_version"),
+    }
+    _save_atomically(table, target, info)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info(
+        f"embedding cache {old.name}: converted from the Arrow layout (format 2) to Parquet (format "
+        f"{CACHE_FORMAT_VERSION}) in {target.name}: {len(keys)} embeddings read, none encoded again; "
+        "the old folder was removed."
+    )
 
 
 def build_embedding_cache(
@@ -432,8 +544,6 @@ def build_embedding_cache(
     Returns:
         An :class:`EmbeddingCache`. With ``on_bad_image="skip"`` the unreadable images have no row.
     """
-    import datasets
-
     on_bad_image = check_bad_image_policy(on_bad_image)  # "error" and "fail" share a cache
     unique_keys, unique_sources = _unique_images(images, keys)
     compute_dtype = dtype or torch.float32
@@ -444,9 +554,13 @@ def build_embedding_cache(
     data_fp = _data_fingerprint(unique_keys, identities, on_bad_image)
     fingerprint = hashlib.sha256(f"{enc_fp}{data_fp}{mapping_input}".encode()).hexdigest()[:32]
 
-    target = Path(cache_dir) / f"clipcap-embeds-{fingerprint}" if cache_dir is not None else None
-    if target is not None and (target / "cache_info.json").exists():
-        return _stored_cache(target, fingerprint, mapping_input)
+    target = _folder(cache_dir, fingerprint) if cache_dir is not None else None
+    if target is not None:
+        # a format-2 cache is converted by the main process; the others then find the new one
+        with processes.main_process_first() if processes is not None else contextlib.nullcontext():
+            _convert_format_2(_folder(cache_dir, fingerprint, "2"), target)
+        if (target / INFO_FILE).exists():
+            return _stored_cache(target, fingerprint, mapping_input)
 
     start = time.perf_counter()
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
@@ -467,7 +581,7 @@ def build_embedding_cache(
         mapping_input=mapping_input,
     )
     if sharded:
-        dataset, rows, skipped, per_process, shape = _encode_part(
+        table, rows, skipped, per_process, shape = _encode_part(
             model, image_processor, unique_sources, unique_keys, names, mine, target, processes, encode_kwargs
         )
     else:
@@ -479,9 +593,9 @@ def build_embedding_cache(
         len(unique_sources), per_process, skipped, target if sharded and rank == 0 else None
     )
     dim = int(shape[-1]) if shape and shape[-1] else int(model.config.image_embed_dim)
-    if not sharded or (rank == 0 and dataset is None):  # (sharded, nothing readable: an empty cache)
-        rows_embeds = embeds if not sharded else torch.empty(0, dim)
-        dataset = _rows_dataset([unique_keys[r] for r in rows], rows_embeds, mapping_input, dim)
+    if not sharded or (rank == 0 and table is None):  # (sharded, nothing readable: an empty cache)
+        empty = torch.empty((0, 0, dim) if mapping_input == "tokens" else (0, dim))
+        table = _table([unique_keys[r] for r in rows], embeds if not sharded else empty, mapping_input)
     info = {
         "format_version": CACHE_FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -498,14 +612,14 @@ def build_embedding_cache(
     }
     if target is not None:
         if rank == 0:
-            _save_atomically(dataset, target, info)
+            _save_atomically(table, target, info)
         if sharded:
             processes.wait_for_everyone()
             if rank == 0:
                 shutil.rmtree(_parts_folder(target), ignore_errors=True)
-        dataset = datasets.load_from_disk(str(target / "data"))  # memory-mapped from the cache
+        table = None  # read from the saved file from now on
     return EmbeddingCache(
-        dataset=dataset,
+        table=table,
         path=target,
         fingerprint=fingerprint,
         num_encoded=sum(per_process),
@@ -545,31 +659,18 @@ def _unique_images(images: Sequence[Any], keys: Sequence[str] | None) -> tuple[l
 
 def _stored_cache(target: Path, fingerprint: str, mapping_input: str) -> EmbeddingCache:
     """A finished cache folder, reused as it is (nothing encoded)."""
-    import datasets
+    import pyarrow.parquet as pq
 
-    info = json.loads((target / "cache_info.json").read_text())
-    dataset = datasets.load_from_disk(str(target / "data"))
+    info = json.loads((target / INFO_FILE).read_text())
     return EmbeddingCache(
-        dataset=dataset,
+        table=None,
         path=target,
         fingerprint=fingerprint,
         num_encoded=0,
-        num_reused=len(dataset),
+        num_reused=pq.ParquetFile(target / EMBEDDINGS_FILE).metadata.num_rows,
         skipped=[tuple(s) for s in info.get("skipped", [])],
         mapping_input=mapping_input,
     )
-
-
-def _rows_dataset(keys: list[str], embeds: torch.Tensor, mapping_input: str, dim: int) -> Any:
-    """``image_key`` + ``image_embeds`` rows: (D,) per image, or an Array2D (N, D) of token features."""
-    import datasets
-
-    if mapping_input == "tokens":  # (N, D) per image
-        column = datasets.Array2D(shape=(int(embeds.shape[1]), dim), dtype="float32")
-    else:
-        column = datasets.List(datasets.Value("float32"), length=dim)
-    features = datasets.Features({"image_key": datasets.Value("string"), "image_embeds": column})
-    return datasets.Dataset.from_dict({"image_key": keys, "image_embeds": embeds.numpy()}, features=features)
 
 
 def _parts_folder(target: Path) -> Path:
@@ -587,14 +688,15 @@ def _encode_part(
     processes: Any,
     encode_kwargs: dict[str, Any],
 ) -> tuple[Any, list[int], list[tuple[str, str]], list[int], list[int]]:
-    """This process encodes ``sources[i] for i in mine`` into ``<cache>.parts/part-<rank>``; the parts are merged
-    (on the main process) in unique-image order. Returns ``(merged dataset (main process) or None, rows, skipped,
-    images encoded per process, the shape of one embedding)``."""
-    import datasets
+    """This process encodes ``sources[i] for i in mine`` into ``<cache>.parts/part-<rank>.parquet``; the parts are
+    merged (on the main process) in unique-image order. Returns ``(merged table (main process) or None, rows,
+    skipped, images encoded per process, the shape of one embedding)``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from accelerate.utils import gather_object
 
     rank = processes.process_index
-    part = _parts_folder(target) / f"part-{rank}"
+    part = _parts_folder(target) / f"part-{rank}.parquet"
     outcome: dict[str, Any] = {"rows": [], "skipped": [], "error": None, "shape": []}
     try:
         embeds, rows, skipped = encode_images(
@@ -606,10 +708,8 @@ def _encode_part(
         )
         rows = [mine[r] for r in rows]
         if rows:
-            dim = int(embeds.shape[-1])
-            _rows_dataset([keys[r] for r in rows], embeds, encode_kwargs["mapping_input"], dim).save_to_disk(
-                str(part)
-            )
+            part.parent.mkdir(parents=True, exist_ok=True)
+            _write_rows(_table([keys[r] for r in rows], embeds, encode_kwargs["mapping_input"]), part)
         outcome.update(rows=rows, skipped=[list(s) for s in skipped], shape=list(embeds.shape[1:]))
     except Exception as err:  # reported by every process, so none is left waiting for this one
         outcome["error"] = f"process {rank}: {type(err).__name__}: {err}"
@@ -626,10 +726,10 @@ def _encode_part(
     merged = None
     if rank == 0 and rows:
         parts = [
-            datasets.load_from_disk(str(_parts_folder(target) / f"part-{r}"))
+            pq.read_table(_parts_folder(target) / f"part-{r}.parquet")
             for r, o in enumerate(outcomes)
             if o["rows"]
         ]
         position = {r: i for i, r in enumerate(r for o in outcomes for r in o["rows"])}
-        merged = datasets.concatenate_datasets(parts).select([position[r] for r in rows]).flatten_indices()
+        merged = pa.concat_tables(parts).take([position[r] for r in rows])
     return merged, rows, skipped, per_process, shape

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,12 @@ __all__ = [
     "is_shard_source",
     "iter_shard_rows",
     "build_train_stream",
+    "embedding_table",
+    "embedding_values",
     "load_shard_captions",
     "stream_report",
+    "write_atomically",
+    "write_embedding_parquet",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,7 +63,8 @@ logger = logging.getLogger(__name__)
 SHARD_SUFFIXES = (".tar", ".parquet")
 STREAM_STATE_NAME = "stream_state_{rank}.json"
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-#: the Parquet column each ``mapping_input`` trains from (``clipcap embed`` writes both with ``--patch_tokens``)
+#: the Parquet column each ``mapping_input`` trains from (``clipcap embed`` writes both with ``--patch_tokens``;
+#: the training cache the one its model reads); :func:`embedding_table` is the layout of both
 EMBEDDING_COLUMNS = {"pooled": "image_embeds", "tokens": "patch_tokens"}
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -127,6 +132,89 @@ def _shard_format(path: str) -> str:
     if lower.endswith(".parquet"):
         return "parquet"
     raise ShardError(f"{path}: not a .tar (WebDataset) or .parquet shard.")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def embedding_table(
+    keys: Sequence[str], embeddings: Mapping[str, torch.Tensor], captions: Sequence[str] | None = None
+) -> Any:
+    """Precomputed image embeddings as the one Parquet layout that ``clipcap embed`` and the training cache write.
+
+    Columns, in this order: ``key`` (string); ``caption`` (string) when ``captions`` are given; then one column
+    per ``mapping_input`` in ``embeddings`` (:data:`EMBEDDING_COLUMNS` order): ``image_embeds`` from an (M, D)
+    tensor as ``fixed_size_list<float32>[D]``, ``patch_tokens`` from an (M, N, D) tensor as
+    ``list<fixed_size_list<float32>[D]>`` (N vectors per row). :func:`embedding_values` reads a column back.
+    """
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {"key": pa.array([str(k) for k in keys], pa.string())}
+    if captions is not None:
+        columns["caption"] = pa.array(list(captions), pa.string())
+    for mapping_input, name in EMBEDDING_COLUMNS.items():
+        if mapping_input not in embeddings:
+            continue
+        values = embeddings[mapping_input].detach().float().cpu()
+        expected = "(M, D)" if mapping_input == "pooled" else "(M, N, D)"
+        if values.ndim != len(expected.split(",")) or values.shape[0] != len(keys):
+            raise ValueError(
+                f"{name}: {len(keys)} keys and a tensor of shape {tuple(values.shape)}; expected {expected}."
+            )
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.numpy().reshape(-1)), values.shape[-1])
+        if mapping_input == "tokens":  # M rows of N vectors
+            offsets = np.arange(values.shape[0] + 1, dtype=np.int32) * values.shape[1]
+            vectors = pa.ListArray.from_arrays(pa.array(offsets), vectors)
+        columns[name] = vectors
+    return pa.table(columns)
+
+
+def embedding_values(column: Any) -> torch.Tensor:
+    """An embedding column of :func:`embedding_table` (or a slice of it) as float32: (M, D) for ``image_embeds``,
+    (M, N, D) for ``patch_tokens`` (every row must hold the same N)."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    rows, kind = len(column), column.type
+    if pa.types.is_fixed_size_list(kind):  # (M, D)
+        shape = (rows, kind.list_size)
+    elif pa.types.is_list(kind) and pa.types.is_fixed_size_list(kind.value_type):  # (M, N, D)
+        column = column.flatten()
+        per_row = len(column) // rows if rows else 0
+        if per_row * rows != len(column):
+            raise ValueError("patch_tokens rows hold different numbers of vectors (one N per file is read).")
+        shape = (rows, per_row, kind.value_type.list_size)
+    else:
+        raise ValueError(f"not an embedding column of embedding_table: {kind}")
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return torch.tensor(flat.astype(np.float32, copy=False).reshape(shape))
+
+
+def write_atomically(target: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """``write(path)`` into a hidden temporary name beside ``target``, then rename: ``target`` appears complete or
+    not at all (the temporary file is removed when writing fails)."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_embedding_parquet(
+    target: str | os.PathLike, table: Any, *, row_group_rows: int | None = None
+) -> None:
+    """Write an :func:`embedding_table` to the Parquet file ``target`` atomically (:func:`write_atomically`).
+
+    ``row_group_rows``: rows per Parquet row group (default: pyarrow's, one group for a shard); a reader that
+    fetches single rows (the training cache's token features) reads one row group per row, so it asks for small
+    ones.
+    """
+    import pyarrow.parquet as pq
+
+    write_atomically(target, lambda path: pq.write_table(table, path, row_group_size=row_group_rows))
 
 
 # ---------------------------------------------------------------------------------------------- reading

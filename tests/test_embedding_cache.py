@@ -299,3 +299,157 @@ def test_siglip2_mask_and_shapes_reach_the_tower(mapping_input, image_files, tmp
     assert not torch.allclose(embeds[padded], unmasked[padded], atol=1e-3)
     kwargs = dict(max_new_tokens=3, do_sample=False)
     assert torch.equal(model.generate(image_embeds=embeds, **kwargs), model.generate(**inputs, **kwargs))
+
+
+# ----------------------------------------------------------------------------- the on-disk format
+
+
+def _write_format_2_cache(cache_dir, fingerprint, keys, embeds, mapping_input, skipped=()):
+    """The layout build_embedding_cache wrote before the Parquet cache (format 2, up to commit 23f5e71), rebuilt
+    here: ``clipcap-embeds-<fingerprint>/data`` is a ``datasets`` ``save_to_disk`` folder with ``image_key`` and
+    ``image_embeds`` (a fixed-length float32 list per image, or an Array2D (N, D) for tokens), beside
+    ``cache_info.json``."""
+    import json
+
+    import datasets
+
+    folder = cache_dir / f"clipcap-embeds-{fingerprint}"
+    if mapping_input == "tokens":
+        column = datasets.Array2D(shape=tuple(embeds.shape[1:]), dtype="float32")
+    else:
+        column = datasets.List(datasets.Value("float32"), length=embeds.shape[1])
+    features = datasets.Features({"image_key": datasets.Value("string"), "image_embeds": column})
+    rows = datasets.Dataset.from_dict({"image_key": keys, "image_embeds": embeds.numpy()}, features=features)
+    rows.save_to_disk(str(folder / "data"))
+    info = {
+        "format_version": "2", "fingerprint": fingerprint, "dtype": "torch.float32", "num_images": len(keys),
+        "num_embeddings": len(keys), "image_embed_dim": embeds.shape[-1], "mapping_input": mapping_input,
+        "embedding_shape": list(embeds.shape[1:]), "skipped": [list(s) for s in skipped], "seconds": 0.1,
+    }  # fmt: skip
+    (folder / "cache_info.json").write_text(json.dumps(info, indent=2))
+    return folder
+
+
+@pytest.mark.parametrize("mapping_input", ["pooled", "tokens"])
+def test_a_format_2_arrow_cache_is_converted_once_with_a_log_line_and_the_same_embeddings(
+    mapping_input, encoder, image_files, tiny_tokenizer, tmp_path, caplog
+):
+    import logging
+
+    import pyarrow.parquet as pq
+
+    model, image_processor, counter = encoder
+    if mapping_input == "tokens":
+        model = _tokens_twin(model, tiny_tokenizer)
+        model.vision_model.register_forward_pre_hook(counter.count_pre, with_kwargs=True)
+    reference = build_embedding_cache(model, image_processor, image_files, show_progress=False)  # not stored
+    encoded = counter.images
+    # the old cache holds other numbers than the encoder gives: the converted rows must come from the file
+    old_embeds = reference.embeddings() + torch.arange(7.0).reshape(
+        -1, *[1] * (reference.embeddings().ndim - 1)
+    )
+    skipped = [("gone.png", "missing file")]
+    old = _write_format_2_cache(
+        tmp_path, reference.fingerprint, reference.keys, old_embeds, mapping_input, skipped
+    )
+
+    with caplog.at_level(logging.INFO, logger="modeling_clipcap.embedding_cache"):
+        cache = build_embedding_cache(
+            model, image_processor, image_files, cache_dir=tmp_path, show_progress=False
+        )
+    converted = [r.getMessage() for r in caplog.records if "converted" in r.getMessage()]
+    assert len(converted) == 1 and "Arrow layout (format 2) to Parquet (format 3)" in converted[0], converted
+    assert old.name in converted[0] and "7 embeddings read, none encoded again" in converted[0]
+    assert counter.images == encoded and cache.num_encoded == 0 and cache.num_reused == 7
+    assert not old.exists() and cache.path.name == f"clipcap-embeds-v3-{reference.fingerprint}"
+    assert cache.keys == reference.keys and cache.skipped == skipped
+    assert torch.equal(cache.embeddings(), old_embeds)
+    assert torch.equal(cache.rows([6, 0])[0], old_embeds[6])
+    column = {"pooled": "image_embeds", "tokens": "patch_tokens"}[mapping_input]
+    assert pq.read_schema(cache.path / "embeddings.parquet").names == ["key", column]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="modeling_clipcap.embedding_cache"):
+        again = build_embedding_cache(
+            model, image_processor, image_files, cache_dir=tmp_path, show_progress=False
+        )
+    assert not [r for r in caplog.records if "converted" in r.getMessage()]  # read once: now it is Parquet
+    assert again.num_reused == 7 and torch.equal(again.embeddings(), old_embeds) and counter.images == encoded
+
+
+def test_an_unreadable_format_2_cache_is_rebuilt_with_a_warning(encoder, image_files, tmp_path, caplog):
+    import logging
+
+    model, image_processor, counter = encoder
+    reference = build_embedding_cache(model, image_processor, image_files, show_progress=False)
+    old = _write_format_2_cache(
+        tmp_path, reference.fingerprint, reference.keys, reference.embeddings(), "pooled"
+    )
+    for arrow in (old / "data").glob("*.arrow"):
+        arrow.write_bytes(b"cut short")
+    with caplog.at_level(logging.INFO, logger="modeling_clipcap.embedding_cache"):
+        cache = build_embedding_cache(
+            model, image_processor, image_files, cache_dir=tmp_path, show_progress=False
+        )
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "encoded again" in r.getMessage()]
+    assert len(warned) == 1 and old.name in warned[0].getMessage()
+    assert cache.num_encoded == 7 and counter.images == 14
+    torch.testing.assert_close(cache.embeddings(), reference.embeddings())
+
+
+def test_token_rows_are_read_lazily_one_row_group_at_a_time(
+    encoder, image_files, tiny_tokenizer, tmp_path, monkeypatch
+):
+    """Row groups as small as one row: any order of rows reads back the stored rows, also after pickling (the view
+    a DataLoader worker gets)."""
+    import pickle
+
+    import pyarrow.parquet as pq
+
+    from modeling_clipcap import embedding_cache
+
+    monkeypatch.setattr(embedding_cache, "ROW_GROUP_BYTES", 1)
+    twin = _tokens_twin(encoder[0], tiny_tokenizer)
+    cache = build_embedding_cache(twin, encoder[1], image_files, cache_dir=tmp_path, show_progress=False)
+    assert pq.ParquetFile(cache.path / "embeddings.parquet").metadata.num_row_groups == 7
+    embeds, order = cache.embeddings(), [6, 2, 2, 0, 5]
+    view = cache.rows(order)
+    assert view.shape == (5, 17, 32)
+    assert all(torch.equal(view[i], embeds[r]) for i, r in enumerate(order))
+    copy = pickle.loads(pickle.dumps(view))
+    assert all(torch.equal(copy[i], embeds[r]) for i, r in enumerate(order))
+
+
+def test_the_cache_and_clipcap_embed_write_one_format(encoder, image_files, tmp_path):
+    """The cache's Parquet file and a `clipcap embed` shard of the same images: the same column types, and the same
+    embeddings (one writer, shards.embedding_table)."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from modeling_clipcap.embed import embed_shards
+    from modeling_clipcap.shards import embedding_values
+
+    model, image_processor, _ = encoder
+    with tarfile.open(tmp_path / "shard-0000.tar", "w") as tar:
+        for i, path in enumerate(image_files):
+            tar.add(path, arcname=f"{i:03d}.png")
+            caption = tmp_path / f"{i}.txt"
+            caption.write_text(f"picture {i}")
+            tar.add(caption, arcname=f"{i:03d}.txt")
+    embed_shards(
+        model, image_processor, str(tmp_path / "shard-0000.tar"), tmp_path / "emb", show_progress=False
+    )
+    shard = pq.read_table(tmp_path / "emb" / "shard-0000.parquet")
+    cache = build_embedding_cache(
+        model, image_processor, image_files, cache_dir=tmp_path / "c", show_progress=False
+    )
+    stored = pq.read_table(cache.path / "embeddings.parquet")
+    assert shard.column_names == ["key", "caption", "image_embeds"] and stored.column_names == [
+        "key",
+        "image_embeds",
+    ]
+    assert all(
+        stored.schema.field(name).type == shard.schema.field(name).type for name in stored.column_names
+    )
+    assert torch.equal(embedding_values(shard.column("image_embeds")), cache.embeddings())

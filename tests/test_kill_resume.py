@@ -219,19 +219,19 @@ def test_sigkill_at_four_points_then_resume_gives_the_same_weights(tmp_path):
 
 CACHE_DRIVER = r"""
 import os, signal, sys
-import datasets
+import pyarrow.parquet as pq
 from modeling_clipcap import ClipCapForConditionalGeneration, ClipCapProcessor
 from modeling_clipcap.embedding_cache import build_embedding_cache
 
 model_dir, cache_dir, *paths = sys.argv[1:]
-original = datasets.Dataset.save_to_disk
+original = pq.write_table
 
-def save_then_die(self, path, *args, **kwargs):
-    original(self, path, *args, **kwargs)  # the Arrow files are on disk, cache_info.json and the rename are not
-    print("KILLED-WHILE-CACHING", path, flush=True)
+def write_then_die(table, where, *args, **kwargs):
+    original(table, where, *args, **kwargs)  # the Parquet file is on disk, cache_info.json and the renames are not
+    print("KILLED-WHILE-CACHING", where, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
-datasets.Dataset.save_to_disk = save_then_die
+pq.write_table = write_then_die
 model = ClipCapForConditionalGeneration.from_pretrained(model_dir)
 processor = ClipCapProcessor.from_pretrained(model_dir)
 build_embedding_cache(model, processor.image_processor, paths, cache_dir=cache_dir, show_progress=False)
