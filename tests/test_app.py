@@ -49,18 +49,24 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory) -> Path:
+def saved_model(tmp_path_factory, real_photos) -> Path:
+    """A tiny model taught a different caption for each test photo (greedy and beam search), so the tests that
+    compare the app's captions with model.generate's one image at a time would see rows given the wrong image."""
     from conftest import build_tiny_processor, build_tiny_tokenizer, tiny_clipcap_config
+    from test_families import teach_distinct_captions
 
     from modeling_clipcap import ClipCapForConditionalGeneration
 
     out = tmp_path_factory.mktemp("app") / "model"
     tokenizer = build_tiny_tokenizer()
+    processor = build_tiny_processor(tokenizer)
     torch.manual_seed(0)
-    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tokenizer))).eval()
+    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tokenizer)))
+    photos = processor(images=[load_image(p) for p in real_photos], return_tensors="pt")
+    teach_distinct_captions(model, tokenizer, dict(photos), beams=(1, 2, 3), max_new_tokens=6)
     model.generation_config.max_new_tokens = 6
     model.save_pretrained(out)
-    build_tiny_processor(tokenizer).save_pretrained(out)
+    processor.save_pretrained(out)
     return out
 
 
@@ -128,6 +134,7 @@ def page_is_up(url: str) -> bool:
 def test_caption_endpoint_gives_the_text_of_model_generate(server, real_photos):
     client = Client(server["url"], verbose=False)
     expected = expected_captions(server["model"], server["processor"], real_photos[:2])
+    assert expected[0] != expected[1]  # different captions: an answer for the wrong image would fail
     got = [client.predict(handle_file(str(p)), api_name="/caption") for p in real_photos[:2]]
     assert got == expected
     assert all(isinstance(text, str) and text for text in got)
@@ -164,6 +171,7 @@ def test_eight_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server,
 
     images = [real_photos[i % len(real_photos)] for i in range(8)]
     expected = expected_captions(server["model"], server["processor"], images)
+    assert len(set(expected)) == len(real_photos)  # one caption per photo: a mixed-up batch would fail
     counter = server["counter"]
     client = Client(server["url"], verbose=False)
     for round_ in range(2):
@@ -214,6 +222,8 @@ def test_page_endpoint_beam_search_prefix_tokens_and_downloads(server, real_phot
         "prefix: nearest tokens",
     ]  # no CLIP-S without CLIP
     assert [r[0] for r in rows] == [real_photos[0].name] * 2 + [real_photos[1].name] * 2 + ["corrupt.jpg"]
+    # the two photos' best captions differ: rows of the wrong photo would fail
+    assert rows[0][2] != rows[2][2]
     for i, path in enumerate(real_photos[:2]):
         inputs = processor(images=[load_image(path)], return_tensors="pt")
         with torch.no_grad():
@@ -328,6 +338,8 @@ def test_page_captions_through_the_library_captioning_path(saved_model, real_pho
     decoding = Decoding(mode="beam search", num_beams=2, num_captions=2, max_new_tokens=4)
     results = caption_files(model, processor, real_photos[:3], decoding, batch_size=2)
     assert path_calls == [1] and counter.sizes == [2, 1] and processed == [2, 1]
+    # a different caption per photo: a batch mix-up would fail
+    assert len({r["captions"][0]["caption"] for r in results}) == 3
     monkeypatch.undo()
     for path, result in zip(real_photos[:3], results):
         inputs = processor(images=[load_image(path)], return_tensors="pt")
@@ -366,6 +378,7 @@ def test_clip_model_scores_and_reranks_captions(saved_model, real_photos, tmp_pa
     decoding = Decoding("beam search", num_beams=4, num_captions=4, max_new_tokens=5)
     results = caption_files(model, processor, real_photos[:2], decoding, clip=clip)
     plain = caption_files(model, processor, real_photos[:2], decoding)
+    assert plain[0]["captions"][0]["caption"] != plain[1]["captions"][0]["caption"]  # photos told apart
     for scored, unscored, path in zip(results, plain, real_photos):
         scores = [c["clip_score"] for c in scored["captions"]]
         assert scores == sorted(scores, reverse=True) and all(s is not None for s in scores)

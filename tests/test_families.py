@@ -90,18 +90,23 @@ def rows(inputs: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     return {k: v[i : i + 1] for k, v in inputs.items()}
 
 
-#: Captions that differ from their first word on (TINY_CORPUS's 3rd, 7th and 1st).
-DISTINCT_CAPTIONS = [TINY_CORPUS[2], TINY_CORPUS[6], TINY_CORPUS[0]]
+#: TINY_CORPUS's eight sentences, the first three differing from their first word on.
+DISTINCT_CAPTIONS = [TINY_CORPUS[i] for i in (2, 6, 0, 1, 3, 4, 5, 7)]
 
 
-def captions_differ(model, inputs, num_beams: int) -> bool:
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0)
+def captions_differ(model, inputs, num_beams: int, max_new_tokens: int = 4) -> bool:
+    """Whether ``generate`` (greedy or beam search) writes a different caption for each image of ``inputs``."""
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams, pad_token_id=0
+    )
     return len({tuple(row.tolist()) for row in out}) == out.shape[0]
 
 
-def teach_distinct_captions(model, tokenizer, *batches: dict[str, torch.Tensor], beams=(1, 2), max_steps=150):
+def teach_distinct_captions(
+    model, tokenizer, *batches: dict[str, torch.Tensor], beams=(1, 2), max_new_tokens: int = 4, max_steps=150
+):
     """Train ``model`` until the images of each of ``batches`` get different captions (greedy and with each beam
-    width of ``beams``, 4 new tokens), teaching each image of a batch another caption of DISTINCT_CAPTIONS.
+    width of ``beams``), teaching each image of a batch another caption of :data:`DISTINCT_CAPTIONS` (at most 8).
 
     A random tiny model writes the same tokens for every image (its mapper's constant and small weights drown
     the image), so comparing a batch with one image at a time could not see rows that were swapped or mixed. The
@@ -115,21 +120,28 @@ def teach_distinct_captions(model, tokenizer, *batches: dict[str, torch.Tensor],
     for inputs in batches:
         with torch.no_grad():
             _, embeds = model.get_prefix(**inputs)
-        enc = tokenizer(DISTINCT_CAPTIONS[: embeds.shape[0]], return_tensors="pt", padding=True)
-        targets.append((embeds, enc, enc.input_ids.masked_fill(enc.attention_mask == 0, -100)))
+        ids = [tokenizer(c)["input_ids"] for c in DISTINCT_CAPTIONS[: embeds.shape[0]]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([x + [tokenizer.eos_token_id] * (width - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        targets.append((embeds, input_ids, mask))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(max_steps + 1):
         if step % 5 == 0:
             model.eval()
-            if all(captions_differ(model, {"image_embeds": e}, b) for e, _, _ in targets for b in beams):
+            if all(
+                captions_differ(model, {"image_embeds": embeds}, b, max_new_tokens)
+                for embeds, _, _ in targets
+                for b in beams
+            ):
                 return model
             model.train()
         optimizer.zero_grad()
-        for embeds, enc, labels in targets:
-            out = model(
-                image_embeds=embeds, input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels
-            )
-            out.loss.backward()
+        for embeds, input_ids, mask in targets:
+            labels = input_ids.masked_fill(mask == 0, -100)
+            model(
+                image_embeds=embeds, input_ids=input_ids, attention_mask=mask, labels=labels
+            ).loss.backward()
         optimizer.step()
     raise AssertionError(f"{max_steps} steps did not give the images different captions")
 
