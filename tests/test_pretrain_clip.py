@@ -1,8 +1,10 @@
 """Tests for training/pretrain_clip.py: contrastive pretraining (CLIP and FILIP) of any supported image tower.
 
-FILIP's similarity is checked against explicit loops on fixed tensors, padding is shown not to matter, and
-for every tower family x objective a few steps on a tiny image folder move the tower and lower the loss, and the
-saved tower loads into ClipCap (``from_vision_text_pretrained``) with its trained weights.
+FILIP's similarity is checked against explicit loops on fixed tensors, padding (caption tokens, SigLIP2's empty
+patch slots) is shown not to matter, and for every supported tower family (``towers.VISION_FAMILIES``, SigLIP2's
+patches with their mask included) x objective a few steps on a tiny image folder move the tower and lower the loss,
+and the saved tower loads into ClipCap (``from_vision_text_pretrained``) with exactly its trained weights and
+outputs, which differ from those of the tower it started from.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pytest
 import torch
 from conftest import TINY_CORPUS, build_tiny_tokenizer, tiny_text_config
 
+from modeling_clipcap.towers import VISION_FAMILIES, image_features
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,21 +34,15 @@ def _load_module():
 
 pc = _load_module()
 
+_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+_CNN = dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], patch_size=4)
 TINY_TOWERS = {
     "clip_vision_model": dict(
-        model_type="clip_vision_model",
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        projection_dim=16,
+        model_type="clip_vision_model", image_size=32, patch_size=8, projection_dim=16, **_VIT
     ),
-    "resnet": dict(
-        model_type="resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
-    ),
-    "convnext": dict(model_type="convnext", num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], patch_size=4),
+    "siglip_vision_model": dict(model_type="siglip_vision_model", image_size=32, patch_size=8, **_VIT),
+    # NaFlex: up to 16 patches of 8x8 pixels (a 32x32 image), read with pixel_attention_mask and spatial_shapes
+    "siglip2_vision_model": dict(model_type="siglip2_vision_model", num_patches=16, patch_size=8, **_VIT),
     "dinov2": dict(
         model_type="dinov2",
         image_size=32,
@@ -53,6 +51,12 @@ TINY_TOWERS = {
         num_hidden_layers=1,
         num_attention_heads=2,
         mlp_ratio=2,
+    ),
+    "vit": dict(model_type="vit", image_size=32, patch_size=8, **_VIT),
+    "convnext": dict(model_type="convnext", **_CNN),
+    "convnextv2": dict(model_type="convnextv2", **_CNN),
+    "resnet": dict(
+        model_type="resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
     ),
 }
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -117,6 +121,29 @@ def test_filip_padding_tokens_do_not_change_the_similarity():
     assert not torch.allclose(before[0], unmasked[0])  # the test can see padding when it is not masked
 
 
+def test_filip_padded_image_tokens_are_neither_matched_nor_averaged():
+    """SigLIP2's empty patch slots: whatever their embeddings, they change neither similarity; and the result
+    equals the loops over the real image tokens alone."""
+    g = torch.Generator().manual_seed(2)
+    image = torch.nn.functional.normalize(torch.randn(2, 5, 4, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 4, 4, generator=g), dim=-1)
+    text_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    image_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # image 1 fills 3 of its 5 slots
+    before = pc.filip_similarity(image, text, text_mask, image_mask)
+    changed = image.clone()
+    changed[image_mask == 0] = 100.0  # padding that would win every max if it were looked at
+    after = pc.filip_similarity(changed, text, text_mask, image_mask)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    want_i2t, want_t2i = _filip_by_loops(image[1:, :3], text, [4, 2, 1])
+    assert torch.allclose(before[0][1:], want_i2t, atol=1e-6) and torch.allclose(
+        before[1][1:], want_t2i, atol=1e-6
+    )
+    unmasked = pc.filip_similarity(changed, text, text_mask)
+    assert not torch.allclose(before[0], unmasked[0])  # the test can see padding when it is not masked
+    with pytest.raises(ValueError, match="every image needs at least one real"):
+        pc.filip_similarity(image, text, text_mask, torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))
+
+
 def test_filip_padding_ids_do_not_change_the_model_logits():
     from transformers import CLIPTextConfig
 
@@ -179,11 +206,33 @@ def tiny_folder(tmp_path_factory):
     return root
 
 
+def test_every_supported_tower_family_is_pretrained():
+    assert set(TINY_TOWERS) == set(VISION_FAMILIES)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _untrained_tower(tiny_folder, family: str, objective: str, seed: int = 0):
+    """The tower ``pretrain_tower(seed=seed)`` starts from: the same seed builds the same dual encoder."""
+    torch.manual_seed(seed)
+    _, text_cfg, _ = pc.build_text_side(tiny_folder / "tokenizer", [["a"]], TINY_TEXT)
+    torch.manual_seed(seed)
+    return pc.ContrastiveDualEncoder(
+        pc.tower_config(TINY_TOWERS[family]), text_cfg, 16, objective
+    ).vision.eval()
+
+
 @pytest.mark.parametrize("objective", pc.OBJECTIVES)
 @pytest.mark.parametrize("family", sorted(TINY_TOWERS))
 def test_pretraining_moves_the_tower_lowers_the_loss_and_the_tower_loads_into_clipcap(
     tiny_folder, family, objective
 ):
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor
+
     from modeling_clipcap import ClipCapForConditionalGeneration
 
     out = tiny_folder / f"{family}_{objective}"
@@ -200,50 +249,65 @@ def test_pretraining_moves_the_tower_lowers_the_loss_and_the_tower_loads_into_cl
         learning_rate=3e-3,
         weight_decay=0.0,
         warmup_steps=2,
-        max_steps=40,
+        max_steps=24,
         seed=0,
         show_progress=False,
     )
-    assert summary["steps"] == 40 and summary["tower"] == family and summary["objective"] == objective
-    assert summary["final_loss"] < summary["first_loss"] - 0.1, summary
+    assert summary["steps"] == 24 and summary["tower"] == family and summary["objective"] == objective
+    assert summary["final_loss"] < summary["first_loss"] - 0.1, summary  # means of the first / last 6 steps
 
-    # the same seed builds the same untrained tower: the saved one must differ from it
-    torch.manual_seed(0)
-    _, text_cfg, _ = pc.build_text_side(tiny_folder / "tokenizer", [["a"]], TINY_TEXT)
-    torch.manual_seed(0)
-    untrained = pc.ContrastiveDualEncoder(
-        pc.tower_config(TINY_TOWERS[family]), text_cfg, 16, objective
-    ).vision
-    # the saved tower loads through ClipCap's own loading, with its trained weights
+    # the trained tower as transformers itself loads the folder, and the tower training started from: training
+    # moved most of its tensors (not all: e.g. FILIP reads SigLIP's tokens, so its pooling head gets no gradient)
+    config = pc.tower_config(TINY_TOWERS[family])
+    initial = _untrained_tower(tiny_folder, family, objective)
+    trained = type(initial).from_pretrained(out, **({"add_pooling_layer": False} if family == "vit" else {}))
+    trained.eval()
+    start, end = initial.state_dict(), trained.state_dict()
+    assert set(start) == set(end)
+    moved = [k for k, v in start.items() if v.is_floating_point() and not torch.equal(v, end[k])]
+    assert len(moved) >= len(start) // 2, f"only {len(moved)} of {len(start)} tower tensors moved"
+
+    # ClipCap's own loading gives exactly the trained tower: its weights, and its embeddings of the images through
+    # the saved image processor (SigLIP2: patches, mask and shapes), which differ from the untrained tower's
+    tokens = objective == "filip"
     mapping = dict(
         mapping_input="tokens", mapping_type="transformer", mapping_num_layers=1, mapping_num_heads=4
     )
-    if objective == "clip":
-        mapping = dict(mapping_input="pooled", mapping_type="mlp")
+    mapping = mapping if tokens else dict(mapping_input="pooled", mapping_type="mlp")
     model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
         str(out), str(tiny_folder / "gpt2"), prefix_length=2, **mapping
-    )
-    loaded = model.vision_model.state_dict()
-    initial = untrained.state_dict()
-    assert set(loaded) == set(initial)
-    moved = [
-        k for k in initial if initial[k].dtype.is_floating_point and not torch.equal(loaded[k], initial[k])
-    ]
-    assert len(moved) >= len(initial) // 2, f"only {len(moved)} of {len(initial)} tower tensors moved"
-    from safetensors.torch import load_file
+    ).eval()
+    # every saved tensor is in the loaded tower, one for one (matched by value: newer transformers may name
+    # ViT / DINOv2 parameters differently from the files they write)
+    saved = list(load_file(out / "model.safetensors").values())  # the trained weights as written
+    loaded = list(model.vision_model.state_dict().values())
+    assert len(loaded) == len(saved)
+    unmatched = list(loaded)
+    for tensor in saved:
+        match = next((i for i, candidate in enumerate(unmatched) if _same(candidate, tensor)), None)
+        assert match is not None, f"a saved tensor of shape {tuple(tensor.shape)} is not in the loaded tower"
+        unmatched.pop(match)
+    processor = AutoImageProcessor.from_pretrained(out)
+    images = [Image.open(tiny_folder / "images" / f"{i}.png") for i in range(8)]
+    inputs = dict(processor(images, return_tensors="pt"))
+    if family == "siglip2_vision_model":
+        assert set(inputs) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"}
+        assert (
+            inputs["pixel_values"].shape == (8, 16, 3 * 8 * 8)
+            and inputs["spatial_shapes"].tolist() == [[4, 4]] * 8
+        )
+    else:
+        assert inputs["pixel_values"].shape == (8, 3, 32, 32)
+    with torch.no_grad():
+        _, got = model.get_prefix(**inputs)  # what the mapper reads: pooled (B, D) or tokens (B, N, D)
 
-    saved = load_file(out / "model.safetensors")
-    first = next(k for k in saved if "running" not in k)
-    assert any(torch.equal(saved[first], v) for v in loaded.values())
-    # and it captions: the frozen tower feeds the mapper through the processor's image size
-    from transformers import AutoImageProcessor
+        def embedding(tower):
+            features = image_features(tower, config, **inputs)
+            return features.last_hidden_state if tokens else features.pooler_output
 
-    pixel_values = AutoImageProcessor.from_pretrained(out)(
-        [__import__("PIL.Image").Image.open(tiny_folder / "images" / "0.png")], return_tensors="pt"
-    )["pixel_values"]
-    assert pixel_values.shape[-2:] == (32, 32)
-    generated = model.generate(pixel_values=pixel_values, max_new_tokens=3, do_sample=False)
-    assert generated.shape[0] == 1
+        torch.testing.assert_close(got, embedding(trained))
+        assert not torch.allclose(got, embedding(initial), atol=1e-4)
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[0] == 8
 
 
 def test_unsupported_tower_and_objective_get_clear_errors(tiny_folder):

@@ -31,7 +31,11 @@ becomes ``<|startoftext|> caption <|endoftext|>`` padded with ``<|endoftext|>`` 
 
 Images are decoded once into a uint8 tensor (N, 3, H, W) (the synthetic images are small: 20k 64x64
 images take 245 MB) and normalised per batch with the image processor's mean and std; each step pairs
-every image of the batch with one of its reference captions, drawn at random.
+every image of the batch with one of its reference captions, drawn at random. A SigLIP2 (NaFlex) tower reads
+patches instead: its own image processor (``towers.default_image_processor``, saved with the tower) turns each
+image once into (num_patches, 3 * patch_size**2) patches with their ``pixel_attention_mask`` and
+``spatial_shapes``, which reach the tower with every batch; FILIP then neither matches nor averages the padded
+patch slots.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from modeling_clipcap.image_io import load_image  # noqa: E402
 from modeling_clipcap.presets import find_preset, read_preset  # noqa: E402
 from modeling_clipcap.towers import (  # noqa: E402
     build_vision_tower,
+    default_image_processor,
     image_embed_dim,
     image_features,
     vision_family,
@@ -117,6 +122,21 @@ def load_pixels(paths: list[Path], image_size: int, show_progress: bool = True) 
     return out
 
 
+def load_patches(
+    paths: list[Path], image_processor: Any, show_progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Decode images and run a patch-based (SigLIP2 NaFlex) image processor on them once: ``pixel_values``
+    (N, num_patches, 3 * patch_size**2), ``pixel_attention_mask`` (N, num_patches) and ``spatial_shapes`` (N, 2)."""
+    parts: list[dict[str, torch.Tensor]] = []
+    chunk = 256
+    for start in tqdm(
+        range(0, len(paths), chunk), desc="reading images", unit="chunk", disable=not show_progress
+    ):
+        images = [load_image(path) for path in paths[start : start + chunk]]
+        parts.append(dict(image_processor(images=images, return_tensors="pt")))
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
 def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float (B, 3, H, W) the way CLIPImageProcessor does (rescale 1/255, normalise)."""
     x = pixels.float().div_(255.0)
@@ -127,7 +147,10 @@ def normalize(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torc
 
 
 def filip_similarity(
-    image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor,
+    image_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FILIP's token-wise late interaction between every image and every caption of a batch.
 
@@ -135,23 +158,37 @@ def filip_similarity(
         image_tokens: (B_img, N, D) image token embeddings (L2-normalised for FILIP).
         text_tokens: (B_txt, L, D) caption token embeddings (L2-normalised for FILIP).
         text_mask: (B_txt, L), 1 for a real token, 0 for padding (never matched, never averaged).
+        image_mask: (B_img, N), 1 for a real image token, 0 for a padded one (SigLIP2's empty patch slots:
+            never matched, never averaged); ``None``: every image token is real.
 
     Returns:
         ``(image_to_text, text_to_image)``, both (B_img, B_txt): for image i and caption j, the mean over i's
-        tokens of each one's best dot product with a real token of j; and the mean over j's real tokens of each
-        one's best dot product with a token of i.
+        real tokens of each one's best dot product with a real token of j; and the mean over j's real tokens of
+        each one's best dot product with a real token of i.
     """
     if text_mask.shape != text_tokens.shape[:2]:
         raise ValueError(
             f"text_mask has shape {tuple(text_mask.shape)}; expected {tuple(text_tokens.shape[:2])}."
         )
+    if image_mask is None:
+        image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
+    if image_mask.shape != image_tokens.shape[:2]:
+        raise ValueError(
+            f"image_mask has shape {tuple(image_mask.shape)}; expected {tuple(image_tokens.shape[:2])}."
+        )
     real = text_mask.bool()
+    real_image = image_mask.bool()
     if not real.any(dim=1).all():
         raise ValueError("every caption needs at least one real (unmasked) token in text_mask.")
+    if not real_image.any(dim=1).all():
+        raise ValueError("every image needs at least one real (unmasked) token in image_mask.")
     sim = torch.einsum("ind,tld->itnl", image_tokens, text_tokens)  # (B_img, B_txt, N, L)
     best_text = sim.masked_fill(~real[None, :, None, :], float("-inf")).amax(dim=3)  # (B_img, B_txt, N)
-    image_to_text = best_text.mean(dim=2)
-    best_image = sim.amax(dim=2)  # (B_img, B_txt, L)
+    image_weights = real_image.to(sim.dtype)[:, None]  # (B_img, 1, N)
+    image_to_text = (best_text * image_weights).sum(dim=2) / image_weights.sum(dim=2)
+    best_image = sim.masked_fill(~real_image[:, None, :, None], float("-inf")).amax(
+        dim=2
+    )  # (B_img, B_txt, L)
     weights = real.to(sim.dtype)[None]  # (1, B_txt, L)
     text_to_image = (best_image * weights).sum(dim=2) / weights.sum(dim=2)
     return image_to_text, text_to_image
@@ -199,9 +236,10 @@ class ContrastiveDualEncoder(nn.Module):
         self.text_projection = nn.Linear(text_config.hidden_size, projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> L2-normalised (B, D) (``clip``) or (B, N, D) (``filip``)."""
-        out = image_features(self.vision, self.vision_config, pixel_values)
+    def encode_image(self, pixel_values: torch.Tensor, **image_kwargs: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) (SigLIP2: (B, N, 3 * p * p) patches with ``pixel_attention_mask`` and ``spatial_shapes`` in
+        ``image_kwargs``) -> L2-normalised (B, D) (``clip``) or (B, N, D) (``filip``)."""
+        out = image_features(self.vision, self.vision_config, pixel_values, **image_kwargs)
         if self.objective == "clip":
             x = out.pooler_output
             x = x if self.image_projection is None else self.image_projection(x)
@@ -219,16 +257,22 @@ class ContrastiveDualEncoder(nn.Module):
         return nn.functional.normalize(self.text_projection(x), dim=-1)
 
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        **image_kwargs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled ``(image_to_text, text_to_image)`` logits, both (B_img, B_txt)."""
-        image = self.encode_image(pixel_values)
+        """Scaled ``(image_to_text, text_to_image)`` logits, both (B_img, B_txt). ``image_kwargs``: SigLIP2's
+        ``pixel_attention_mask`` (B_img, N) and ``spatial_shapes`` (B_img, 2)."""
+        image = self.encode_image(pixel_values, **image_kwargs)
         text = self.encode_text(input_ids, attention_mask)
         scale = self.logit_scale.exp()
         if self.objective == "clip":
             logits = scale * image @ text.t()
             return logits, logits
-        image_to_text, text_to_image = filip_similarity(image, text, attention_mask)
+        image_mask = image_kwargs.get("pixel_attention_mask")  # padded patch slots are not image tokens
+        image_to_text, text_to_image = filip_similarity(image, text, attention_mask, image_mask)
         return scale * image_to_text, scale * text_to_image
 
 
@@ -348,12 +392,14 @@ def pretrain_tower(
         text_config: ``CLIPTextConfig`` fields (width, depth); vocabulary and special ids come from the tokenizer.
         objective: ``"clip"`` (global embeddings) or ``"filip"`` (token-wise late interaction).
         projection_dim: joint embedding width for towers other than CLIP.
-        image_size: side of the square training images (default: the config's ``image_size``, else 64).
+        image_size: side of the square training images (default: the config's ``image_size``, else 64); a
+            SigLIP2 tower's own image processor sizes its patches from ``patch_size`` and ``num_patches`` instead.
         max_steps: optimizer steps (the cosine schedule's length); ``max_minutes`` stops earlier if set.
 
     Returns:
-        A summary: steps, first and final loss (mean of the first / last 20 steps), in-batch image-to-text
-        retrieval accuracy on the last batches, seconds, parameters, and the output folder.
+        A summary: steps, first and final loss (means of the first / last 20 steps, or of a quarter of the steps
+        in shorter runs), in-batch image-to-text retrieval accuracy on as many last batches, seconds, parameters,
+        and the output folder.
     """
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -370,11 +416,16 @@ def pretrain_tower(
     config = tower_config(vision_config)
     tokenizer, text_cfg, caption_ids = build_text_side(tokenizer_name, captions, text_config)
     model = ContrastiveDualEncoder(config, text_cfg, projection_dim, objective)
-    image_size = int(image_size or getattr(config, "image_size", None) or DEFAULTS["image_size"])
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    pixels = load_pixels(paths, image_size, show_progress=show_progress)
+    patches = vision_family(config).pixels == "patches"
+    if patches:  # SigLIP2: its own processor, run once per image (patches, their mask and the grid's shape)
+        image_processor = default_image_processor(config)
+        patch_inputs = load_patches(paths, image_processor, show_progress=show_progress)
+    else:
+        image_size = int(image_size or getattr(config, "image_size", None) or DEFAULTS["image_size"])
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
+        pixels = load_pixels(paths, image_size, show_progress=show_progress)
     optimizer, scheduler = make_optimizer(model, learning_rate, weight_decay, warmup_steps, max_steps)
     model.train()
     order: list[int] = []
@@ -387,10 +438,16 @@ def pretrain_tower(
             order = list(range(len(paths)))
             rng.shuffle(order)
         batch, order = order[:batch_size], order[batch_size:]
-        pixel_values = normalize(pixels[batch], image_processor.image_mean, image_processor.image_std)
+        if patches:
+            image_inputs = {key: value[batch] for key, value in patch_inputs.items()}
+        else:
+            mean, std = image_processor.image_mean, image_processor.image_std
+            image_inputs = {"pixel_values": normalize(pixels[batch], mean, std)}
         input_ids = torch.stack([caption_ids[i][rng.randrange(caption_ids[i].shape[0])] for i in batch])
         image_to_text, text_to_image = model(
-            pixel_values, input_ids, text_attention_mask(input_ids, text_cfg.eos_token_id)
+            input_ids=input_ids,
+            attention_mask=text_attention_mask(input_ids, text_cfg.eos_token_id),
+            **image_inputs,
         )
         loss = contrastive_loss(image_to_text, text_to_image)
         optimizer.zero_grad(set_to_none=True)
@@ -410,15 +467,16 @@ def pretrain_tower(
     model.eval()
     out_dir = Path(output_dir)
     save_tower(model, image_processor, tokenizer, out_dir)
+    window = max(1, min(20, len(losses) // 4))  # steps averaged for the first / final loss
     summary = {
         "tower": config.model_type,
         "objective": objective,
         "steps": len(losses),
         "train_images": len(paths),
         "batch_size": batch_size,
-        "first_loss": float(np.mean(losses[:20])) if losses else None,
-        "final_loss": float(np.mean(losses[-20:])) if losses else None,
-        "final_in_batch_image_to_text_accuracy": float(np.mean(accuracies[-20:])) if accuracies else None,
+        "first_loss": float(np.mean(losses[:window])) if losses else None,
+        "final_loss": float(np.mean(losses[-window:])) if losses else None,
+        "final_in_batch_image_to_text_accuracy": float(np.mean(accuracies[-window:])) if accuracies else None,
         "seconds": round(time.time() - start, 1),
         "tower_parameters": sum(p.numel() for p in model.vision.parameters()),
         "output_dir": str(out_dir),
@@ -463,12 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vision_config",
         default=None,
-        help="a JSON file with the tower's config (with model_type: clip_vision_model, resnet, convnext, dinov2, "
-        "vit, ...); overrides the preset's",
+        help="a JSON file with the tower's config (with model_type: clip_vision_model, siglip_vision_model, "
+        "siglip2_vision_model, dinov2, vit, convnext, convnextv2, resnet); overrides the preset's",
     )
     p.add_argument("--objective", choices=OBJECTIVES, default=None, help="clip (default) or filip")
     p.add_argument("--projection_dim", type=int, default=None, help="joint width (towers other than CLIP)")
-    p.add_argument("--image_size", type=int, default=None, help="for towers without image_size (CNNs)")
+    p.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="for towers without image_size (CNNs; not SigLIP2's patches)",
+    )
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--learning_rate", type=float, default=None)
     p.add_argument("--weight_decay", type=float, default=None)
