@@ -186,9 +186,8 @@ def filip_similarity(
     best_text = sim.masked_fill(~real[None, :, None, :], float("-inf")).amax(dim=3)  # (B_img, B_txt, N)
     image_weights = real_image.to(sim.dtype)[:, None]  # (B_img, 1, N)
     image_to_text = (best_text * image_weights).sum(dim=2) / image_weights.sum(dim=2)
-    best_image = sim.masked_fill(~real_image[:, None, :, None], float("-inf")).amax(
-        dim=2
-    )  # (B_img, B_txt, L)
+    # (B_img, B_txt, L): each caption token's best match among the real image tokens
+    best_image = sim.masked_fill(~real_image[:, None, :, None], float("-inf")).amax(dim=2)
     weights = real.to(sim.dtype)[None]  # (1, B_txt, L)
     text_to_image = (best_image * weights).sum(dim=2) / weights.sum(dim=2)
     return image_to_text, text_to_image
@@ -503,6 +502,8 @@ SETTINGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from modeling_clipcap.cli import add_bool_argument
+
     p = argparse.ArgumentParser(
         description="Pretrain an image tower contrastively against a small text tower (CLIP or FILIP loss)."
     )
@@ -540,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_minutes", type=float, default=None, help="stop after this many minutes")
     p.add_argument("--max_train_samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no_progress", action="store_true")
+    add_bool_argument(p, "progress", default=True, help="progress bars")
     return p
 
 
@@ -580,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             text_config=settings.get("text_config"),
             image_dir=args.image_dir,
             max_train_samples=args.max_train_samples,
-            show_progress=not args.no_progress,
+            show_progress=args.progress,
             **{key: settings[key] for key in SETTINGS},
         )
     except (FileNotFoundError, ValueError) as err:
