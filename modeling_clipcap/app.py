@@ -4,7 +4,7 @@ Install the optional extra and start it on a saved model folder or a Hub model i
 
     pip install -e ".[app]"
     clipcap app --model path/or/org/clipcap-coco [--clip_model DIR_OR_HUB_ID] [--examples DIR]
-                [--host 127.0.0.1] [--port 7860] [--share no]
+                [--host 127.0.0.1] [--port 7860] [--share]
 
 The page takes one image or many (or an example), lets the visitor choose the decoding (greedy, beam
 search, sampling; how many captions; maximum length; defaults from the model's generation config),
@@ -768,6 +768,8 @@ def launch_app(
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``clipcap app``."""
+    from .cli import add_bool_argument
+
     parser.add_argument(
         "--model", required=True, help="a saved ClipCap model folder or a Hugging Face Hub model id"
     )
@@ -786,12 +788,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
-    parser.add_argument(
-        "--share",
-        choices=("no", "yes"),
-        default="no",
-        help="yes: also open a temporary public gradio.live link",
-    )
+    add_bool_argument(parser, "share", help="also open a temporary public gradio.live link")
     parser.add_argument(
         "--max_batch_size",
         type=int,
@@ -840,9 +837,7 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        launch_app(
-            demo, host=args.host, port=args.port, share=args.share == "yes", max_file_size=args.max_file_size
-        )
+        launch_app(demo, host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size)
     except KeyboardInterrupt:
         return 130
     except OSError as err:  # e.g. the port is taken

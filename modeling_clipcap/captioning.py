@@ -489,6 +489,8 @@ def load_captioner(
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``clipcap caption``."""
+    from .cli import add_bool_argument, add_renamed_argument
+
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
     parser.add_argument("--model", required=True, help="a saved ClipCap model folder (save_pretrained)")
     parser.add_argument(
@@ -501,10 +503,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest caption in tokens (default: the model's generation config)",
     )
     parser.add_argument("--batch_size", type=int, default=16, help="images per generate call (default 16)")
-    # Plain switches here (no true|false value): a value-taking flag would swallow an image path after it.
-    parser.add_argument(
-        "--json",
-        action="store_true",
+    # switches without a true|false value: a flag taking one would swallow an image path after it
+    add_bool_argument(
+        parser,
+        "json",
+        takes_value=False,
         help='write JSON lines {"image": PATH, "caption": TEXT, "error": null} instead of PATH<TAB>CAPTION '
         "(failed files get a line with caption null and the error, besides the stderr message)",
     )
@@ -515,7 +518,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="model precision; bfloat16-vision runs only the CLIP tower in bf16 (keeps the captions)",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_bool_argument(
+        parser,
+        "progress",
+        default=True,
+        takes_value=False,
+        help="progress bars on stderr (model loading, images)",
+    )
+    add_renamed_argument(parser, "--quiet", "--no_progress")
 
 
 def _write_result(out: TextIO, path: str, caption: str | None, error: str | None, as_json: bool) -> None:
@@ -550,7 +560,7 @@ def cli_main(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    if args.quiet:
+    if not args.progress:
         hf_logging.disable_progress_bar()  # no "Loading weights" bar either
     try:
         model, processor = load_captioner(args.model, dtype=args.dtype, device=args.device)
@@ -567,7 +577,9 @@ def cli_main(args: argparse.Namespace) -> int:
         generation_kwargs["max_new_tokens"] = args.max_new_tokens
     failed = 0
     out = sys.stdout
-    progress = tqdm(total=len(items), desc="captioning", unit="img", file=sys.stderr, disable=args.quiet)
+    progress = tqdm(
+        total=len(items), desc="captioning", unit="img", file=sys.stderr, disable=not args.progress
+    )
     try:
         for path, caption, error in caption_images(
             model, processor, items, batch_size=args.batch_size, **generation_kwargs

@@ -6,7 +6,10 @@ functions:
 * ``add_cli_arguments(parser: argparse.ArgumentParser) -> None``
 * ``cli_main(args: argparse.Namespace) -> int`` (the process exit status)
 
-This file only wires them together, so ``clipcap --help`` lists every command.
+This file only wires them together, so ``clipcap --help`` lists every command, and holds the one flag style
+of every command and training script: booleans from :func:`add_bool_argument`, a flag that sets a
+``ClipCapConfig`` field named as the field, and earlier spellings kept as hidden aliases
+(:func:`add_renamed_argument`) that print the new one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,27 +42,77 @@ def add_bool_argument(
     name: str,
     default: bool | None = False,
     help: str | None = None,
-    negative: bool | None = None,
+    takes_value: bool = True,
 ) -> None:
-    """A boolean flag in transformers' ``HfArgumentParser`` style, the one style of every command here.
+    """A boolean flag in transformers' ``HfArgumentParser`` style, the one style of every command and script.
 
-    ``--NAME`` alone is true, ``--NAME true|false`` (yes/no, 1/0) sets it; a flag that is on by default
-    (or when ``negative`` is set) also gets ``--no_NAME``.
+    ``--NAME`` alone is true, ``--NAME true|false`` (yes/no, 1/0) sets it and ``--no_NAME`` is false.
+    HfArgumentParser gives the ``--no_`` twin to flags that default to true only; here every flag has it, so a
+    true from a preset or an earlier argument can be turned off. The help ends with the default (``None``: the
+    caller's help says what unset means).
+
+    ``takes_value=False``: ``--NAME`` / ``--no_NAME`` only, for a command with positional arguments, where a
+    flag taking an optional value would swallow the path after it (``clipcap caption --json a.jpg``).
     """
     from transformers.hf_argparser import string_to_bool
 
-    parser.add_argument(
-        f"--{name}",
-        type=string_to_bool,
-        nargs="?",
-        const=True,
-        default=default,
-        metavar="true|false",
-        help=help,
-    )
-    with_negative = (default is True) if negative is None else negative
-    if with_negative:
-        parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"same as --{name} false")
+    text = help or ""
+    if default is not None:
+        stated = str(default).lower()
+        text = f"{text} Default: {stated}." if text.endswith(".") else f"{text} (default: {stated})".strip()
+    if takes_value:
+        parser.add_argument(
+            f"--{name}",
+            type=string_to_bool,
+            nargs="?",
+            const=True,
+            default=default,
+            metavar="true|false",
+            help=text,
+        )
+        twin = f"same as --{name} false"
+    else:
+        parser.add_argument(f"--{name}", action="store_true", default=default, help=text)
+        twin = f"turn --{name} off"
+    parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=twin)
+
+
+class RenamedFlag(argparse.Action):
+    """A user's earlier spelling of a flag: hidden from ``--help``, it sets what the new flag sets and prints one
+    line naming the new spelling (a plain line on stderr: a DeprecationWarning would be invisible by default)."""
+
+    def __init__(self, option_strings: list[str], dest: str, new_flag: str, **kwargs: Any) -> None:
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"{parser.prog}: {option_string} is now spelled {self.new_flag}; "
+            "the old spelling still works for now and will be removed.",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_renamed_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, old_flag: str, new_flag: str
+) -> None:
+    """Keep ``old_flag`` working as a hidden alias of ``new_flag`` (already added to ``parser``): a switch
+    (``--quiet`` for ``--no_progress``) sets the new switch's value, a flag taking a value (``--num_layers`` for
+    ``--mapping_num_layers``) takes the same value."""
+    new = parser._option_string_actions[new_flag]
+    if new.nargs == 0:  # store_true / store_false
+        kwargs: dict[str, Any] = {"nargs": 0, "const": new.const}
+    else:
+        kwargs = {"nargs": new.nargs, "const": new.const, "type": new.type, "choices": new.choices}
+        kwargs["metavar"] = new.metavar
+    parser.add_argument(old_flag, action=RenamedFlag, dest=new.dest, new_flag=new_flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -323,7 +323,7 @@ def convert_state_dict(
             "The checkpoint does not match the model it is converted to:\n  - "
             + "\n  - ".join(problems)
             + f"\nThe model expects {expected};\nthe checkpoint looks like {looks}.\n"
-            "Fix the settings (--preset / --mapping_type / --prefix_length / --clip_length / --num_layers / "
+            "Fix the settings (--preset / --mapping_type / --prefix_length / --clip_length / --mapping_num_layers / "
             "--image_embed_dim / --vision_model / --text_model) or use the right checkpoint."
         )
     if "gpt.lm_head.weight" in state_dict:
@@ -866,7 +866,7 @@ def push_converted_directory(
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``clipcap convert``."""
-    from .cli import add_bool_argument
+    from .cli import add_bool_argument, add_renamed_argument
 
     parser.add_argument("--checkpoint", required=True, help="the original .pt file (coco_weights.pt, ...)")
     parser.add_argument("--output_dir", help="folder to write the converted model to")
@@ -880,8 +880,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clip_length", type=int, help="transformer mapper: CLIP tokens (original --prefix_length_clip)"
     )
-    parser.add_argument("--num_layers", type=int, help="transformer mapper layers (8)")
-    parser.add_argument("--num_heads", type=int, help="transformer mapper heads (8)")
+    parser.add_argument("--mapping_num_layers", type=int, help="transformer mapper layers (8)")
+    parser.add_argument("--mapping_num_heads", type=int, help="transformer mapper heads (8)")
     parser.add_argument(
         "--image_embed_dim", type=int, help="CLIP embedding width without --vision_model (512, 640)"
     )
@@ -889,12 +889,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "normalize_prefix",
         default=None,
-        negative=True,
-        help="L2-normalise image embeddings before the mapper (the transformer checkpoint was trained so)",
+        help="L2-normalise image embeddings before the mapper (default: the preset's; the transformer "
+        "checkpoint was trained so)",
     )
-    add_bool_argument(parser, "freeze_language_model", default=None, negative=True, help="for later training")
-    for name in ("normalize_prefix", "freeze_language_model"):  # the earlier spellings, kept working
-        parser.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+    add_bool_argument(
+        parser, "freeze_language_model", default=None, help="for later training (default: the preset's)"
+    )
     parser.add_argument(
         "--vision_model", help="local full CLIP or CLIP-vision checkpoint folder (ViT-B/32 variants)"
     )
@@ -909,12 +909,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "stop_on_eos",
         default=True,
-        help="stop on <|endoftext|> as well as on '.' (default); --no_stop_on_eos: only on '.', as the original",
+        help="stop on <|endoftext|> as well as on '.'; --no_stop_on_eos: only on '.', as the original",
     )
-    add_bool_argument(parser, "verify", default=True, help="reload the output and compare (default)")
+    add_bool_argument(parser, "verify", default=True, help="reload the output and compare")
     add_bool_argument(parser, "push_to_hub", help="upload the output folder to the Hub")
     parser.add_argument("--hub_model_id", help="ORG/NAME of the Hub repository")
     add_bool_argument(parser, "private", help="create the Hub repository private")
+    # the earlier spellings, kept working for now
+    add_renamed_argument(parser, "--num_layers", "--mapping_num_layers")
+    add_renamed_argument(parser, "--num_heads", "--mapping_num_heads")
+    for name in ("normalize_prefix", "freeze_language_model"):
+        add_renamed_argument(parser, f"--no-{name}", f"--no_{name}")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -931,8 +936,8 @@ def cli_main(args: argparse.Namespace) -> int:
             mapping_type=args.mapping_type,
             prefix_length=args.prefix_length,
             clip_length=args.clip_length,
-            num_layers=args.num_layers,
-            num_heads=args.num_heads,
+            num_layers=args.mapping_num_layers,
+            num_heads=args.mapping_num_heads,
             image_embed_dim=args.image_embed_dim,
             normalize_prefix=args.normalize_prefix,
             freeze_language_model=args.freeze_language_model,

@@ -192,7 +192,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_workers", type=int, default=0, help="Image decoding workers per process.")
     parser.add_argument("--on_bad_image", choices=["skip", "fail", "error"], default="skip")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    add_bool_argument(parser, "patch_tokens", help="Also store the tower's token features (a second pass).")
+    add_bool_argument(parser, "patch_tokens", help="Also store the tower's token features (a second pass)")
+    add_bool_argument(
+        parser, "progress", default=True, help="Progress bars (the first process of each machine)"
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -228,7 +231,7 @@ def cli_main(args: argparse.Namespace) -> int:
             device=state.device,
             rank=state.process_index,
             world_size=state.num_processes,
-            show_progress=state.is_local_main_process,
+            show_progress=args.progress and state.is_local_main_process,
         )
         failure = None
     except Exception as err:  # every process reports, so one failing never leaves the others waiting

@@ -125,9 +125,9 @@ def format_environment(info: dict[str, Any]) -> str:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json", action="store_true", help="print a JSON object instead of the Markdown list"
-    )
+    from .cli import add_bool_argument
+
+    add_bool_argument(parser, "json", help="print a JSON object instead of the Markdown list")
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -1125,7 +1125,7 @@ def add_cli_arguments(parser: Any) -> None:
         "downloads), on (an error when it cannot run), auto (computed when it can run, else skipped with why)",
     )
     add_bool_argument(
-        parser, "meteor", default=True, help="METEOR (--no_meteor saves ~10 s of java start-up)"
+        parser, "meteor", default=True, help="score METEOR (--no_meteor saves ~10 s of java start-up)"
     )
     parser.add_argument(
         "--clip_model", default=None, help="local CLIPModel folder: also report CLIP-S and RefCLIP-S"
@@ -1140,7 +1140,7 @@ def add_cli_arguments(parser: Any) -> None:
     add_bool_argument(
         parser, "update_model_card", help="write the metrics table into the model directory's README.md"
     )
-    add_bool_argument(parser, "progress", default=True, help="show a progress bar (default)")
+    add_bool_argument(parser, "progress", default=True, help="show a progress bar")
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -1,14 +1,23 @@
-"""Flags of ``clipcap convert`` and ``clipcap evaluate`` that no other test checks change what the command does,
-and the one boolean-flag style (``--name``, ``--name true|false``, ``--no_name`` for flags on by default)."""
+"""The one flag style of every command and training script, and flags that no other test checks.
+
+* The convention, checked on every parser (``clipcap`` commands, training/*.py): booleans in HfArgumentParser's
+  style from ``cli.add_bool_argument`` (``--name``, ``--name true|false``, and a ``--no_name`` twin for every
+  one), no switch spelled ``--no_...`` of its own, a flag that sets a ``ClipCapConfig`` field named as the field,
+  and every hidden flag an earlier spelling that prints its new one.
+* Earlier spellings (``--quiet``, ``--num_layers``, ``--no_meteor``...) still work and name the new spelling.
+* Flags of ``clipcap caption | convert | evaluate | embed | env | app`` and of the training scripts change what
+  the command does (a flag that were ignored would fail its test).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer, tiny_text_config
+from conftest import REPO_ROOT, build_tiny_tokenizer, tiny_text_config
 from test_convert import (
     original_mlp_state_dict,
     original_transformer_state_dict,
@@ -18,25 +27,211 @@ from test_convert import (
 from test_evaluation import fake_spice  # noqa: F401  (fixture: a SPICE scorer that can run, behind a fake java)
 
 from modeling_clipcap import convert_original
-from modeling_clipcap.cli import add_bool_argument, main
+from modeling_clipcap.cli import (
+    COMMANDS,
+    RenamedFlag,
+    add_bool_argument,
+    add_renamed_argument,
+    build_parser,
+    main,
+)
+from modeling_clipcap.configuration_clipcap import ClipCapConfig
+
+sys.path.insert(0, str(REPO_ROOT / "training"))
+
+import demo  # noqa: E402
+import pretrain_clip  # noqa: E402
+import synthetic_data  # noqa: E402
+import train  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------- the convention
 
 
-def test_bool_flags_take_a_value_or_none_and_default_on_flags_have_a_no_form():
+def test_bool_flags_take_a_value_or_none_and_every_one_has_a_no_form():
     parser = argparse.ArgumentParser()
     add_bool_argument(parser, "push_to_hub")
     add_bool_argument(parser, "verify", default=True)
-    add_bool_argument(parser, "freeze", default=None, negative=True)
-    assert vars(parser.parse_args([])) == {"push_to_hub": False, "verify": True, "freeze": None}
-    assert vars(parser.parse_args(["--push_to_hub", "--no_verify", "--no_freeze"])) == {
+    add_bool_argument(parser, "freeze", default=None, help="train less (default: the preset's)")
+    add_bool_argument(parser, "json", takes_value=False)
+    assert vars(parser.parse_args([])) == {
+        "push_to_hub": False,
+        "verify": True,
+        "freeze": None,
+        "json": False,
+    }
+    assert vars(parser.parse_args(["--push_to_hub", "--no_verify", "--no_freeze", "--json"])) == {
         "push_to_hub": True,
         "verify": False,
         "freeze": False,
+        "json": True,
     }
     assert parser.parse_args(["--verify", "false", "--freeze", "yes"]).verify is False
+    assert parser.parse_args(["--push_to_hub", "--no_push_to_hub"]).push_to_hub is False  # the last one wins
+    assert parser.parse_args(["--json", "--no_json"]).json is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--verify", "maybe"])
-    with pytest.raises(SystemExit):  # no --no_ form for a flag that is off by default
-        parser.parse_args(["--no_push_to_hub"])
+    with pytest.raises(SystemExit):  # a switch takes no value (it would swallow a path after it)
+        parser.parse_args(["--json", "true"])
+    helps = {a.option_strings[0]: a.help for a in parser._actions}
+    assert "(default: false)" in helps["--push_to_hub"] and "(default: true)" in helps["--verify"]
+
+
+def test_a_renamed_flag_sets_what_the_new_one_sets_and_names_it(capsys):
+    parser = argparse.ArgumentParser(prog="tool")
+    add_bool_argument(parser, "progress", default=True)
+    parser.add_argument("--mapping_num_layers", type=int)
+    add_renamed_argument(parser, "--quiet", "--no_progress")
+    add_renamed_argument(parser, "--num_layers", "--mapping_num_layers")
+    assert "--quiet" not in parser.format_help() and "--num_layers" not in parser.format_help()
+    args = parser.parse_args(["--quiet", "--num_layers", "3"])
+    assert (args.progress, args.mapping_num_layers) == (False, 3)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "tool: --quiet is now spelled --no_progress; the old spelling still works for now and will be removed.",
+        "tool: --num_layers is now spelled --mapping_num_layers; the old spelling still works for now and will "
+        "be removed.",
+    ]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--num_layers", "three"])  # the new flag's type
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's and training script's parser, by how a user starts it."""
+    top = build_parser()
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(COMMANDS)  # every command could be built here
+    parsers = {f"clipcap {name}": parser for name, parser in commands.items()}
+    parsers["training/train.py"] = train.build_parser()
+    parsers["training/pretrain_clip.py"] = pretrain_clip.build_parser()
+    parsers["training/synthetic_data.py"] = synthetic_data.build_arg_parser()
+    parsers["training/demo.py"] = demo.build_parser()
+    return parsers
+
+
+def _is_boolean(action: argparse.Action) -> bool:
+    from transformers.hf_argparser import string_to_bool
+
+    switch = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)
+    return action.type is string_to_bool or isinstance(action, switch) or isinstance(action.const, bool)
+
+
+CONFIG_FIELDS = set(ClipCapConfig.__annotations__)
+# the ClipCapConfig fields each command or script sets from its flags
+SETS_CONFIG_FIELDS = {
+    "clipcap convert": {
+        "mapping_type", "prefix_length", "clip_length", "mapping_num_layers", "mapping_num_heads",
+        "image_embed_dim", "normalize_prefix", "freeze_language_model",
+    },
+    "training/train.py": set(train.MODEL_FIELDS),
+}  # fmt: skip
+
+
+def test_every_command_and_script_follows_the_flag_convention():
+    """A flag added in another style fails here: a switch of its own named --no_..., a boolean without its --no_
+    twin or without its default in the help, a hidden flag that is not a renamed spelling, a Namespace name other
+    than the flag's, or a flag that sets a config field under another name (--num_layers for
+    mapping_num_layers)."""
+    problems = []
+    for where, parser in _parsers().items():
+        options = {o: a for a in parser._actions for o in a.option_strings}
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[0]
+            name = flag[2:]
+            if len(action.option_strings) != 1 or not flag.startswith("--"):
+                problems.append(f"{where} {action.option_strings}: one --long_name per flag")
+            if isinstance(action, RenamedFlag):
+                if action.help != argparse.SUPPRESS or options.get(action.new_flag) is None:
+                    problems.append(f"{where} {flag}: a renamed flag is hidden and its new spelling exists")
+                elif options[action.new_flag].dest != action.dest:
+                    problems.append(f"{where} {flag}: sets {action.dest}, {action.new_flag} sets another")
+                continue
+            if action.help == argparse.SUPPRESS:
+                problems.append(
+                    f"{where} {flag}: a hidden flag that is not a renamed spelling (add_renamed_argument)"
+                )
+            if "-" in name:
+                problems.append(f"{where} {flag}: words joined by _ as in the config fields")
+            if name.startswith("no_"):
+                twin = options.get(f"--{name[3:]}")
+                if (
+                    not isinstance(action, argparse._StoreFalseAction)
+                    or twin is None
+                    or twin.dest != action.dest
+                ):
+                    problems.append(f"{where} {flag}: a --no_ flag is only the twin of --{name[3:]}")
+                continue
+            if action.dest != name:
+                problems.append(f"{where} {flag}: read as args.{action.dest}, not args.{name}")
+            if _is_boolean(action):
+                twin = options.get(f"--no_{name}")
+                if isinstance(action, argparse._StoreFalseAction) or action.const is not True:
+                    problems.append(
+                        f"{where} {flag}: a boolean flag turns its setting on (add_bool_argument)"
+                    )
+                if not isinstance(twin, argparse._StoreFalseAction) or twin.dest != name:
+                    problems.append(f"{where} {flag}: no --no_{name} twin (add_bool_argument)")
+                if "default" not in (action.help or "").lower():
+                    problems.append(f"{where} {flag}: the help states the default")
+            longer = [f for f in CONFIG_FIELDS if f.endswith(f"_{name}")] if "_" in name else []
+            if name not in CONFIG_FIELDS and longer:
+                problems.append(f"{where} {flag}: sets the config field {longer[0]}? name it --{longer[0]}")
+        for field in SETS_CONFIG_FIELDS.get(where, ()):
+            if field not in CONFIG_FIELDS or f"--{field}" not in options:
+                problems.append(f"{where}: the config field {field} is set by --{field}")
+    assert not problems, "\n".join(problems)
+
+
+def _minimal_argv(parser: argparse.ArgumentParser) -> list[str]:
+    """Values for the required arguments of ``parser`` (enough to parse, nothing is run)."""
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+            argv.append("x")  # a positional
+        elif action.required:
+            argv += [action.option_strings[0], "1"]
+    return argv
+
+
+RENAMED = {  # earlier spellings users may have in their scripts, and what they are now
+    ("clipcap caption", "--quiet"): "--no_progress",
+    ("clipcap convert", "--num_layers"): "--mapping_num_layers",
+    ("clipcap convert", "--num_heads"): "--mapping_num_heads",
+    ("clipcap convert", "--no-normalize_prefix"): "--no_normalize_prefix",
+    ("clipcap convert", "--no-freeze_language_model"): "--no_freeze_language_model",
+    ("training/demo.py", "--no_meteor"): "--no_eval_meteor",
+}
+
+
+def test_every_earlier_spelling_still_works_and_prints_the_new_one(capsys):
+    found = {}
+    for where, parser in _parsers().items():
+        for action in parser._actions:
+            if isinstance(action, RenamedFlag):
+                found[(where, action.option_strings[0])] = action.new_flag
+                value = [] if action.nargs == 0 else ["2"]
+                base = _minimal_argv(parser)
+                capsys.readouterr()
+                old = parser.parse_args(base + [action.option_strings[0], *value])
+                err = capsys.readouterr().err.splitlines()
+                new = parser.parse_args(base + [action.new_flag, *value])
+                assert vars(old) == vars(new) != vars(parser.parse_args(base)), (where, action.option_strings)
+                assert (
+                    len(err) == 1 and f"{action.option_strings[0]} is now spelled {action.new_flag}" in err[0]
+                )
+                assert not capsys.readouterr().err  # the new spelling says nothing
+    assert found == RENAMED
+
+
+def test_app_share_yes_and_no_are_still_understood():
+    """``--share yes`` / ``--share no`` (the only spelling before) are HfArgumentParser's own values of --share."""
+    parser = _parsers()["clipcap app"]
+    assert parser.parse_args(["--model", "m", "--share", "yes"]).share is True
+    assert parser.parse_args(["--model", "m", "--share", "no"]).share is False
+
+
+# ---------------------------------------------------------------------------------------------- clipcap convert
 
 
 @pytest.fixture()
@@ -76,14 +271,14 @@ def test_convert_flags_reach_the_output(tmp_path, original, monkeypatch):
     assert generation["flagged"]["eos_token_id"] == 13  # --no_stop_on_eos: only ".", as the original
     assert (generation["flagged"]["num_beams"], generation["flagged"]["max_new_tokens"]) == (3, 7)
 
-    # the earlier --no-NAME spelling still works
-    old = tmp_path / "old"
-    assert main(argv + ["--output_dir", str(old), "--normalize_prefix", "--no-normalize_prefix"]) == 0
-    assert json.loads((old / "config.json").read_text())["normalize_prefix"] is False
+    # --no_NAME turns a flag given before off
+    off = tmp_path / "off"
+    assert main(argv + ["--output_dir", str(off), "--normalize_prefix", "--no_normalize_prefix"]) == 0
+    assert json.loads((off / "config.json").read_text())["normalize_prefix"] is False
 
 
 def test_convert_transformer_shape_flags(tmp_path):
-    """--mapping_type transformer with --num_layers / --num_heads (no preset): a 2-layer, 2-head original
+    """--mapping_type transformer with --mapping_num_layers / --mapping_num_heads (no preset): a 2-layer, 2-head original
     mapper converts to a model with that shape whose prefix equals the original's computed with 2 heads (the
     default 8 heads would give other numbers from the same weights)."""
     from transformers import AutoModel
@@ -109,7 +304,7 @@ def test_convert_transformer_shape_flags(tmp_path):
         "3",
         "--image_embed_dim",
     ]
-    argv += ["24", "--num_layers", "2", "--num_heads", "2", "--output_dir", str(out)]
+    argv += ["24", "--mapping_num_layers", "2", "--mapping_num_heads", "2", "--output_dir", str(out)]
     assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["mapping_num_layers"], config["mapping_num_heads"]) == (2, 2)
@@ -255,3 +450,131 @@ def test_caption_and_app_device_flags_are_checked_before_loading(
 
 def _token_ids(predictions: list[dict], processor) -> list[list[int]]:
     return [processor.tokenizer(p["caption"], add_special_tokens=False)["input_ids"] for p in predictions]
+
+
+# ---------------------------------------------------------------------------------------------- progress bars
+
+
+def test_caption_progress_and_json_flags(tmp_path, tiny_model, tiny_processor, capsys):
+    """clipcap caption shows its progress bar unless --no_progress (or the earlier --quiet, which also says so);
+    --json writes JSON lines, --no_json turns a --json given before off."""
+    model_dir, images = _saved_model_and_images(tmp_path, tiny_model, tiny_processor, n=2)
+    argv = ["caption", str(images / "0.png"), "--model", str(model_dir), "--max_new_tokens", "3"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "captioning" in capsys.readouterr().err  # the bar, by default
+    assert main(argv + ["--no_progress"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.count("\t") == 1  # no bar; PATH<TAB>CAPTION
+    assert main(argv + ["--quiet", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        "clipcap caption: --quiet is now spelled --no_progress; the old spelling still works for now and will be "
+        "removed."
+    ]
+    assert json.loads(out)["image"] == str(images / "0.png")
+    assert main(argv + ["--no_progress", "--json", "--no_json"]) == 0
+    assert "\t" in capsys.readouterr().out
+
+
+def test_embed_progress_flag_reaches_the_encoder(tmp_path, monkeypatch):
+    """clipcap embed --no_progress: the encoding loop is asked for no progress bar (on by default)."""
+    from modeling_clipcap import embed
+
+    asked = []
+
+    def fake_embed_shards(encoder, image_processor, data, output_dir, **kwargs):
+        asked.append(kwargs["show_progress"])
+        return {"shards_written": 0, "shards_skipped": 0, "images_encoded": 0, "skipped": []}
+
+    monkeypatch.setattr(
+        embed, "load_image_encoder", lambda model: (torch.nn.Identity(), None, {"model": model})
+    )
+    monkeypatch.setattr(embed, "embed_shards", fake_embed_shards)
+    argv = ["embed", "--model", "m", "--data", str(tmp_path / "*.tar"), "--output_dir", str(tmp_path / "out")]
+    assert (
+        main(argv) == 0 and main(argv + ["--no_progress"]) == 0 and main(argv + ["--progress", "false"]) == 0
+    )
+    assert asked == [True, False, False]
+
+
+def test_training_scripts_progress_flags(tmp_path, monkeypatch, capsys):
+    """synthetic_data.py and pretrain_clip.py show progress bars unless --no_progress (or --progress false)."""
+    argv = ["--output_dir", str(tmp_path / "data"), "--train_size", "2", "--validation_size", "1"]
+    argv += ["--test_size", "1", "--test_novel_size", "1"]
+    capsys.readouterr()
+    assert synthetic_data.main(argv) == 0
+    assert "writing train" in capsys.readouterr().err
+    for off in (["--no_progress"], ["--progress", "false"]):
+        assert synthetic_data.main(argv + off) == 0
+        assert "writing" not in capsys.readouterr().err
+
+    asked = []
+    monkeypatch.setattr(
+        pretrain_clip, "pretrain_tower", lambda *args, **kwargs: asked.append(kwargs["show_progress"]) or {}
+    )
+    argv = ["--train_file", str(tmp_path / "data" / "train"), "--output_dir", str(tmp_path / "clip")]
+    argv += ["--tokenizer_name", "t", "--config", "clipcap-synthetic-tiny"]
+    for extra in ([], ["--no_progress"], ["--progress", "false"]):
+        assert pretrain_clip.main(argv + extra) == 0
+    assert asked == [True, False, False]
+
+
+# ---------------------------------------------------------------------------------------------- app, env, demo
+
+
+def test_app_share_flag_reaches_launch(monkeypatch):
+    from modeling_clipcap import app
+
+    shared = []
+    monkeypatch.setattr(app, "build_app", lambda model, **kwargs: object())
+    monkeypatch.setattr(app, "launch_app", lambda demo, **kwargs: shared.append(kwargs["share"]))
+    for flags in ([], ["--share"], ["--share", "yes"], ["--share", "false"], ["--share", "--no_share"]):
+        assert main(["app", "--model", "m", *flags]) == 0
+    assert shared == [False, True, True, False, False]
+
+
+def test_env_json_flag(capsys):
+    assert main(["env", "--json"]) == 0
+    assert "python" in json.loads(capsys.readouterr().out)
+    assert main(["env", "--json", "--no_json"]) == 0
+    assert capsys.readouterr().out.startswith("Copy and paste")
+
+
+class _Stop(Exception):
+    """Ends the demo at the stage a test looks at."""
+
+
+def _demo_command(tmp_path, monkeypatch, flags: list[str], stage: str) -> list[str]:
+    """The command of ``stage`` ("synthetic_data.py" or "evaluate") demo.main builds with ``flags``: the data set is
+    written for real, the tower pretraining and training commands are recorded, not run."""
+    commands = []
+
+    def fake_run(cmd, env=None):
+        commands.append(cmd)
+        if stage in cmd or cmd[1].endswith(stage):
+            raise _Stop
+        if cmd[1].endswith("synthetic_data.py"):
+            assert synthetic_data.main([*cmd[2:], "--no_progress"]) == 0
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    with pytest.raises(_Stop):
+        demo.main(["--output_dir", str(tmp_path / "demo"), "--recipe", "random", *flags])
+    return commands[-1]
+
+
+def test_demo_eval_meteor_and_quick_flags(tmp_path, monkeypatch, capsys):
+    """demo.py --no_eval_meteor (or --eval_meteor false, or the earlier --no_meteor) evaluates without METEOR;
+    --quick shrinks the data set (--no_quick: the demo.json sizes)."""
+    assert _demo_command(tmp_path, monkeypatch, ["--quick"], "synthetic_data.py")[-8:] == [
+        "--train_size", "600", "--validation_size", "20", "--test_size", "60", "--test_novel_size", "30"
+    ]  # fmt: skip
+    assert "20000" in _demo_command(tmp_path, monkeypatch, ["--quick", "--no_quick"], "synthetic_data.py")
+    sizes = ["--train_size", "6", "--validation_size", "1", "--test_size", "1", "--test_novel_size", "1"]
+    evaluate = _demo_command(tmp_path, monkeypatch, sizes, "evaluate")
+    assert evaluate[:4] == [sys.executable, "-m", "modeling_clipcap.cli", "evaluate"]
+    assert "--no_meteor" not in evaluate  # METEOR by default
+    for off in (["--no_eval_meteor"], ["--eval_meteor", "false"], ["--no_meteor"]):
+        capsys.readouterr()
+        assert "--no_meteor" in _demo_command(tmp_path, monkeypatch, sizes + off, "evaluate"), off
+        assert ("is now spelled --no_eval_meteor" in capsys.readouterr().err) == (off == ["--no_meteor"])

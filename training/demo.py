@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modeling_clipcap.cli import add_bool_argument, add_renamed_argument
 from modeling_clipcap.evaluation import exact_match_text
 from modeling_clipcap.presets import find_preset, read_preset
 
@@ -242,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per process (default 1: on 2 shared vCPUs, 2 threads made the tiny models' "
         "training steps 3-4x slower)",
     )
-    p.add_argument("--quick", action="store_true", help="tiny sizes (about a minute) for tests")
-    p.add_argument("--no_meteor", action="store_true", help="skip METEOR (Java)")
+    add_bool_argument(p, "quick", help="tiny sizes (about a minute) for tests")
+    add_bool_argument(p, "eval_meteor", default=True, help="score METEOR in the evaluation (starts java)")
+    add_renamed_argument(p, "--no_meteor", "--no_eval_meteor")  # the earlier spelling, kept working for now
     return p
 
 
@@ -314,7 +316,7 @@ def evaluate_splits(
     data_dir: Path,
     eval_root: Path,
     cfg: dict[str, Any],
-    no_meteor: bool,
+    eval_meteor: bool,
     env: dict[str, str],
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """``clipcap evaluate`` on test and test_novel: per split its metrics and exact-match rates, and its rows."""
@@ -343,7 +345,7 @@ def evaluate_splits(
             "--spice",
             "off",
         ]
-        if no_meteor:
+        if not eval_meteor:
             cmd.append("--no_meteor")
         run(cmd, env)
         scores = json.loads((eval_dir / "metrics.json").read_text())
@@ -534,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     metrics: dict[str, Any] = {"recipe": recipe, "settings": cfg}
     metrics["splits"], split_rows = evaluate_splits(
-        model_dir, data_dir, out / "evaluate", cfg, args.no_meteor, env
+        model_dir, data_dir, out / "evaluate", cfg, args.eval_meteor, env
     )
     stage_done("evaluation", t0)
 

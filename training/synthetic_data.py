@@ -400,6 +400,8 @@ def caption_corpus() -> list[str]:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
+    from modeling_clipcap.cli import add_bool_argument  # the one flag style (only the command line needs it)
+
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes captioning data set.")
     parser.add_argument("--output_dir", required=True, help="folder to write the splits into")
     parser.add_argument("--train_size", type=int, default=DEFAULT_SIZES["train"])
@@ -408,7 +410,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_novel_size", type=int, default=DEFAULT_SIZES["test_novel"])
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
+    add_bool_argument(parser, "progress", default=True, help="progress bars")
     return parser
 
 
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes=sizes,
         seed=args.seed,
         image_size=args.image_size,
-        show_progress=not args.no_progress,
+        show_progress=args.progress,
     )
     total = sum(sizes.values())
     print(f"wrote {total} images to {args.output_dir} (Karpathy JSON: {paths['karpathy']})")
