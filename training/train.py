@@ -87,9 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mapping_input", choices=["pooled", "tokens"], help="tokens: the token features.")
     g.add_argument("--prefix_length", type=int, help="K, prefix vectors given to the language model.")
     g.add_argument("--clip_length", type=int, help="Transformer mapper: projected image tokens.")
-    add_bool_argument(g, "normalize_prefix", default=None)
-    add_bool_argument(g, "freeze_language_model", default=None, help="Train only the mapping network.")
-    add_bool_argument(g, "freeze_vision", default=None, help="false: train the tower from pixels (no cache).")
+    add_bool_argument(
+        g, "normalize_prefix", default=None, help="L2-normalise image embeddings (default: preset's)."
+    )
+    add_bool_argument(
+        g, "freeze_language_model", default=None, help="Train only the mapper (default: preset's)."
+    )
+    add_bool_argument(
+        g, "freeze_vision", default=None, help="false: train the tower from pixels (default: preset's)."
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--train_file", help="Karpathy JSON, metadata JSONL/CSV, or a folder.")
@@ -102,13 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_split", default="validation")
     g.add_argument("--image_column")
     g.add_argument("--caption_column")
-    add_bool_argument(g, "streaming", default=False)
+    add_bool_argument(g, "streaming", help="Read the data as it is trained on (needs --max_train_steps).")
     g.add_argument("--max_train_samples", type=int, help="Use the first N training images.")
     g.add_argument("--max_eval_samples", type=int, help="Use the first N validation images.")
     g.add_argument("--max_caption_length", type=int, default=64, help="Tokens per caption, eos included.")
     g.add_argument("--on_bad_image", choices=BAD_IMAGE_POLICIES, default="fail", help="error = fail.")
     g.add_argument("--embedding_cache_dir", help="Where image embeddings are cached.")
-    add_bool_argument(g, "embedding_cache", default=True, help="Encode each image once (default).")
+    add_bool_argument(g, "embedding_cache", default=True, help="Encode each image once.")
     g.add_argument("--embedding_batch_size", type=int, default=64)
     g.add_argument("--preprocessing_num_workers", type=int, default=0)
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Workers per process (shards).")
@@ -141,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_steps", type=int, default=0, help="Validate every N steps (0: at the end only).")
     g.add_argument("--num_beams", type=int, help="Beams for validation captions.")
     g.add_argument("--max_new_tokens", type=int, help="Longest validation caption.")
-    add_bool_argument(g, "eval_meteor")
+    add_bool_argument(g, "eval_meteor", help="Validation scores METEOR too (starts java).")
 
     g = p.add_argument_group("publishing")
-    add_bool_argument(g, "push_to_hub")
+    add_bool_argument(g, "push_to_hub", help="Upload the model to --hub_model_id.")
     g.add_argument("--hub_model_id")
     g.add_argument("--hub_token")
-    add_bool_argument(g, "hub_private_repo")
+    add_bool_argument(g, "hub_private_repo", help="Create the Hub repository private.")
     return p
 
 
