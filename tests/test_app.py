@@ -419,7 +419,7 @@ def test_cli_bad_model_and_examples_exit_2(saved_model, tmp_path, capsys):
 
     parser = build_parser()
     args = parser.parse_args(["app", "--model", str(tmp_path / "missing")])
-    assert args.host == "127.0.0.1" and args.port == 7860 and args.share == "no"
+    assert args.host == "127.0.0.1" and args.port == 7860 and args.share is False
     assert cli_main(args) == 2
     assert "no such folder" in capsys.readouterr().err
     args = parser.parse_args(["app", "--model", str(saved_model), "--examples", str(tmp_path / "nothing")])

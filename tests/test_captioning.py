@@ -148,12 +148,12 @@ def test_cli_folder_with_bad_files_subprocess(saved_model, mixed_folder):
 def test_cli_json_and_files_in_given_order(run_cli, saved_model, mixed_folder):
     folder, good, _ = mixed_folder
     files = [str(folder / good[2]), str(folder / good[0])]
-    proc = run_cli(*files, "--model", str(saved_model), "--json", "--num_beams", "2", "--quiet")
+    proc = run_cli(*files, "--model", str(saved_model), "--json", "--num_beams", "2", "--no_progress")
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["image"] for r in records] == files
     assert all(isinstance(r["caption"], str) and r["error"] is None for r in records)
-    assert proc.stderr.strip() == ""  # --quiet: no progress bar
+    assert proc.stderr.strip() == ""  # --no_progress: no progress bar
 
 
 def test_cli_json_lists_failures(run_cli, saved_model, mixed_folder):
@@ -374,7 +374,7 @@ def test_caption_evaluate_and_app_load_a_hub_model_id(hub_server, saved_model, m
         caption_out, caption_err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(caption_out):
             status = main(["caption", {str(data / good[0])!r}, {str(data / good[1])!r}, "--model", {repo!r},
-                           "--json", "--quiet"])
+                           "--json", "--no_progress"])
         assert status == 0, status
         with contextlib.redirect_stderr(caption_err):
             missing = main(["caption", {str(data / good[0])!r}, "--model", "{hub_server.user}/no-such-model"])
