@@ -482,9 +482,8 @@ def _convert_format_2(old: Path, target: Path) -> None:
         info = json.loads((old / INFO_FILE).read_text())
         rows = datasets.load_from_disk(str(old / "data")).with_format("numpy")[:]
         keys = [str(k) for k in rows["image_key"]]
-        embeds = torch.from_numpy(
-            rows["image_embeds"]
-        ).float()  # (M, D) or (M, N, D), as format 2 stored them
+        # (M, D) or (M, N, D) float32, as format 2 stored them
+        embeds = torch.from_numpy(rows["image_embeds"]).float()
         table = _table(keys, embeds, info.get("mapping_input", "pooled"))
     except Exception as err:
         logger.warning(

@@ -29,30 +29,6 @@ from .shards import is_shard_source, load_shard_captions, stream_report
 logger = logging.getLogger(__name__)
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation of ``range(n)`` that depends only on ``seed`` and the epoch (``set_epoch``).
-
-    Every process computes the same order, so Accelerate's batch sharding gives process ``r`` the
-    batches ``r, r + P, ...`` of that order: one process with batch 2B sees the same global batches
-    as two processes with batch B, and a resumed run sees the same order as the interrupted one.
-    """
-
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
-
-
 class CachedCaptionDataset(torch.utils.data.Dataset):
     """(image, caption) rows over cached embeddings: row ``i`` -> ``{"image_embeds", "caption": str}``.
 
@@ -405,31 +381,62 @@ def run_report(accelerator: Any, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_dataloaders(
-    args: Any, data: dict[str, Any], processor: Any
-) -> tuple[torch.utils.data.DataLoader, dict[str, torch.utils.data.DataLoader] | None]:
-    """The training loader (seeded epoch shuffling) and the validation loaders (images, captions) or None.
+    data: dict[str, Any],
+    processor: Any,
+    *,
+    per_device_train_batch_size: int,
+    per_device_eval_batch_size: int,
+    max_caption_length: int,
+    preprocessing_num_workers: int = 0,
+    streaming: bool = False,
+) -> tuple[Any, dict[str, torch.utils.data.DataLoader] | None]:
+    """The training loader and the validation loaders (images, captions) or None, from :func:`build_datasets`.
 
-    Every loader has its own generator, so iterating one never moves the global RNG (exact resume).
+    The training rows are shuffled (``streaming``: read in their order). The order is made resumable by the
+    ``Accelerator`` that prepares the loader: ``DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)``
+    turns the shuffle into Accelerate's ``SeedableRandomSampler``, a permutation drawn from ``seed + epoch``
+    alone, the same on every process (iterate it with :func:`epoch_batches`). Every loader has its own generator,
+    so iterating one never moves the global RNG (exact resume). A shard stream is returned as it is.
     """
     collator = CaptionCollator(
-        processor.tokenizer, args.max_caption_length, image_processor=processor.image_processor
+        processor.tokenizer, max_caption_length, image_processor=processor.image_processor
     )
-    loader_kwargs: dict[str, Any] = {"batch_size": args.per_device_train_batch_size, "collate_fn": collator}
-    if not args.streaming:
-        loader_kwargs["sampler"] = EpochShuffleSampler(len(data["train"]), args.seed)
-        loader_kwargs["num_workers"] = 0 if data["encode_stats"] else args.preprocessing_num_workers
-        loader_kwargs["generator"] = torch.Generator().manual_seed(args.seed)
     if "train_loader" in data:  # streamed from shards: batches, position and padding are its own
         train_dataloader = data["train_loader"]
     else:
-        train_dataloader = torch.utils.data.DataLoader(data["train"], **loader_kwargs)
+        shuffled = {} if streaming else {"shuffle": True, "generator": torch.Generator()}
+        train_dataloader = torch.utils.data.DataLoader(
+            data["train"],
+            batch_size=per_device_train_batch_size,
+            collate_fn=collator,
+            num_workers=0 if data["encode_stats"] or streaming else preprocessing_num_workers,
+            **shuffled,
+        )
     if data["val_images"] is None:
         return train_dataloader, None
-    kwargs = {"batch_size": args.per_device_eval_batch_size, "shuffle": False, "generator": torch.Generator()}
+    kwargs = {"batch_size": per_device_eval_batch_size, "shuffle": False, "generator": torch.Generator()}
     return train_dataloader, {
         "images": torch.utils.data.DataLoader(data["val_images"], **kwargs),
         "captions": torch.utils.data.DataLoader(data["val_captions"], collate_fn=collator, **kwargs),
     }
+
+
+def epoch_batches(dataloader: Any, epoch: int, skip: int = 0) -> Iterator[Any]:
+    """The batches of epoch ``epoch`` of the prepared training loader, after the first ``skip`` (a resumed run).
+
+    With Accelerate's seedable sampler (:func:`make_dataloaders`) the epoch alone decides the order, and process
+    ``r`` of ``P`` takes the batches ``r, r + P, ...`` of it. The first ``skip`` batches are dropped by
+    ``accelerate.skip_first_batches``, whose loader sets its sampler's epoch again when it starts, to its own
+    count of epochs: Accelerate 1.12 starts that count at 0 (1.16 copies it), so the loader is told the epoch.
+    A shard stream (``shards.ShardStreamLoader``) restores its own position instead: ``skip`` is 0 for it.
+    """
+    from accelerate.data_loader import skip_first_batches
+
+    dataloader.set_epoch(epoch)
+    if skip:
+        dataloader = skip_first_batches(dataloader, skip)
+        dataloader.set_epoch(epoch)
+    return iter(dataloader)
 
 
 @torch.no_grad()
@@ -505,12 +512,12 @@ def validate(
 __all__ = [
     "run_report",
     "make_dataloaders",
+    "epoch_batches",
     "validate",
     "build_datasets",
     "read_splits",
     "CachedCaptionDataset",
     "EmbeddedSplit",
-    "EpochShuffleSampler",
     "EvalImageDataset",
     "embed_split",
     "stream_caption_pairs",

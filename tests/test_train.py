@@ -449,8 +449,10 @@ def test_accelerate_launch_trains_and_saves(setup, tmp_path):
 
 @pytest.mark.slow
 def test_stop_and_resume_gives_the_same_weights(setup, tmp_path):
-    """Stopped mid-epoch (with dropout, accumulation and a short last group), then resumed from
-    ``latest``: the same per-step losses and final weights as one uninterrupted run."""
+    """Stopped mid-epoch (with dropout, accumulation and a short last group) in the first epoch, resumed from
+    ``latest`` and stopped again mid-way through the second epoch, then resumed to the end: the same per-step
+    losses and final weights as one uninterrupted run (a resume inside a later epoch must reshuffle that epoch
+    as the uninterrupted run did: Accelerate 1.12's skipping loader would start it at epoch 0)."""
     common = ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2"]
     common += [
         "--max_train_steps",
@@ -474,6 +476,11 @@ def test_stop_and_resume_gives_the_same_weights(setup, tmp_path):
     )
     assert [p.name for p in checkpointing.list_checkpoints(resumed)] == ["step_4", "step_6"]
     assert not (resumed / "model.safetensors").exists()
+    again = ("--resume_from_checkpoint", "latest", "--stop_after_steps", "12")  # 4 batches into epoch 1
+    proc = _run([sys.executable, TRAIN_SCRIPT, *_argv(setup, resumed, *common, *again, cache=cache)], env)
+    assert "step_6" in proc.stdout + proc.stderr
+    assert [p.name for p in checkpointing.list_checkpoints(resumed)][-1] == "step_12"
+    assert not (resumed / "model.safetensors").exists()
     proc = _run(
         [
             sys.executable,
@@ -482,8 +489,8 @@ def test_stop_and_resume_gives_the_same_weights(setup, tmp_path):
         ],
         env,
     )
-    assert "step_6" in proc.stdout + proc.stderr
-    assert _losses(resumed) == pytest.approx(_losses(full), abs=1e-6)
+    assert "step_12" in proc.stdout + proc.stderr
+    assert _losses(resumed) == pytest.approx(_losses(full), abs=1e-6)  # steps 1-6, 7-12, 13-14
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 

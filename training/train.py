@@ -30,7 +30,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import filter_trackers
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_scheduler
 
@@ -47,7 +47,13 @@ from modeling_clipcap.hub import (
 from modeling_clipcap.image_io import BAD_IMAGE_POLICIES
 from modeling_clipcap.presets import find_preset, read_preset
 from modeling_clipcap.shards import build_train_stream, is_shard_source
-from modeling_clipcap.training_data import build_datasets, make_dataloaders, run_report, validate
+from modeling_clipcap.training_data import (
+    build_datasets,
+    epoch_batches,
+    make_dataloaders,
+    run_report,
+    validate,
+)
 from modeling_clipcap.training_utils import optimizer_parameter_groups
 
 logger = get_logger(__name__)
@@ -382,6 +388,9 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
         ),
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
+        # the training shuffle: a permutation drawn from --seed + epoch alone, the same on every process, so a
+        # resumed run and any split of the global batch over processes see the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     if args.report_to != "none" and not filter_trackers(args.report_to, args.output_dir):
         raise ValueError(  # Accelerate would skip the tracker silently
@@ -496,7 +505,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args, accelerator, collator, model.config.mapping_input
         ),
     )
-    train_dataloader, val_dataloaders = make_dataloaders(args, data, processor)
+    train_dataloader, val_dataloaders = make_dataloaders(
+        data,
+        processor,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        max_caption_length=args.max_caption_length,
+        preprocessing_num_workers=args.preprocessing_num_workers,
+        streaming=args.streaming,
+    )
 
     # Optimizer and schedule
     accum = args.gradient_accumulation_steps
@@ -538,13 +555,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for epoch in range(starting_epoch, num_epochs):
         if completed_steps >= max_train_steps or stopped_early:
             break
-        train_dataloader.set_epoch(epoch)
         batches_in_epoch = resume_batches if epoch == starting_epoch else 0
-        batches = iter(
-            accelerator.skip_first_batches(train_dataloader, batches_in_epoch)
-            if batches_in_epoch and "train_loader" not in data  # a shard stream restores its own position
-            else train_dataloader
-        )
+        skip = 0 if "train_loader" in data else batches_in_epoch  # a shard stream restores its own position
+        batches = epoch_batches(train_dataloader, epoch, skip)
         while completed_steps < max_train_steps:
             group = [batch for _, batch in zip(range(accum), batches)]  # the micro-batches of one step
             if not group:
