@@ -15,7 +15,7 @@ What it covers (each entry of the private-name table in ``docs/compatibility.md`
   :func:`pop_cache_argument` accepts the old name from callers, with the ``FutureWarning``
   transformers' own models give (only where the installed release has the new name).
 * :func:`logits_processor_hook_available`: the private ``GenerationMixin._get_logits_processor`` hook
-  that ``fast_decoding.FastDecodingMixin`` overrides for the CPU decoding speed path. If a release moves or
+  that ``modeling_clipcap.FastDecodingMixin`` overrides for the CPU decoding speed path. If a release moves or
   reshapes it, the speed path switches itself off (stock processors, same captions, a little slower)
   instead of crashing.
 """

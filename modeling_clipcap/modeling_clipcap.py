@@ -10,41 +10,57 @@ Data flow (B images, K = ``prefix_length``, D = ``image_embed_dim``, E = the LM'
 prefix as ``pooler_output``, transformers 5.x's convention), ``get_prefix`` both tensors.
 The tower (CLIP by default) and the LM (GPT-2 by default) are unmodified transformers models built through the
 Auto classes (``towers.py`` says what is read from each family); the paper's two mapping networks are in
-``mapping_networks.py``. This file wires them together and generation through ``GenerationMixin`` with
-``inputs_embeds``; the CPU decoding speed paths come from ``fast_decoding.py``.
+``mapping_networks.py``; ``compat.py`` adapts to the installed transformers release. This file, top to bottom:
+the checks of what a user passes, the prefix and the text as one LM sequence, the CPU decoding speed paths
+(``FastDecodingMixin``, each behind a switch), and the models, whose ``generate`` goes through
+``GenerationMixin`` with ``inputs_embeds``.
 """
 
 from __future__ import annotations
 
 # compat checks the transformers release first
-from .compat import CACHE_KWARG, cache_kwargs, output_cache, pop_cache_argument, register_key_renames
+from .compat import (
+    CACHE_KWARG,
+    cache_kwargs,
+    output_cache,
+    pop_cache_argument,
+    register_key_renames,
+    slice_logits_to_keep,
+)
 
 # isort: split
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast, ModelOutput
 from transformers.utils import can_return_tuple
 
 from .configuration_clipcap import ClipCapConfig
-from .fast_decoding import FastDecodingMixin
-from .interpretation import nearest_tokens
 from .mapping_networks import MAPPING_NETWORKS, ClipCapMLPMapper, ClipCapTransformerMapper
-from .prefix_sequence import PrefixDecoding, generation_sequence, join_prefix
 from .towers import (
     build_language_model,
     build_vision_tower,
     check_language_config,
+    check_pixel_values,
+    has_fast_paths,
     image_features,
     load_pretrained_tower,
+    position_limit,
     tower_dtype,
 )
-from .training_utils import FrozenPartsTrainingMixin
-from .validation import check_generation_kwargs, check_image_inputs, check_prompt_inputs, check_text_inputs
 
 #: Checkpoints keep the layout of release 0.1.0 (no base model): these renames map it onto today's modules on
 #: load, and ``save_pretrained`` writes it back (transformers' ``save_original_format``).
@@ -99,6 +115,501 @@ class ClipCapModelOutput(ModelOutput):
     prefix_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     image_outputs: BaseModelOutputWithPooling | None = None
+
+
+# ------------------------------------------------------------ checks of user inputs
+
+
+#: ``generate`` options that draft tokens with a second model (or a truncated copy of this one) that is given
+#: ``input_ids`` alone, without the image prefix: its drafts would come from a model that never saw the image.
+#: (``prompt_lookup_num_tokens`` drafts from the ids themselves and is verified by this model with its prefix:
+#: allowed, same tokens as greedy decoding.)
+ASSISTED_DECODING_OPTIONS = ("assistant_model", "assistant_early_exit")
+
+
+def _check_image_embeds(config: Any, image_embeds: Any) -> None:
+    """``image_embeds``: (B, D) with ``mapping_input="pooled"``, (B, N, D) with ``"tokens"``; finite floats."""
+    d = config.image_embed_dim
+    tokens = config.mapping_input == "tokens"
+    shape = f"(batch, tokens, {d})" if tokens else f"(batch, {d})"
+    if not torch.is_tensor(image_embeds) or not image_embeds.is_floating_point():
+        raise ValueError(f"`image_embeds` must be a floating-point tensor of shape {shape}.")
+    if image_embeds.ndim != (3 if tokens else 2) or image_embeds.shape[-1] != d:
+        raise ValueError(
+            f"`image_embeds` must have shape {shape} (mapping_input={config.mapping_input!r}), got "
+            f"{tuple(image_embeds.shape)}: the embedding width must match the encoder this model uses."
+        )
+    if not torch.isfinite(image_embeds).all():
+        raise ValueError("`image_embeds` contains NaN or infinite values.")
+
+
+def check_image_inputs(
+    config: Any, has_tower: bool, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None
+) -> None:
+    """Exactly one of ``pixel_values`` / ``image_embeds``, of the right type, shape and values, and not empty."""
+    if (pixel_values is None) == (image_embeds is None):
+        got = "both" if pixel_values is not None else "neither"
+        raise ValueError(
+            f"Give exactly one of `pixel_values` (B, 3, H, W) or `image_embeds` (B, D); got {got}."
+        )
+    if pixel_values is not None:
+        if not has_tower:
+            raise ValueError(
+                "This ClipCap model has no vision tower (vision_config=None): pass `image_embeds` of width "
+                f"{config.image_embed_dim} computed by the image encoder it was trained with."
+            )
+        check_pixel_values(config.vision_config, pixel_values)
+    else:
+        _check_image_embeds(config, image_embeds)
+    if (pixel_values if pixel_values is not None else image_embeds).shape[0] == 0:
+        raise ValueError("Got an empty batch (0 images); pass at least one image.")
+
+
+def _check_positive_ints(kwargs: dict[str, Any]) -> None:
+    for name in ("max_new_tokens", "num_beams", "num_return_sequences", "top_k", "max_length"):
+        value = kwargs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    min_new = kwargs.get("min_new_tokens")
+    if min_new is not None and (not isinstance(min_new, int) or min_new < 0):
+        raise ValueError(f"`min_new_tokens` must be a non-negative integer, got {min_new!r}.")
+
+
+def check_generation_kwargs(config: Any, generation_config: Any, inputs: Any, kwargs: dict[str, Any]) -> None:
+    """Clear errors for arguments ``generate`` cannot honour, before any model work."""
+    if inputs is not None and (not torch.is_tensor(inputs) or inputs.is_floating_point()):
+        raise TypeError(
+            "The first positional argument of `generate` is the text prompt `inputs` (token ids, B x L), as for "
+            "every transformers model; pass images by keyword: generate(pixel_values=...) or image_embeds=...."
+        )
+    generation_config = kwargs.get("generation_config") or generation_config
+    for name in ASSISTED_DECODING_OPTIONS:
+        if kwargs.get(name, getattr(generation_config, name, None)) is not None:
+            raise ValueError(
+                f"ClipCap does not support assisted / speculative decoding with an assistant model (`{name}`): the "
+                "assistant is given the text alone, without the image prefix. Drop it (plain greedy, beam search "
+                "or sampling give the same captions), or use `prompt_lookup_num_tokens`, which needs no assistant."
+            )
+    _check_positive_ints(kwargs)
+    temperature, top_p = kwargs.get("temperature"), kwargs.get("top_p")
+    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
+    num_beams, nrs = kwargs.get("num_beams") or 1, kwargs.get("num_return_sequences")
+    if nrs is not None and not kwargs.get("do_sample", False) and nrs > num_beams:
+        raise ValueError(
+            f"`num_return_sequences`={nrs} needs `num_beams` >= {nrs} (or `do_sample=True`); got num_beams={num_beams}."
+        )
+    max_new, limit = kwargs.get("max_new_tokens"), position_limit(config.text_config)
+    if max_new is not None and limit is not None and config.prefix_length + max_new > limit[1]:
+        raise ValueError(
+            f"prefix_length ({config.prefix_length}) + max_new_tokens ({max_new}) exceeds the language model's "
+            f"{limit[1]} positions ({limit[0]}); lower max_new_tokens."
+        )
+
+
+def check_text_inputs(
+    batch: int,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+) -> None:
+    """The text that follows ``batch`` images: ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, E), not both;
+    ``attention_mask``, ``position_ids``, ``labels`` and ``shift_labels`` all (B, L)."""
+    if input_ids is not None and inputs_embeds is not None:
+        raise ValueError("Pass the text as `input_ids` or as `inputs_embeds`, not both.")
+    if input_ids is not None and (input_ids.ndim != 2 or input_ids.shape[0] != batch):
+        raise ValueError(
+            f"`input_ids` must have shape ({batch}, L) to match {batch} images, got {tuple(input_ids.shape)}."
+        )
+    if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != batch):
+        raise ValueError(
+            f"`inputs_embeds` must have shape ({batch}, L, E), got {tuple(inputs_embeds.shape)}."
+        )
+    text = input_ids if input_ids is not None else inputs_embeds
+    text_length = 0 if text is None else text.shape[1]
+    for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if value is not None and tuple(value.shape) != (batch, text_length):
+            raise ValueError(f"`{name}` must have the shape of the text (B, L) = ({batch}, {text_length}).")
+    for name, value in (("labels", labels), ("shift_labels", shift_labels)):
+        if value is not None and tuple(value.shape) != (batch, text_length):
+            raise ValueError(
+                f"`{name}` must have the shape of the text {(batch, text_length)}; -100 marks ignored positions."
+            )
+
+
+def check_prompt_inputs(
+    batch: int,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> None:
+    """``generate``'s prompt after ``batch`` images: ``input_ids`` (B, L) and / or ``inputs_embeds`` (B, L, E) (both:
+    the same L tokens, the ids naming them in the result); ``attention_mask`` and ``position_ids`` (B, L)."""
+    if input_ids is not None or inputs_embeds is None:
+        check_text_inputs(batch, input_ids, None, attention_mask, position_ids)
+    if inputs_embeds is not None:
+        check_text_inputs(batch, None, inputs_embeds, attention_mask, position_ids)
+    if input_ids is not None and inputs_embeds is not None and input_ids.shape[1] != inputs_embeds.shape[1]:
+        raise ValueError(
+            f"`input_ids` {tuple(input_ids.shape)} and `inputs_embeds` {tuple(inputs_embeds.shape)} must be the same "
+            "prompt: give the same number of tokens (or only one of them)."
+        )
+
+
+# ------------------------------------------------------------ prefix + text: one sequence
+# The K prefix vectors (B, K, E) go in front of the text (B, L, E); prefix positions are always attended, the text
+# keeps its mask. For generate, a left-padded prompt's padding moves in front of the prefix (generation_sequence),
+# and PrefixDecoding lines generate's growing token ids up with that sequence at each step.
+
+
+def join_prefix(
+    prefix: torch.Tensor,
+    text_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+    """``[prefix ; text]`` embeddings (B, K + L, E), mask (B, K + L) and positions (B, K + L).
+
+    Args:
+        prefix: (B, K, E) mapped prefix.
+        text_embeds: (B, L, E) text embeddings, or ``None`` for the prefix alone.
+        attention_mask: (B, L) mask of the text, or ``None`` (everything attended).
+        position_ids: (B, L) positions of the text (0 = its first token), or ``None``.
+
+    Without ``position_ids``, a left-padded row gets the positions of the same row unpadded (right padding
+    keeps GPT-2's 0, 1, 2...); given text positions are shifted by K, and come with a mask (all ones when none
+    was given): without a mask and a cache, transformers reads a jump in the positions (text positions that do
+    not start at 0) as the start of another packed sequence, which would cut the text off the prefix. Inputs are
+    assumed checked (:func:`check_text_inputs`).
+    """
+    batch, k = prefix.shape[:2]
+    text_length = 0 if text_embeds is None else text_embeds.shape[1]
+    embeds = prefix if text_embeds is None else torch.cat([prefix, text_embeds.to(prefix.dtype)], dim=1)
+    ones = torch.ones((batch, k), dtype=torch.long, device=prefix.device)
+    if position_ids is not None:
+        position_ids = torch.cat([ones.cumsum(-1) - 1, position_ids.to(prefix.device) + k], dim=1)
+        if attention_mask is None:
+            attention_mask = torch.ones((batch, text_length), dtype=torch.long, device=prefix.device)
+    if attention_mask is not None:
+        if position_ids is None:  # left padding shifts a row's text back by its number of leading pads
+            leading = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1)
+            steps = torch.arange(k + text_length, device=prefix.device).expand(batch, -1)
+            position_ids = torch.where(steps < k, steps, (steps - leading).clamp_min(0))
+        attention_mask = torch.cat([ones.to(attention_mask.dtype), attention_mask], dim=1)
+    return embeds, attention_mask, position_ids
+
+
+def generation_sequence(
+    prefix: torch.Tensor,
+    prompt_embeds: torch.Tensor | None,
+    input_ids: torch.LongTensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor | None, torch.LongTensor | None]:
+    """What ``generate`` starts from: ``[prefix ; prompt]`` embeddings (B, K + L, E), mask (B, K + L), the
+    prompt ids (B, L) and positions (B, K + L), each row reordered to read ``[pad ... pad, prefix, prompt]`` (a
+    left-padded prompt would otherwise leave its padding between the prefix and the prompt).
+
+    Args:
+        prefix: (B, K, E) mapped prefix.
+        prompt_embeds: (B, L, E) embeddings of the prompt, or ``None`` without a prompt.
+        input_ids: (B, L) the prompt's ids, or ``None`` (no prompt, or a prompt given as embeddings only).
+        attention_mask: (B, L) the prompt's mask, or ``None``.
+        position_ids: (B, L) the prompt's positions as ``forward`` takes them (0 = first text token), or ``None``:
+            returned shifted by K behind the prefix's 0 .. K-1 (``None`` stays ``None``: ``generate`` derives
+            positions from the mask).
+    """
+    embeds, mask, positions = join_prefix(prefix, prompt_embeds, attention_mask, position_ids)
+    mask = (
+        torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask.long()
+    )
+    positions = positions if position_ids is not None else None
+    if bool((mask == 0).any()):
+        order = torch.sort(mask, dim=1, stable=True).indices  # pads (0) first, order kept otherwise
+        embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))
+        mask = torch.gather(mask, 1, order)
+        positions = None if positions is None else torch.gather(positions, 1, order)
+    if input_ids is not None and attention_mask is not None and bool((attention_mask == 0).any()):
+        # keep returned prompt ids aligned with their (left-padded) rows
+        input_ids = torch.gather(input_ids, 1, torch.sort(attention_mask.long(), dim=1, stable=True).indices)
+    return embeds, mask, input_ids, positions
+
+
+@dataclass(frozen=True)
+class PrefixDecoding:
+    """How ``generate``'s token ids line up with the language-model sequence it decodes.
+
+    ``generate`` starts from ``inputs_embeds`` (B, S, E) = ``[pad ; prefix ; prompt]`` and keeps growing
+    ``input_ids`` (B, T): the prompt's ids (if it has ids), then the generated (or draft) tokens. The LM sequence
+    is ``offset + T`` positions long: ``offset`` = S minus the number of prompt ids (the prefix, plus a prompt given
+    as embeddings only); ids past the first S - ``offset`` follow the starting embeddings.
+
+    Attributes:
+        offset: LM positions that have no entry in ``input_ids`` (K, or K + L for a prompt given as embeddings).
+        use_cache: ``False`` re-runs the whole sequence at every step, prefix included (``generate(use_cache=False)``).
+    """
+
+    offset: int
+    use_cache: bool = True
+
+    def step_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        kwargs: dict[str, Any],
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        cache_name: str,
+    ) -> dict[str, Any]:
+        """``prepare_inputs_for_generation``'s keyword arguments for one step, adjusted to the prefix.
+
+        Args:
+            input_ids: (B, T) ``generate``'s ids so far (with draft tokens, in assisted decoding).
+            kwargs: ``generate``'s model kwargs for this step (``inputs_embeds`` (B, S, E), mask, positions, cache).
+            embed: the LM's input embeddings, ids (B, n) -> (B, n, E).
+            cache_name: the installed transformers' name of the cache argument (``compat.CACHE_KWARG``).
+
+        Without a cache, every step gets the whole sequence ``[starting embeddings ; embeds of the later ids]``
+        (B, offset + T, E). With one, the first step also embeds ids that follow the starting embeddings (the draft
+        tokens prompt lookup proposes before the first forward), fed from the first position the cache lacks.
+        Otherwise ``kwargs`` are returned as they are.
+        """
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return kwargs
+        later = input_ids[:, embeds.shape[1] - self.offset :]  # (B, n) ids after the starting embeddings
+        length = self.offset + input_ids.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 2 and mask.shape[1] < length:
+            # assisted decoding sizes the mask to the ids (T), not to the LM sequence (offset + T): what it cut off
+            # or lacks comes after the only padding there is (leading), so it is attended
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], dim=1)
+            kwargs = {**kwargs, "attention_mask": mask}
+        if not self.use_cache:
+            if (
+                mask is None
+            ):  # without a mask and a cache, a jump in given positions would read as packed sequences
+                mask = torch.ones((input_ids.shape[0], length), dtype=torch.long, device=embeds.device)
+            full = torch.cat([embeds, embed(later).to(embeds.dtype)], dim=1)
+            kwargs = {k: v for k, v in kwargs.items() if k != cache_name}
+            return {
+                **kwargs,
+                "inputs_embeds": full,
+                "attention_mask": mask,
+                "is_first_iteration": True,
+                "next_sequence_length": None,
+                "use_cache": False,
+            }
+        if kwargs.get("is_first_iteration") and later.shape[1] > 0:
+            cache = kwargs.get(cache_name)
+            past = 0 if cache is None else int(cache.get_seq_length())
+            full = torch.cat([embeds, embed(later).to(embeds.dtype)], dim=1)
+            return {**kwargs, "inputs_embeds": full, "next_sequence_length": full.shape[1] - past}
+        return kwargs
+
+
+# ------------------------------------------------------------ CPU decoding speed paths
+# Each gives the tokens and scores of the stock transformers code it replaces and switches itself off where it
+# could not (docs/performance.md says what each buys): in-place EOS suppression (swapped into the processor list
+# of the private GenerationMixin._get_logits_processor hook, see compat.py), the output layer in vocabulary blocks
+# on CPU, and one prefill of [prefix ; prompt] per image shared by its beams. FastDecodingMixin wires them in.
+
+
+class EosSuppressionUntilLength(LogitsProcessor):
+    """In-place twin of ``MinLengthLogitsProcessor`` / ``MinNewTokensLengthLogitsProcessor``.
+
+    While ``input_ids`` (B, T) has fewer than ``min_length`` tokens, the EOS columns of ``scores`` (B, V) are set
+    to ``-inf`` in place. The stock processors build a (V,) mask and a new (B, V) tensor with ``torch.where``
+    at every step (a full-vocabulary temporary per processor and step). The scores produced are identical.
+
+    Only used where writing into ``scores`` is safe (not when raw logits are returned).
+    """
+
+    def __init__(self, min_length: int, eos_token_id: torch.Tensor):
+        self.min_length = int(min_length)
+        self.eos_token_id = torch.as_tensor(eos_token_id).reshape(-1).to(torch.long)
+        self._ids = [i for i in self.eos_token_id.tolist() if i >= 0]  # a few ints, indexable on any device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[-1] < self.min_length:
+            # out-of-vocabulary ids are ignored, as the stock processors' mask ignores them
+            scores[..., [i for i in self._ids if i < scores.shape[-1]]] = -math.inf
+        return scores
+
+
+def _in_place_twin(processor: LogitsProcessor) -> LogitsProcessor:
+    """The in-place twin of a stock minimum-length processor, or the processor itself."""
+    try:
+        if type(processor) is MinLengthLogitsProcessor:
+            return EosSuppressionUntilLength(processor.min_length, processor.eos_token_id)
+        if type(processor) is MinNewTokensLengthLogitsProcessor:
+            return EosSuppressionUntilLength(
+                processor.prompt_length_to_skip + processor.min_new_tokens, processor.eos_token_id
+            )
+    except AttributeError:
+        pass  # a release renamed the processor's fields: keep the stock processor (same scores)
+    return processor
+
+
+def swap_min_length_processors(processors: LogitsProcessorList) -> LogitsProcessorList:
+    """A copy of ``processors`` with the stock minimum-length processors replaced by in-place twins."""
+    return LogitsProcessorList(_in_place_twin(p) for p in processors)
+
+
+def blocked_output_layer(lm_head: nn.Module, hidden_states: torch.Tensor, block: int | None) -> torch.Tensor:
+    """An output layer: hidden states (..., E) -> logits (..., V), in vocabulary blocks where it pays.
+
+    On CPU, in float32 and without gradients (decoding), the (V, E) weight is applied in blocks of ``block``
+    vocabulary rows: BLAS runs narrower products faster there (measured in ``docs/performance.md``). Each logit
+    is the same dot product over E: equal up to float rounding (a BLAS may sum a narrower product in another
+    order). Everywhere else (GPU, other dtypes, training, hooked or quantized layers) it is ``lm_head(...)``.
+    """
+    weight = getattr(lm_head, "weight", None)
+    if (
+        block is None
+        or type(lm_head) is not nn.Linear  # quantized / hooked layers keep their own forward
+        or weight.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or hidden_states.dtype != torch.float32
+        or torch.is_grad_enabled()
+        or lm_head.bias is not None
+        or weight.shape[0] <= block
+    ):
+        return lm_head(hidden_states)
+    blocks = [
+        F.linear(hidden_states, weight[start : start + block]) for start in range(0, weight.shape[0], block)
+    ]
+    return torch.cat(blocks, dim=-1)
+
+
+def shared_prefill_expand_size(generation_config: Any, kwargs: dict[str, Any]) -> int:
+    """How many copies of each image's sequence ``generate`` will decode (beams or returned sequences).
+
+    1 (no shared prefill) whenever the caller controls the cache, gives positions of its own, decodes without a
+    cache (``use_cache=False``: every step re-runs the whole sequence), drafts tokens (prompt lookup), or asks for
+    per-position outputs that a shared prefill would not produce (hidden states / attentions of the prompt
+    positions).
+    """
+    config = kwargs.get("generation_config") or generation_config
+    if any(
+        kwargs.get(k) is not None for k in ("cache", "past_key_values", "custom_generate", "position_ids")
+    ):
+        return 1
+    use_cache = kwargs.get("use_cache")
+    if (getattr(config, "use_cache", True) if use_cache is None else use_cache) is False:
+        return 1
+    for name in (
+        "cache_implementation",
+        "prefill_chunk_size",
+        "output_hidden_states",
+        "output_attentions",
+        "prompt_lookup_num_tokens",
+    ):
+        if kwargs.get(name, getattr(config, name, None)):
+            return 1
+    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    num_return = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    return max(int(num_beams), int(num_return))
+
+
+def prefill_shared_prefix(
+    decoder: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, expand_size: int
+) -> Any:
+    """Run ``decoder`` once per image over all but the last position of ``[prefix ; prompt]``; copy the cache.
+
+    Args:
+        decoder: the language model's body (GPT-2's ``transformer``).
+        inputs_embeds: (B, S, E) left-padded ``[pad ; prefix ; prompt]`` embeddings.
+        attention_mask: (B, S) their mask.
+        expand_size: number of beams / returned sequences per image.
+
+    Returns:
+        A ``DynamicCache`` of S - 1 positions for B * expand_size rows (each image's rows adjacent, as
+        ``generate`` expands its inputs). ``generate`` then feeds only the last position of each row;
+        positions and masking match what it would have computed itself (positions from the mask's cumsum).
+    """
+    prefill_mask = attention_mask[:, :-1]
+    outputs = decoder(
+        inputs_embeds=inputs_embeds[:, :-1],
+        attention_mask=None if bool(prefill_mask.all()) else prefill_mask,
+        position_ids=(prefill_mask.cumsum(-1) - 1).clamp_min(0),
+        use_cache=True,
+    )
+    cache = output_cache(outputs)
+    cache.batch_repeat_interleave(expand_size)
+    return cache
+
+
+class FastDecodingMixin:
+    """The speed paths of ``ClipCapForConditionalGeneration``, each behind a switch.
+
+    Set a switch on an instance to compare with the stock path: ``fast_eos_suppression`` (in-place EOS
+    suppression), ``cpu_output_layer_block`` (the output layer in blocks of this many vocabulary rows; None: one
+    call), ``shared_prefill`` (one prefill shared by the beams of an image). The last two need a language model
+    of ``towers.FAST_PATH_LANGUAGE_FAMILIES``; any other keeps its own forward.
+    """
+
+    fast_eos_suppression: bool = True
+    cpu_output_layer_block: int | None = 1024
+    shared_prefill: bool = True
+
+    def _output_layer(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM's output layer (..., E) -> (..., V); in vocabulary blocks when decoding on CPU."""
+        return blocked_output_layer(self.get_output_embeddings(), hidden_states, self.cpu_output_layer_block)
+
+    def _language_model_logits(
+        self, lm_inputs: dict[str, Any], logits_to_keep: int | torch.Tensor, with_loss: bool
+    ) -> tuple[Any, torch.Tensor, Any]:
+        """Run the LM on ``lm_inputs`` (the (B, S, E) sequence): ``(outputs, logits (B, S', V), text_logits)``.
+
+        ``logits`` covers the ``logits_to_keep`` positions; ``text_logits(window)`` gives the logits (B, L, V) of a
+        slice of positions for the loss. A fast-path family runs its body, then its plain output layer (blocked on
+        CPU); any other LM runs its own forward (soft-capping, logit scaling... stay its own).
+        """
+        if has_fast_paths(self.config.text_config):
+            outputs = self.get_decoder()(**lm_inputs)
+            hidden_states = outputs.last_hidden_state  # (B, S, E)
+            logits = self._output_layer(slice_logits_to_keep(hidden_states, logits_to_keep))
+            head = self.get_output_embeddings()
+            return outputs, logits, lambda window: head(hidden_states[:, window])
+        outputs = self.language_model(**lm_inputs, logits_to_keep=0 if with_loss else logits_to_keep)
+        all_logits = outputs.logits
+        logits = slice_logits_to_keep(all_logits, logits_to_keep) if with_loss else all_logits
+        # contiguous: transformers' causal-LM loss flattens the window with .view
+        return outputs, logits, lambda window: all_logits[:, window].contiguous()
+
+    def _shared_prefill_expand_size(self, kwargs: dict[str, Any]) -> int:
+        return shared_prefill_expand_size(self.generation_config, kwargs)
+
+    def _prefill_for_beams(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        generate_kwargs: dict[str, Any],
+        cache: Any,
+    ) -> Any:
+        """The cache ``generate`` starts from: ``cache`` as given, or one prefill of ``[prefix ; prompt]``
+        (B, S, E) per image copied to its beams / returned sequences (needs a plain ``DynamicCache``)."""
+        expand_size = self._shared_prefill_expand_size({**generate_kwargs, "cache": cache})
+        if expand_size > 1 and inputs_embeds.shape[1] > 1 and self.shared_prefill:
+            if has_fast_paths(self.config.text_config):
+                return prefill_shared_prefix(self.get_decoder(), inputs_embeds, attention_mask, expand_size)
+        return cache
+
+    def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> LogitsProcessorList:
+        # Private GenerationMixin hook (see compat.py): if a release drops it, generate stops calling this
+        # override and the stock processors run (same scores, slower).
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        if not self.fast_eos_suppression or getattr(generation_config, "output_logits", False):
+            return processors  # raw logits are returned: the stock processors never write into them
+        return swap_min_length_processors(processors)
+
+
+# ------------------------------------------------------------ models
 
 
 class ClipCapPreTrainedModel(PreTrainedModel):
@@ -224,15 +735,13 @@ class ClipCapModel(ClipCapPreTrainedModel):
         return ClipCapModelOutput(prefix_embeds=prefix, image_embeds=image_embeds, image_outputs=tower)
 
 
-class ClipCapForConditionalGeneration(
-    FrozenPartsTrainingMixin, FastDecodingMixin, ClipCapPreTrainedModel, GenerationMixin
-):
+class ClipCapForConditionalGeneration(FastDecodingMixin, ClipCapPreTrainedModel, GenerationMixin):
     """ClipCap: ``model`` ([`ClipCapModel`], images -> prefix) and ``language_model`` (a causal LM, GPT-2 by default).
 
     Images in: ``get_image_embeddings(pixel_values).pooler_output`` is the image embedding (B, D), what
     ``image_embeds=`` takes (precompute it once per image); ``get_image_features(pixel_values).pooler_output`` is,
     as for every transformers 5.x multimodal model, what the language model consumes: the prefix (B, K, E).
-    The CPU decoding speed paths and their switches come from ``fast_decoding.FastDecodingMixin``.
+    The CPU decoding speed paths and their switches come from [`FastDecodingMixin`].
 
     ```python
     >>> config = ClipCapConfig(vision_config=CLIPVisionConfig(image_size=32, patch_size=8, projection_dim=16),
@@ -268,6 +777,20 @@ class ClipCapForConditionalGeneration(
         loaded = super().from_pretrained(*args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded)._apply_freezing()
         return loaded
+
+    def _apply_freezing(self) -> None:
+        """Freeze what the config names (``freeze_vision``, ``freeze_language_model``): no gradients, eval mode."""
+        if self.vision_model is not None and self.config.freeze_vision:
+            self.vision_model.requires_grad_(False).eval()
+        if self.config.freeze_language_model:
+            self.language_model.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> ClipCapForConditionalGeneration:
+        """``nn.Module.train``, with the frozen parts kept in eval mode (no dropout)."""
+        super().train(mode)
+        if mode:
+            self._apply_freezing()
+        return self
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -543,7 +1066,7 @@ class ClipCapForConditionalGeneration(
     ) -> dict[str, Any]:
         """``GenerationMixin.prepare_inputs_for_generation``, with ``input_ids`` (B, T) lined up behind the prefix by
         ``prefix_decoding`` (set by [`~ClipCapForConditionalGeneration.generate`]; see
-        ``prefix_sequence.PrefixDecoding``): whole-sequence steps without a cache, draft tokens on the first step.
+        [`PrefixDecoding`]): whole-sequence steps without a cache, draft tokens on the first step.
 
         ``inputs_embeds`` (B, S, E): the sequence ``generate`` started from; ``cache`` is named ``past_key_values``
         by ``generate`` of transformers < 5.24 (both names are listed, as ``generate`` checks its model kwargs
@@ -572,11 +1095,24 @@ class ClipCapForConditionalGeneration(
         """Nearest vocabulary tokens (cosine similarity) of each prefix vector (paper, section 4.7).
 
         Returns one list of K entries per image: token strings with a ``tokenizer``, token ids without; with
-        ``top_k > 1`` each entry is a list of the ``top_k`` nearest, best first (``interpretation.nearest_tokens``).
+        ``top_k > 1`` each entry is a list of the ``top_k`` nearest, best first.
         ``image_inputs``: the tower's other inputs (SigLIP2's ``pixel_attention_mask``, ``spatial_shapes``).
         """
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
         prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds, **image_inputs)
-        return nearest_tokens(prefix, self.get_input_embeddings().weight, tokenizer, top_k)
+        vocab = self.get_input_embeddings().weight  # (V, E)
+        sims = F.normalize(prefix.float(), dim=-1) @ F.normalize(vocab.float(), dim=-1).T  # (B, K, V)
+        top = sims.topk(min(top_k, vocab.shape[0]), dim=-1).indices.tolist()  # (B, K, top_k)
+
+        def render(token_id: int) -> Any:
+            if tokenizer is None:
+                return token_id
+            return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+
+        return [
+            [render(ids[0]) if top_k == 1 else [render(i) for i in ids] for ids in image] for image in top
+        ]
 
     @classmethod
     def from_vision_text_pretrained(

@@ -237,6 +237,42 @@ def default_image_processor(config: PreTrainedConfig) -> Any:
     return getattr(transformers, family.image_processor)(**kwargs)
 
 
+def check_pixel_values(config: PreTrainedConfig, pixel_values: Any) -> None:
+    """Refuse ``pixel_values`` that are not finite floats in the layout of the tower family of ``config``:
+    (B, C, image_size, image_size) for square towers, (B, C, H, W) for CNNs, (B, N, C * patch_size**2) patches
+    for SigLIP2."""
+    if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point():
+        kind = type(pixel_values).__name__ if not torch.is_tensor(pixel_values) else pixel_values.dtype
+        raise ValueError(
+            f"`pixel_values` must be a floating-point tensor, got {kind}; use the model's processor to turn images "
+            "into pixel values."
+        )
+    layout, shape = vision_family(config).pixels, tuple(pixel_values.shape)
+    if layout == "patches":
+        if pixel_values.ndim != 3:
+            raise ValueError(
+                f"`pixel_values` of a {config.model_type} tower must be patches (batch, patches, channels * "
+                f"patch_size**2), got {shape}; use the model's processor."
+            )
+    elif layout == "square":
+        expected = (config.num_channels, config.image_size, config.image_size)
+        if pixel_values.ndim != 4 or shape[1:] != expected:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), got "
+                f"{shape}; use the model's processor to resize and normalise images."
+            )
+    elif pixel_values.ndim != 4 or shape[1] != config.num_channels:
+        raise ValueError(
+            f"`pixel_values` must have shape (batch, {config.num_channels}, height, width), got {shape}; use the "
+            "model's processor to resize and normalise images."
+        )
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError(
+            "`pixel_values` contains NaN or infinite values; use the model's processor on the images (it gives "
+            "finite, normalised values)."
+        )
+
+
 def tower_dtype(tower: nn.Module) -> torch.dtype:
     """The dtype the tower's weights are stored in (pixels are cast to it)."""
     return next(tower.parameters()).dtype
@@ -323,6 +359,7 @@ __all__ = [
     "build_language_model",
     "build_vision_tower",
     "check_language_config",
+    "check_pixel_values",
     "default_image_processor",
     "has_fast_paths",
     "image_embed_dim",

@@ -12,7 +12,7 @@ from conftest import tiny_clipcap_config
 from transformers import GenerationMixin
 
 from modeling_clipcap import ClipCapForConditionalGeneration, ClipCapOutput, compat
-from modeling_clipcap.fast_decoding import EosSuppressionUntilLength
+from modeling_clipcap.modeling_clipcap import EosSuppressionUntilLength
 
 
 @pytest.mark.parametrize("version", ["4.57.6", "5.19.0", "6.0.0", "6.1.0.dev0"])

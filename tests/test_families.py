@@ -368,7 +368,7 @@ def _count_calls(monkeypatch, module, name) -> list[int]:
 
 @pytest.mark.parametrize("family", list(LANGUAGE))
 def test_speed_paths_give_the_stock_tokens_for_every_family(family, language_models, monkeypatch):
-    import modeling_clipcap.fast_decoding as modeling  # the speed paths are called from there
+    import modeling_clipcap.modeling_clipcap as modeling  # the speed paths are called from there
 
     model = language_models[family]
     inputs = image_inputs("clip_vision_model", 2, seed=3)
@@ -404,7 +404,7 @@ def test_other_causal_lm_runs_its_own_forward(tokenizer, monkeypatch):
         embeds = torch.cat([prefix, model.get_input_embeddings()(ids)], dim=1)
         torch.testing.assert_close(logits, model.language_model(inputs_embeds=embeds).logits)
     assert logits.abs().max() <= 2.0  # soft-capped
-    import modeling_clipcap.fast_decoding as modeling  # the speed paths are called from there
+    import modeling_clipcap.modeling_clipcap as modeling  # the speed paths are called from there
 
     prefills = _count_calls(monkeypatch, modeling, "prefill_shared_prefix")
     assert_batched_equals_single(model, inputs, 2, num_beams=2)
@@ -450,7 +450,7 @@ def test_save_pretrained_then_auto_model_gives_the_same_tokens(saved_models):
 @pytest.mark.slow  # a fresh interpreter imports transformers and loads 8 models: about 20 s on 2 busy cores
 def test_trust_remote_code_without_the_package_gives_the_same_tokens(saved_models, tmp_path):
     for path, _ in saved_models.values():
-        assert {"towers.py", "validation.py", "compat.py"} <= {p.name for p in path.iterdir()}
+        assert {"towers.py", "mapping_networks.py", "compat.py"} <= {p.name for p in path.iterdir()}
     proc = run_without_package(
         f"""
         import json, torch

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from modeling_clipcap import ClipCapForConditionalGeneration
-from modeling_clipcap.fast_decoding import EosSuppressionUntilLength
+from modeling_clipcap.modeling_clipcap import EosSuppressionUntilLength
 
 
 def make_model(vocab_size: int, seed: int = 0) -> ClipCapForConditionalGeneration:

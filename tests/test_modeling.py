@@ -390,7 +390,7 @@ def test_embeddings_only_model_refuses_pixels(tiny_tokenizer):
 def one_step(model, tokenizer):
     model.train()
     input_ids, attention_mask, labels = caption_batch(tokenizer, CAPTIONS)
-    params = model.trainable_parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = model(
@@ -438,10 +438,12 @@ def test_unfrozen_vision_trains_too(tiny_tokenizer):
 
 
 def test_optimizer_parameter_groups_cover_trainable_parameters(tiny_tokenizer):
+    from modeling_clipcap.training_utils import optimizer_parameter_groups
+
     model = make_model(tiny_tokenizer, freeze_language_model=True)
-    groups = model.optimizer_parameter_groups(weight_decay=0.1)
+    groups = optimizer_parameter_groups(model, weight_decay=0.1)
     ids = [id(p) for g in groups for p in g["params"]]
-    assert sorted(ids) == sorted(id(p) for p in model.trainable_parameters())
+    assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
     no_decay = [g for g in groups if g["weight_decay"] == 0.0][0]["params"]
     assert all(p.ndim < 2 or p.shape == model.mapping_network.layers[0].bias.shape for p in no_decay)
 
@@ -602,7 +604,7 @@ def test_shared_prefix_prefill_equals_plain_generation(tiny_tokenizer, kwargs, w
     must equal transformers' own generation from the same embeddings (each beam prefilling by itself)."""
     from transformers import GenerationMixin
 
-    from modeling_clipcap.prefix_sequence import generation_sequence
+    from modeling_clipcap.modeling_clipcap import generation_sequence
 
     model = make_model(tiny_tokenizer, "transformer", seed=11)
     embeds = torch.randn(3, 24)

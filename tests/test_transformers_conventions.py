@@ -16,7 +16,8 @@ from transformers.generation import candidate_generator
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from modeling_clipcap import ClipCapForConditionalGeneration, fast_decoding
+import modeling_clipcap.modeling_clipcap as modeling
+from modeling_clipcap import ClipCapForConditionalGeneration
 from modeling_clipcap.compat import CACHE_KWARG, output_cache
 from modeling_clipcap.modeling_clipcap import ClipCapModel
 
@@ -142,9 +143,9 @@ def test_generation_continues_from_a_cache_without_the_image(tiny_tokenizer, map
 def test_use_cache_false_runs_the_whole_sequence_at_every_step(tiny_tokenizer, mapping_type, monkeypatch):
     model = make_model(tiny_tokenizer, mapping_type, seed=2)
     prefills = []
-    shared_prefill = fast_decoding.prefill_shared_prefix
+    shared_prefill = modeling.prefill_shared_prefix
     monkeypatch.setattr(
-        fast_decoding, "prefill_shared_prefix", lambda *a, **k: prefills.append(1) or shared_prefill(*a, **k)
+        modeling, "prefill_shared_prefix", lambda *a, **k: prefills.append(1) or shared_prefill(*a, **k)
     )
     steps = []
 
