@@ -640,32 +640,45 @@ class ShardStreamLoader:
 
 
 def build_train_stream(
-    args: Any, accelerator: Any, collator: Any, mapping_input: str = "pooled"
+    accelerator: Any,
+    collator: Any,
+    *,
+    train_file: str | list[str],
+    per_device_train_batch_size: int,
+    on_bad_image: str,
+    dataloader_num_workers: int = 0,
+    seed: int = 0,
+    shuffle_shards: bool = False,
+    output_dir: str | os.PathLike | None = None,
+    save_sample_order: bool = False,
+    mapping_input: str = "pooled",
 ) -> ShardStreamLoader:
     """The training loader of ``training/train.py --streaming --train_file <shards>`` for this process.
 
-    Its position is written into every ``accelerator.save_state`` folder and read back by ``load_state``
-    (state hooks), so the Accelerate checkpoint stays the one record of where the run is.
+    The keywords are train.py's flags of the same names; ``save_sample_order`` writes each process's sample keys
+    to ``output_dir/sample_order/rank-<r>.txt``. Its position is written into every ``accelerator.save_state``
+    folder and read back by ``load_state`` (state hooks), so the Accelerate checkpoint stays the one record of
+    where the run is.
     """
     rank = accelerator.process_index
-    order_file = (
-        Path(args.output_dir) / "sample_order" / f"rank-{rank}.txt" if args.save_sample_order else None
-    )
+    if save_sample_order and output_dir is None:
+        raise ValueError("save_sample_order needs an output_dir to write sample_order/rank-<r>.txt into.")
+    order_file = Path(output_dir) / "sample_order" / f"rank-{rank}.txt" if save_sample_order else None
 
     def any_rank(flag: bool) -> bool:
         return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum").item())
 
     loader = ShardStreamLoader(
-        expand_shards(args.train_file),
-        batch_size=args.per_device_train_batch_size,
-        collate=StreamCollator(collator, args.on_bad_image),
-        num_workers=args.dataloader_num_workers,
+        expand_shards(train_file),
+        batch_size=per_device_train_batch_size,
+        collate=StreamCollator(collator, on_bad_image),
+        num_workers=dataloader_num_workers,
         rank=rank,
         world_size=accelerator.num_processes,
         device=accelerator.device,
         any_rank=any_rank,
-        seed=args.seed,
-        shuffle_shards=getattr(args, "shuffle_shards", False),
+        seed=seed,
+        shuffle_shards=shuffle_shards,
         sample_order_file=order_file,
         mapping_input=mapping_input,
     )

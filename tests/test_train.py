@@ -416,6 +416,14 @@ def test_data_flags_reach_the_library_as_keywords():
         if parameter.kind is parameter.KEYWORD_ONLY
     }
     assert set(train.DATA_ARGUMENTS) == (keywords & flags) - {"mapping_input"}
+    from modeling_clipcap.shards import build_train_stream
+
+    stream_keywords = {
+        name
+        for name, parameter in inspect.signature(build_train_stream).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY
+    }
+    assert set(train.STREAM_ARGUMENTS) == (stream_keywords & flags) - {"mapping_input"}
 
 
 def test_accelerate_configs_load():

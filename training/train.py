@@ -72,6 +72,11 @@ DATA_ARGUMENTS = (
     "max_eval_samples", "on_bad_image", "max_caption_length", "embedding_cache", "embedding_cache_dir",
     "embedding_batch_size", "preprocessing_num_workers",
 )  # fmt: skip
+# Flags of a streamed shard run (keyword arguments of shards.build_train_stream).
+STREAM_ARGUMENTS = (
+    "train_file", "per_device_train_batch_size", "on_bad_image", "dataloader_num_workers", "seed",
+    "shuffle_shards", "output_dir", "save_sample_order",
+)  # fmt: skip
 # Recorded in train_results.json and the model card.
 HYPERPARAMETERS = MODEL_FIELDS[:3] + MODEL_FIELDS[4:] + (
     "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "num_train_epochs", "seed",
@@ -502,7 +507,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         processor,
         **{k: getattr(args, k) for k in DATA_ARGUMENTS},
         shard_stream=lambda collator: build_train_stream(
-            args, accelerator, collator, model.config.mapping_input
+            accelerator,
+            collator,
+            **{k: getattr(args, k) for k in STREAM_ARGUMENTS},
+            mapping_input=model.config.mapping_input,
         ),
     )
     train_dataloader, val_dataloaders = make_dataloaders(
