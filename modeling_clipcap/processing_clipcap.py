@@ -9,23 +9,53 @@ from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
 
-def _prepare_images(images: Any) -> Any:
-    """Decode paths/bytes and PIL images of any mode to upright RGB through ``image_io.load_image``.
+def _to_rgb(image: Any) -> Any:
+    """A PIL image upright (its EXIF orientation applied) and in RGB, transparency composited onto white (as
+    transformers' ``convert_to_rgb`` does from 5.25 on; before, it dropped the alpha channel)."""
+    from PIL import Image, ImageOps
 
-    PIL images go through it too (RGB ones included): a lazily opened ``Image.open(...)`` of a
-    truncated file then fails with ``ImageLoadError`` instead of an ``OSError`` deep inside the image
-    processor, and a photo's EXIF orientation is applied exactly as when its path is passed.
-    Arrays and tensors are passed to the image processor unchanged. Bad files raise ``ImageLoadError``
-    (a ``ValueError``) naming the file.
+    image = ImageOps.exif_transpose(image)
+    if "A" in image.getbands() or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _prepare_images(images: Any) -> Any:
+    """Images as the image processor takes them: a file path or encoded bytes opened with PIL, and every PIL image
+    made upright RGB (:func:`_to_rgb`); arrays and tensors unchanged.
+
+    A file that cannot be read (or a lazily opened PIL image that cannot be decoded, or one over PIL's pixel limit)
+    raises a ``ValueError`` naming it. The package's commands read files with ``modeling_clipcap.image_io`` first
+    (a format allow-list, a pixel limit of its own, 16-bit images scaled, bad files skipped on request); this code
+    travels with saved models, which load without the package.
     """
+    import io
+    import warnings
+
     from PIL import Image
 
-    from .image_io import load_image
-
     def convert(item: Any) -> Any:
-        if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview, dict, Image.Image)):
-            return load_image(item)
-        return item
+        if not isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+            return item
+        if isinstance(item, Image.Image):
+            name = getattr(item, "filename", "") or "the PIL image"
+        else:
+            name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"<{len(item)} bytes>"
+        try:
+            # PIL only warns between its pixel limit and twice that: refuse those bombs too
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                if isinstance(item, Image.Image):
+                    return _to_rgb(item)
+                source = io.BytesIO(bytes(item)) if isinstance(item, (bytes, bytearray, memoryview)) else name
+                with Image.open(source) as opened:
+                    return _to_rgb(opened)  # a new, fully decoded image: the file can close
+        except Exception as err:  # missing, empty, truncated, not an image, a bomb: any decoder's error
+            raise ValueError(
+                f"cannot read image {name}: {type(err).__name__}: {str(err).rstrip('.')}. Pass an image file PIL "
+                "can open, or the decoded image."
+            ) from err
 
     if isinstance(images, (list, tuple)):
         return [convert(item) for item in images]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -48,6 +49,33 @@ def test_saved_directory_has_safetensors_auto_map_and_code(saved_model_dir):
     assert processor_files, files
     blob = "".join((path / f).read_text() for f in processor_files)
     assert "processing_clipcap.ClipCapProcessor" in blob
+
+
+#: The code a saved model carries is the model's own folder, as in transformers: configuration, modeling,
+#: processing, the towers, the mapping networks and the compat adapter. transformers copies each file these import
+#: relatively, so a new relative import (of training, hub or image-file code, say) fails the test below.
+MODEL_FOLDER_CODE = {
+    "configuration_clipcap.py",
+    "modeling_clipcap.py",
+    "processing_clipcap.py",
+    "towers.py",
+    "mapping_networks.py",
+    "compat.py",
+}
+
+
+@pytest.mark.parametrize("with_vision", [True, False], ids=["tower", "embeddings-only"])
+def test_saved_code_is_exactly_the_model_folder(tmp_path, tiny_tokenizer, with_vision):
+    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tiny_tokenizer), with_vision=with_vision))
+    model.save_pretrained(tmp_path / "model")
+    assert {p.name for p in (tmp_path / "model").glob("*.py")} == MODEL_FOLDER_CODE - {
+        "processing_clipcap.py"
+    }
+    build_tiny_processor(tiny_tokenizer).save_pretrained(tmp_path / "model")
+    code = {p.name: p.read_text() for p in (tmp_path / "model").iterdir() if p.suffix == ".py"}
+    assert set(code) == MODEL_FOLDER_CODE
+    for name, text in code.items():  # nor may it import the package, which a user of the folder lacks
+        assert not re.search(r"^\s*(from|import) modeling_clipcap\b", text, flags=re.MULTILINE), name
 
 
 @pytest.mark.parametrize("auto_class", [AutoModel, AutoModelForImageTextToText])
@@ -155,6 +183,7 @@ def test_trust_remote_code_loading_without_the_package(saved_model_dir, tmp_path
     pixel_values = torch.randn(2, 3, 32, 32)
     torch.save(pixel_values, tmp_path / "pixels.pt")
     expected = model.generate(pixel_values=pixel_values, num_beams=2, max_new_tokens=5)
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(tmp_path / "clear.png")  # transparent: white once read
     proc = run_without_package(
         f"""
         import json, torch
@@ -168,21 +197,35 @@ def test_trust_remote_code_loading_without_the_package(saved_model_dir, tmp_path
         assert type(processor).__name__ == "ClipCapProcessor"
         pixel_values = torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True)
         ids = model.generate(pixel_values=pixel_values, num_beams=2, max_new_tokens=5)
+        # the processor reads a file without the package (its image_io is not shipped)
+        torch.save(processor(images=[{str(tmp_path / "clear.png")!r}])["pixel_values"], "remote_pixels.pt")
         print(json.dumps(ids.tolist()))
         """,
         cwd=tmp_path,
     )
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected.tolist()
+    white = AutoProcessor.from_pretrained(path)(images=[Image.new("RGB", (20, 20), "white")])["pixel_values"]
+    assert torch.equal(torch.load(tmp_path / "remote_pixels.pt", weights_only=True), white)
 
 
 def test_processor_decodes_paths_and_converts_modes(tiny_processor, real_photos, tmp_path):
-    from modeling_clipcap.image_io import ImageLoadError
+    """The shipped processor reads a path or bytes itself (PIL, without the package's image_io): upright RGB,
+    transparency on white, the pixels the package's reader gives for the real photos (EXIF-rotated, greyscale,
+    CMYK); a file it cannot read is a ValueError naming it."""
+    from modeling_clipcap.image_io import load_image
 
     rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 0))  # fully transparent: composited onto white
     out = tiny_processor(images=[rgba, str(real_photos[0]), Image.new("RGB", (20, 20), "white")])
     assert out["pixel_values"].shape == (3, 3, 32, 32)
     torch.testing.assert_close(out["pixel_values"][0], out["pixel_values"][2])
+    for photo in real_photos:
+        expected = tiny_processor(images=[load_image(photo)])["pixel_values"]
+        for source in (str(photo), photo, photo.read_bytes()):
+            assert torch.equal(tiny_processor(images=[source])["pixel_values"], expected), photo.name
+        with Image.open(photo) as opened:  # as opened, not yet rotated or converted
+            assert torch.equal(tiny_processor(images=opened)["pixel_values"], expected), photo.name
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"")
-    with pytest.raises(ImageLoadError, match="broken.jpg"):
-        tiny_processor(images=[str(bad)])
+    for source in (str(bad), tmp_path / "missing.jpg"):
+        with pytest.raises(ValueError, match=r"cannot read image .*(broken|missing)\.jpg"):
+            tiny_processor(images=[source])
