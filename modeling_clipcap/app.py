@@ -89,7 +89,7 @@ def load_app_models(
     Raises:
         AppInputError: a model cannot be found or loaded; the message names it and says what to do.
     """
-    from .evaluation import load_clip
+    from .clip_score import load_clip
 
     captioner, processor = load_captioner(model, dtype=dtype, device=device)
     model_dir = Path(captioner.name_or_path)
@@ -281,7 +281,7 @@ def _clip_rank(
     clip: tuple[Any, Any], images: list[Any], captions: list[list[str]]
 ) -> list[list[tuple[str, float]]]:
     """Each image's captions with their CLIP-S, best first."""
-    from .evaluation import compute_clip_score
+    from .clip_score import compute_clip_score
 
     flat_images = [image for image, caps in zip(images, captions) for _ in caps]
     flat_captions = [c for caps in captions for c in caps]
@@ -492,7 +492,7 @@ def _app_models(
     if processor is None:
         raise AppInputError("build_app(model, processor): pass the processor together with a loaded model.")
     if clip_model is not None and clip is None:
-        from .evaluation import load_clip
+        from .clip_score import load_clip
 
         clip = load_clip(resolve_model_path(clip_model, "--clip_model"), device=model.device)
     name_or_path = getattr(model, "name_or_path", "")

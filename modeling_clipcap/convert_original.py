@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from .configuration_clipcap import ClipCapConfig
-from .hub import fill_card
+from .hub import push_folder, render_conversion_card
 from .modeling_clipcap import ClipCapForConditionalGeneration
 from .presets import find_preset, read_preset
 
@@ -489,102 +489,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_FALLBACK_CARD_TEMPLATE = (
-    "---\nlibrary_name: transformers\npipeline_tag: image-to-text\ntags:\n  - clipcap\n  - converted\n---\n\n"
-    "# ClipCap (converted original checkpoint)\n\nConverted from `${source_file}` (sha256 `${source_sha256}`)"
-    " on ${converted_on} with modeling_clipcap ${package_version}, transformers ${transformers_version}."
-    "\n\nVision tower: ${vision_source}. GPT-2 config / tokenizer: ${text_source}.\n\n${settings_table}\n\n"
-    '## Usage\n\n${usage}\n\nDecoding stops at the "." token${eos_note}.\n'
-)
-"""The card of a conversion without a preset card (a preset's ``conversion_card.md``, else its ``README.md``, is
-the template otherwise)."""
-
-
-def _card_usage(config: ClipCapConfig, location: str, has_tokenizer: bool) -> str:
-    """The model card's usage snippet: images through the processor, or ``image_embeds`` without a tower."""
-    if config.vision_config is not None:
-        usage = (
-            "```python\nimport modeling_clipcap  # or pass trust_remote_code=True below\n"
-            "from PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
-            f'model = AutoModel.from_pretrained("{location}")\n'
-            f'processor = AutoProcessor.from_pretrained("{location}")\n'
-            'inputs = processor(images=[Image.open("photo.jpg")], return_tensors="pt")\n'
-            "ids = model.generate(**inputs)  # beam 5, stops at '.'\n"
-            "print(processor.batch_decode(ids))\n```"
-        )
-    else:
-        usage = (
-            "```python\nimport modeling_clipcap  # or pass trust_remote_code=True below\n"
-            "from transformers import AutoModel, AutoTokenizer\n\n"
-            f'model = AutoModel.from_pretrained("{location}")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n'
-            f"# image_embeds: (batch, {config.image_embed_dim}) float tensor from the image encoder named above\n"
-            "ids = model.generate(image_embeds=image_embeds)\n"
-            "print(tokenizer.batch_decode(ids, skip_special_tokens=True))\n```"
-        )
-    if not has_tokenizer:
-        usage += (
-            "\n\nNo tokenizer was bundled at conversion: decode with GPT-2's tokenizer "
-            "(`AutoTokenizer.from_pretrained(<a local copy of gpt2>)`)."
-        )
-    return usage
-
-
-def _settings_table(model: ClipCapForConditionalGeneration) -> str:
-    """``| setting | value |`` rows: the ClipCap fields that apply to the mapper, and the stop tokens."""
-    config = model.config
-    transformer_only = ("clip_length", "mapping_num_layers", "mapping_num_heads", "mapping_mlp_ratio")
-    rows = ["| setting | value |", "|---|---|"]
-    for key in _CONFIG_FIELDS:
-        if key in transformer_only and config.mapping_type == "mlp":
-            continue
-        rows.append(f"| `{key}` | `{json.dumps(getattr(config, key))}` |")
-    rows.append(f"| generation `eos_token_id` | `{json.dumps(model.generation_config.eos_token_id)}` |")
-    return "\n".join(rows)
-
-
-def _model_card(
-    preset: dict[str, Any] | None,
-    model: ClipCapForConditionalGeneration,
-    checkpoint: Path,
-    sha256: str,
-    vision_source: str,
-    text_source: str,
-    repo_id: str | None,
-    settings: Mapping[str, Any],
-    has_tokenizer: bool,
-) -> Any:
-    """The converted model's card: the preset's ``conversion_card.md`` (else its ``README.md``, else a short
-    default) filled in."""
-    import transformers
-
-    from . import __version__
-
-    location = repo_id or "path/to/converted-model"
-    eos = model.generation_config.eos_token_id
-    eos_note = (
-        " and also at GPT-2's `<|endoftext|>` (which the original would have decoded past)"
-        if isinstance(eos, list) and len(eos) > 1
-        else ""
-    )
-    values = {
-        "prefix_length": str(model.config.prefix_length),
-        "source_file": checkpoint.name,
-        "source_sha256": sha256,
-        "converted_on": _dt.date.today().isoformat(),
-        "package_version": __version__,
-        "transformers_version": transformers.__version__,
-        "vision_source": vision_source,
-        "text_source": text_source,
-        "settings_table": _settings_table(model),
-        "usage": _card_usage(model.config, location, has_tokenizer),
-        "eos_note": eos_note,
-        "model_id": location,
-    }
-    template = (preset.get("conversion_card_template") or preset.get("card_template")) if preset else None
-    return fill_card(template if template is not None else _FALLBACK_CARD_TEMPLATE, values)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------------------
@@ -633,7 +537,6 @@ def _write_output_directory(
     checkpoint: Path,
     num_original_keys: int,
     preset_data: dict[str, Any] | None,
-    settings: dict[str, Any],
     *,
     vision_model: str | os.PathLike | None,
     text_model: str | os.PathLike | None,
@@ -643,7 +546,6 @@ def _write_output_directory(
     config = model.config
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    has_tokenizer = tokenizer is not None
     if image_processor is not None and tokenizer is not None:
         from .processing_clipcap import ClipCapProcessor
 
@@ -659,16 +561,18 @@ def _write_output_directory(
         else f"none: takes `image_embeds` of width {config.image_embed_dim}"
     )
     text_source = f"`{Path(text_model).name}`" if text_model is not None else "GPT-2 small (default config)"
-    card = _model_card(
-        preset_data,
+    preset = preset_data or {}
+    preset_card = preset.get("conversion_card_template") or preset.get("card_template")
+    card = render_conversion_card(
         model,
-        checkpoint,
-        sha256,
-        vision_source,
-        text_source,
-        hub_model_id,
-        settings,
-        has_tokenizer,
+        config_fields=_CONFIG_FIELDS,
+        source_file=checkpoint.name,
+        source_sha256=sha256,
+        vision_source=vision_source,
+        text_source=text_source,
+        repo_id=hub_model_id,
+        has_tokenizer=tokenizer is not None,
+        card_template=preset_card,
     )
     card.save(out / "README.md")
     provenance = {
@@ -801,7 +705,7 @@ def convert_original_checkpoint(
         steps.set_postfix_str("saving")
         out = Path(output_dir)
         _write_output_directory(
-            out, model, tokenizer, image_processor, checkpoint, len(state_dict), preset_data, settings,
+            out, model, tokenizer, image_processor, checkpoint, len(state_dict), preset_data,
             vision_model=vision_model, text_model=text_model, hub_model_id=hub_model_id,
         )  # fmt: skip
         steps.update()
@@ -811,7 +715,13 @@ def convert_original_checkpoint(
             steps.update()
         if push_to_hub:
             steps.set_postfix_str("pushing")
-            push_converted_directory(out, hub_model_id, private=private, token=token)
+            push_folder(
+                out,
+                hub_model_id,
+                token=token,
+                private=private,
+                commit_message="Add ClipCap model converted from the original checkpoint",
+            )
             steps.update()
     else:
         steps.update()
@@ -841,22 +751,6 @@ def verify_converted_directory(path: str | os.PathLike, model: ClipCapForConditi
         for name, tensor in model.vision_model.state_dict().items():
             if not torch.equal(tensor, reloaded.vision_model.state_dict()[name]):
                 raise ConversionError(f"The saved vision tower in {path} differs at {name}.")
-
-
-def push_converted_directory(
-    path: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None
-) -> str:
-    """Create ``repo_id`` on the Hub (if needed) and upload the converted directory; returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(path),
-        commit_message="Add ClipCap model converted from the original checkpoint",
-    )
-    return str(getattr(info, "commit_url", info))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,21 +1,31 @@
 """Hub concerns in one place: model cards (``huggingface_hub.ModelCard``) and pushing a model folder.
 
-Model-card templates are the preset's ``README.md`` (:mod:`modeling_clipcap.presets`, one schema for every
-preset) with ``$name`` placeholders; :func:`fill_card` fills them and returns a ``ModelCard`` (metadata parsed,
-so ``clipcap evaluate --update_model_card`` can add results to it later).
+Every card this package writes comes from here: the trained model's (:func:`render_training_card`), the
+converted checkpoint's (:func:`render_conversion_card`) and the evaluation table ``clipcap evaluate
+--update_model_card`` puts into an existing card (:func:`update_model_card`, with ``model-index`` results).
+Templates are a preset's ``README.md`` / ``conversion_card.md`` (:mod:`modeling_clipcap.presets`, one schema for
+every preset) with ``$name`` placeholders; :func:`fill_card` fills them and returns a ``ModelCard`` (metadata
+parsed, so results can be added to it later). :func:`push_folder` is the one upload, for training and
+conversion alike.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import os
 import string
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import EvalResult, HfApi, ModelCard
 
-# Never uploaded with a model: training checkpoints, temporary folders, tracker logs.
-PUSH_IGNORE_PATTERNS = ["checkpoints/**", "checkpoints/*", "*.tmp*", "runs/**"]
+from .caption_metrics import TABLE_COLUMNS
+
+# ---------------------------------------------------------------------------------------------------------
+# Model cards
+# ---------------------------------------------------------------------------------------------------------
 
 TRAINING_CARD_TEMPLATE = """---
 library_name: transformers
@@ -112,6 +122,186 @@ def render_training_card(
     return fill_card(template, values)
 
 
+CONVERSION_CARD_TEMPLATE = (
+    "---\nlibrary_name: transformers\npipeline_tag: image-to-text\ntags:\n  - clipcap\n  - converted\n---\n\n"
+    "# ClipCap (converted original checkpoint)\n\nConverted from `${source_file}` (sha256 `${source_sha256}`)"
+    " on ${converted_on} with modeling_clipcap ${package_version}, transformers ${transformers_version}."
+    "\n\nVision tower: ${vision_source}. GPT-2 config / tokenizer: ${text_source}.\n\n${settings_table}\n\n"
+    '## Usage\n\n${usage}\n\nDecoding stops at the "." token${eos_note}.\n'
+)
+"""The card of a conversion without a preset card (a preset's ``conversion_card.md``, else its ``README.md``, is
+the template otherwise)."""
+
+# Settings of the transformer mapper only: an MLP mapper's card leaves them out.
+_TRANSFORMER_MAPPER_FIELDS = ("clip_length", "mapping_num_layers", "mapping_num_heads", "mapping_mlp_ratio")
+
+
+def _conversion_usage(config: Any, location: str, has_tokenizer: bool) -> str:
+    """The converted model card's usage snippet: images through the processor, or ``image_embeds`` without a
+    tower."""
+    if config.vision_config is not None:
+        usage = (
+            "```python\nimport modeling_clipcap  # or pass trust_remote_code=True below\n"
+            "from PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
+            f'model = AutoModel.from_pretrained("{location}")\n'
+            f'processor = AutoProcessor.from_pretrained("{location}")\n'
+            'inputs = processor(images=[Image.open("photo.jpg")], return_tensors="pt")\n'
+            "ids = model.generate(**inputs)  # beam 5, stops at '.'\n"
+            "print(processor.batch_decode(ids))\n```"
+        )
+    else:
+        usage = (
+            "```python\nimport modeling_clipcap  # or pass trust_remote_code=True below\n"
+            "from transformers import AutoModel, AutoTokenizer\n\n"
+            f'model = AutoModel.from_pretrained("{location}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n'
+            f"# image_embeds: (batch, {config.image_embed_dim}) float tensor from the image encoder named above\n"
+            "ids = model.generate(image_embeds=image_embeds)\n"
+            "print(tokenizer.batch_decode(ids, skip_special_tokens=True))\n```"
+        )
+    if not has_tokenizer:
+        usage += (
+            "\n\nNo tokenizer was bundled at conversion: decode with GPT-2's tokenizer "
+            "(`AutoTokenizer.from_pretrained(<a local copy of gpt2>)`)."
+        )
+    return usage
+
+
+def render_conversion_card(
+    model: Any,
+    *,
+    config_fields: Sequence[str],
+    source_file: str,
+    source_sha256: str,
+    vision_source: str,
+    text_source: str,
+    repo_id: str | None = None,
+    has_tokenizer: bool = True,
+    card_template: str | None = None,
+) -> ModelCard:
+    """The card ``clipcap convert`` writes: ``card_template`` (a preset's ``conversion_card.md`` or
+    ``README.md``; ``None``: :data:`CONVERSION_CARD_TEMPLATE`) filled with the checkpoint's provenance, the
+    model's settings and a usage snippet.
+
+    Args:
+        model: the converted ``ClipCapForConditionalGeneration`` (its config and generation config are shown).
+        config_fields: the ClipCap config fields to list in the settings table (the transformer mapper's own
+            are left out for an MLP mapper).
+        source_file, source_sha256: the original checkpoint's file name and digest.
+        vision_source, text_source: where the vision tower and the GPT-2 config / tokenizer came from.
+        repo_id: the Hub repository the usage snippet loads from (``None``: a placeholder path).
+        has_tokenizer: whether a tokenizer was saved with the model (the snippet says how to decode otherwise).
+    """
+    import transformers
+
+    from . import __version__
+
+    config = model.config
+    location = repo_id or "path/to/converted-model"
+    eos = model.generation_config.eos_token_id
+    eos_note = (
+        " and also at GPT-2's `<|endoftext|>` (which the original would have decoded past)"
+        if isinstance(eos, list) and len(eos) > 1
+        else ""
+    )
+    settings = {
+        f"`{key}`": f"`{json.dumps(getattr(config, key))}`"
+        for key in config_fields
+        if not (key in _TRANSFORMER_MAPPER_FIELDS and config.mapping_type == "mlp")
+    }
+    settings["generation `eos_token_id`"] = f"`{json.dumps(eos)}`"
+    values = {
+        "prefix_length": str(config.prefix_length),
+        "source_file": source_file,
+        "source_sha256": source_sha256,
+        "converted_on": _dt.date.today().isoformat(),
+        "package_version": __version__,
+        "transformers_version": transformers.__version__,
+        "vision_source": vision_source,
+        "text_source": text_source,
+        "settings_table": "| setting | value |\n|---|---|\n" + markdown_rows(settings),
+        "usage": _conversion_usage(config, location, has_tokenizer),
+        "eos_note": eos_note,
+        "model_id": location,
+    }
+    return fill_card(card_template if card_template is not None else CONVERSION_CARD_TEMPLATE, values)
+
+
+# The evaluation table of a card sits between these markers, so a later run replaces it.
+MODEL_CARD_START = "<!-- clipcap-evaluate:start -->"
+MODEL_CARD_END = "<!-- clipcap-evaluate:end -->"
+
+
+def update_model_card(
+    model_dir: str | os.PathLike,
+    table: str,
+    heading: str = "## Evaluation",
+    metrics: Mapping[str, Any] | None = None,
+    dataset_name: str | None = None,
+    split: str | None = None,
+) -> Path:
+    """Put ``table`` into ``model_dir/README.md`` between the evaluate markers (replacing an earlier table).
+
+    Creates the README when missing and appends an evaluation section when it has no markers. With
+    ``metrics`` and ``dataset_name``, the card's YAML metadata also gets ``model-index`` results (task
+    ``image-to-text``, one entry per computed metric, scores x100 as in the table) through
+    ``huggingface_hub.ModelCard``, so the Hub shows them; earlier results for the same dataset and split are
+    replaced, other metadata and results are kept. Returns the README path.
+    """
+    readme = Path(model_dir) / "README.md"
+    block = f"{MODEL_CARD_START}\n{table.rstrip()}\n{MODEL_CARD_END}"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if MODEL_CARD_START in text and MODEL_CARD_END in text:
+        head, rest = text.split(MODEL_CARD_START, 1)
+        _, tail = rest.split(MODEL_CARD_END, 1)
+        text = head + block + tail
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + f"{heading}\n\n{block}\n"
+    if metrics is not None and dataset_name:
+        text = _with_model_index(text, metrics, dataset_name, split, Path(model_dir).resolve().name)
+    readme.write_text(text, encoding="utf-8")
+    return readme
+
+
+def _with_model_index(
+    text: str, metrics: Mapping[str, Any], dataset_name: str, split: str | None, model_name: str
+) -> str:
+    """``text`` (a model card) with its ``model-index`` results for ``dataset_name``/``split`` replaced."""
+    card = ModelCard(text)
+    kept = [
+        result
+        for result in (card.data.eval_results or [])
+        if not (result.dataset_name == dataset_name and result.dataset_split == split)
+    ]
+    for key, label in TABLE_COLUMNS:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        kept.append(
+            EvalResult(
+                task_type="image-to-text",
+                task_name="Image Captioning",
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                dataset_split=split,
+                metric_type=key.lower(),
+                metric_name=label,
+                metric_value=round(100 * float(value), 2),
+            )
+        )
+    card.data.eval_results = kept or None
+    card.data.model_name = card.data.model_name or model_name
+    return str(card)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pushing
+# ---------------------------------------------------------------------------------------------------------
+
+# Never uploaded with a model: training checkpoints, temporary folders, tracker logs.
+PUSH_IGNORE_PATTERNS = ["checkpoints/**", "checkpoints/*", "*.tmp*", "runs/**"]
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -130,6 +320,11 @@ def push_folder(
         ignore_patterns=PUSH_IGNORE_PATTERNS,
     )
     return repo_id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model and processor to train
+# ---------------------------------------------------------------------------------------------------------
 
 
 # Keys of a saved config.json that are not ClipCap fields to pass on.
@@ -236,12 +431,17 @@ def load_training_processor(
 
 
 __all__ = [
-    "load_training_model",
-    "load_training_processor",
+    "CONVERSION_CARD_TEMPLATE",
+    "MODEL_CARD_END",
+    "MODEL_CARD_START",
     "PUSH_IGNORE_PATTERNS",
     "TRAINING_CARD_TEMPLATE",
     "fill_card",
+    "load_training_model",
+    "load_training_processor",
     "markdown_rows",
     "push_folder",
+    "render_conversion_card",
     "render_training_card",
+    "update_model_card",
 ]

@@ -455,7 +455,7 @@ def validate(
     """
     from tqdm.auto import tqdm
 
-    from .evaluation import compute_caption_metrics, exact_match_rate
+    from .caption_metrics import compute_caption_metrics, exact_match_rate
 
     python_state, numpy_state = random.getstate(), np.random.get_state()
     metrics: dict[str, Any] = {}

@@ -357,7 +357,7 @@ def test_clip_model_scores_and_reranks_captions(saved_model, real_photos, tmp_pa
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     from modeling_clipcap.captioning import load_captioner
-    from modeling_clipcap.evaluation import compute_clip_score, load_clip
+    from modeling_clipcap.clip_score import compute_clip_score, load_clip
 
     tokenizer = build_tiny_tokenizer()
     config = CLIPConfig(

@@ -365,7 +365,7 @@ def test_spice_runs_only_when_asked_for(tmp_path, tiny_model, tiny_processor, fa
     import evaluate
     from conftest import REPO_ROOT
 
-    from modeling_clipcap.evaluation import (
+    from modeling_clipcap.caption_metrics import (
         SPICE_NOT_REQUESTED,
         compute_caption_metrics,
         spice_unavailable_reason,

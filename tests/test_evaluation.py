@@ -12,7 +12,10 @@ import pytest
 import torch
 from conftest import tiny_vision_config
 
+from modeling_clipcap import caption_metrics as cm
+from modeling_clipcap import clip_score as cs
 from modeling_clipcap import evaluation as ev
+from modeling_clipcap import hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAS_JAVA = shutil.which("java") is not None
@@ -57,7 +60,7 @@ _REFERENCE_METEOR: list = []
 def _close_reference_meteor():
     yield
     while _REFERENCE_METEOR:
-        ev._close_meteor(_REFERENCE_METEOR.pop())
+        cm._close_meteor(_REFERENCE_METEOR.pop())
 
 
 def _direct_pycocoevalcap(predictions: dict, references: dict) -> tuple[dict, dict]:
@@ -87,7 +90,7 @@ def _direct_pycocoevalcap(predictions: dict, references: dict) -> tuple[dict, di
 def library_and_direct():
     if not HAS_JAVA:
         pytest.skip("needs java")
-    ours = ev.compute_caption_metrics(PREDICTIONS, REFERENCES, per_image=True)
+    ours = cm.compute_caption_metrics(PREDICTIONS, REFERENCES, per_image=True)
     direct, direct_per = _direct_pycocoevalcap(PREDICTIONS, REFERENCES)
     return ours, direct, direct_per
 
@@ -144,7 +147,7 @@ def test_identical_caption_scores_one_and_meteor_closed(library_and_direct):
 
 @needs_java
 def test_single_reference_identical_candidate_bleu4_is_one():
-    out = ev.compute_caption_metrics(
+    out = cm.compute_caption_metrics(
         {"x": "a dog runs across the green field."},
         {"x": ["A dog runs across the green field"]},
         meteor=False,
@@ -154,7 +157,7 @@ def test_single_reference_identical_candidate_bleu4_is_one():
     assert out["ROUGE_L"] == pytest.approx(1.0, abs=1e-12)
     # one image only: every n-gram has document frequency 1 = log(1) idf, so CIDEr-D is 0 by definition
     assert out["CIDEr"] == 0.0
-    wrong = ev.compute_caption_metrics(
+    wrong = cm.compute_caption_metrics(
         {"x": "a cat sleeps on a sofa"}, {"x": ["A dog runs across the green field"]}, meteor=False
     )
     assert wrong["Bleu_4"] < 1e-3
@@ -162,11 +165,11 @@ def test_single_reference_identical_candidate_bleu4_is_one():
 
 @needs_java
 def test_ptb_normalises_case_and_punctuation_and_runs_quietly(capfd):
-    plain = {k: " ".join(ev.simple_tokenize(v).split()) for k, v in PREDICTIONS.items()}
+    plain = {k: " ".join(cm.simple_tokenize(v).split()) for k, v in PREDICTIONS.items()}
     noisy = {k: v.upper().replace(" ", " , ") + " !" for k, v in plain.items()}
     capfd.readouterr()
-    a = ev.compute_caption_metrics(plain, REFERENCES, meteor=False, spice=False)
-    b = ev.compute_caption_metrics(noisy, REFERENCES, meteor=False, spice=False)
+    a = cm.compute_caption_metrics(plain, REFERENCES, meteor=False, spice=False)
+    b = cm.compute_caption_metrics(noisy, REFERENCES, meteor=False, spice=False)
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == "", f"pycocoevalcap printed: {captured}"
     for key in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"):
@@ -178,7 +181,7 @@ def test_line_breaks_inside_captions_do_not_shift_captions():
     # Java's tokenizer breaks lines on \r and \u2028: each caption must still score against its own refs
     preds = {1: "a red\rbus", 2: "a green\u2028tree", 3: "a blue car"}
     refs = {1: ["a red bus"], 2: ["a green tree"], 3: ["a blue car"]}
-    out = ev.compute_caption_metrics(preds, refs, meteor=False, spice=False, per_image=True)
+    out = cm.compute_caption_metrics(preds, refs, meteor=False, spice=False, per_image=True)
     for key in refs:
         assert out["per_image"][key]["ROUGE_L"] == pytest.approx(1.0), key
 
@@ -249,8 +252,8 @@ def test_spice_scorer_runs_through_the_configured_java_and_folder(fake_spice, mo
     folder, log = fake_spice
     preds = {"b": "a blue square", "a": "a red circle", 7: "two green circles"}
     refs = {"b": ["a green triangle"], "a": ["a red circle", "one red circle"], 7: ["two green circles"]}
-    assert ev.spice_unavailable_reason() is None
-    out = ev.compute_caption_metrics(preds, refs, meteor=False, spice=True, per_image=True)
+    assert cm.spice_unavailable_reason() is None
+    out = cm.compute_caption_metrics(preds, refs, meteor=False, spice=True, per_image=True)
     expected = {key: _word_f1(preds[key], refs[key]) for key in refs}  # lower case, no punctuation: untouched
     assert out["SPICE"] == pytest.approx(sum(expected.values()) / 3)
     assert {key: out["per_image"][key]["SPICE"] for key in refs} == pytest.approx(expected)
@@ -263,10 +266,10 @@ def test_spice_scorer_runs_through_the_configured_java_and_folder(fake_spice, mo
     assert sorted(p.name for p in folder.iterdir()) == ["cache", "lib", "spice-1.0.jar"]
 
     monkeypatch.setenv("FAKE_JAVA_FAIL", "1")
-    failed = ev.compute_caption_metrics(preds, refs, meteor=False)  # spice=None: skipped, with java's words
+    failed = cm.compute_caption_metrics(preds, refs, meteor=False)  # spice=None: skipped, with java's words
     assert "SPICE" not in failed and failed["skipped"]["SPICE"].startswith("SPICE (java) failed")
     with pytest.raises(RuntimeError, match="OutOfMemoryError"):  # spice=True: the failure is an error
-        ev.compute_caption_metrics(preds, refs, meteor=False, spice=True)
+        cm.compute_caption_metrics(preds, refs, meteor=False, spice=True)
 
 
 def test_spice_unavailable_is_reported_as_skipped_never_zero(fake_spice, monkeypatch):
@@ -274,25 +277,25 @@ def test_spice_unavailable_is_reported_as_skipped_never_zero(fake_spice, monkeyp
     skipped with that reason, an error when requested, and never scored 0. Real banners of the fake java."""
     folder, log = fake_spice
     monkeypatch.setenv("FAKE_JAVA_BANNER", 'openjdk version "17.0.15" 2025-04-15')
-    reason = ev.spice_unavailable_reason()
+    reason = cm.spice_unavailable_reason()
     assert "Java <= 11" in reason and "version 17" in reason and "CLIPCAP_SPICE_JAVA" in reason
-    out = ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog", "a puppy"]}, meteor=False)
+    out = cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog", "a puppy"]}, meteor=False)
     assert "SPICE" not in out and out["skipped"]["SPICE"].startswith("SPICE needs Java <= 11")
     with pytest.raises(RuntimeError, match="SPICE was requested but cannot run: SPICE needs Java <= 11"):
-        ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=True, meteor=False)
-    off = ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=False, meteor=False)
+        cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=True, meteor=False)
+    off = cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=False, meteor=False)
     assert "SPICE" not in off and "disabled" in off["skipped"]["SPICE"]
     assert not log.exists()  # the scorer never ran
 
     monkeypatch.setenv("FAKE_JAVA_BANNER", "Error: could not create the Java Virtual Machine.")
-    assert "could not read the version" in ev.spice_unavailable_reason()
+    assert "could not read the version" in cm.spice_unavailable_reason()
     monkeypatch.setenv("FAKE_JAVA_BANNER", 'openjdk version "1.8.0_292"')
     (folder / "lib" / "stanford-corenlp-3.6.0-models.jar").unlink()
-    reason = ev.spice_unavailable_reason()
+    reason = cm.spice_unavailable_reason()
     assert "lib/stanford-corenlp-3.6.0-models.jar" in reason and "CLIPCAP_SPICE_DIR" in reason
     monkeypatch.delenv("CLIPCAP_SPICE_JAVA")
     monkeypatch.setenv("PATH", str(folder))  # no java anywhere
-    assert "java is not installed" in ev.spice_unavailable_reason()
+    assert "java is not installed" in cm.spice_unavailable_reason()
 
 
 @pytest.mark.parametrize(
@@ -307,7 +310,7 @@ def test_spice_unavailable_is_reported_as_skipped_never_zero(fake_spice, monkeyp
     ],
 )
 def test_parse_java_version(banner, major):
-    assert ev.parse_java_version(banner) == major
+    assert cm.parse_java_version(banner) == major
 
 
 @needs_java
@@ -317,7 +320,7 @@ def test_spice_on_this_machine_is_computed_or_skipped_with_reason():
     import re
     import subprocess
 
-    out = ev.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, meteor=False)
+    out = cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, meteor=False)
     banner = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
     version = re.search(r'version "(?:1\.)?(\d+)', banner)
     assert version is not None, banner
@@ -334,14 +337,14 @@ def test_without_java_falls_back_to_simple_tokenizer(monkeypatch):
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    monkeypatch.setattr(ev.shutil, "which", lambda name, *a, **k: None)
-    out = ev.compute_caption_metrics(PREDICTIONS, REFERENCES)
+    monkeypatch.setattr(cm.shutil, "which", lambda name, *a, **k: None)
+    out = cm.compute_caption_metrics(PREDICTIONS, REFERENCES)
     assert out["tokenizer"] == "simple"
     assert "METEOR" not in out and "java" in out["skipped"]["METEOR"]
     assert "SPICE" not in out and "java" in out["skipped"]["SPICE"]
     assert "PTB tokenizer" in out["skipped"]
-    gts = {k: [ev.simple_tokenize(r) for r in refs] for k, refs in REFERENCES.items()}
-    res = {k: [ev.simple_tokenize(PREDICTIONS[k])] for k in REFERENCES}
+    gts = {k: [cm.simple_tokenize(r) for r in refs] for k, refs in REFERENCES.items()}
+    res = {k: [cm.simple_tokenize(PREDICTIONS[k])] for k in REFERENCES}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     assert out["Bleu_4"] == pytest.approx(bleu[3], abs=1e-12)
     assert out["ROUGE_L"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
@@ -349,20 +352,20 @@ def test_without_java_falls_back_to_simple_tokenizer(monkeypatch):
 
 
 def test_simple_tokenize_known_answers():
-    assert ev.simple_tokenize("A Man, riding a HORSE!") == "a man riding a horse"
-    assert ev.simple_tokenize("  Two  dogs... (playing)  ") == "two dogs playing"
-    assert ev.simple_tokenize("") == ""
+    assert cm.simple_tokenize("A Man, riding a HORSE!") == "a man riding a horse"
+    assert cm.simple_tokenize("  Two  dogs... (playing)  ") == "two dogs playing"
+    assert cm.simple_tokenize("") == ""
 
 
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="same image ids"):
-        ev.compute_caption_metrics({1: "a", 2: "b"}, {1: ["a"]})
+        cm.compute_caption_metrics({1: "a", 2: "b"}, {1: ["a"]})
     with pytest.raises(TypeError, match="image 1"):
-        ev.compute_caption_metrics({1: ["a"]}, {1: ["a"]})
+        cm.compute_caption_metrics({1: ["a"]}, {1: ["a"]})
     with pytest.raises(ValueError, match="non-empty list"):
-        ev.compute_caption_metrics({1: "a"}, {1: []})
+        cm.compute_caption_metrics({1: "a"}, {1: []})
     with pytest.raises(ValueError, match="empty"):
-        ev.compute_caption_metrics({}, {})
+        cm.compute_caption_metrics({}, {})
 
 
 # --------------------------------------------------------------------------- CLIPScore on embeddings
@@ -374,15 +377,15 @@ def test_clip_score_known_answers_on_hand_made_embeddings():
     caption = torch.tensor(
         [[1.0, 0.0, 0.0], [math.cos(theta), math.sin(theta), 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, -1.0]]
     )
-    got = ev.clip_score_from_embeddings(image, caption)
+    got = cs.clip_score_from_embeddings(image, caption)
     expected = torch.tensor(
         [2.5, 2.5 * math.cos(theta), 2.5, 0.0]
     )  # identical -> 2.5*cos = 2.5; negative -> 0
     torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(ev.clip_score_from_embeddings(image, caption, w=1.0), expected / 2.5)
+    torch.testing.assert_close(cs.clip_score_from_embeddings(image, caption, w=1.0), expected / 2.5)
     # identical random embeddings: 2.5 * cos(x, x) = 2.5
     x = torch.randn(6, 16)
-    torch.testing.assert_close(ev.clip_score_from_embeddings(x, x.clone()), torch.full((6,), 2.5))
+    torch.testing.assert_close(cs.clip_score_from_embeddings(x, x.clone()), torch.full((6,), 2.5))
 
 
 def test_ref_clip_score_is_harmonic_mean_with_clipped_max_reference_cosine():
@@ -395,12 +398,12 @@ def test_ref_clip_score_is_harmonic_mean_with_clipped_max_reference_cosine():
     ]
     clip_s = 2.5 * 0.6
     expected = torch.tensor([2 * clip_s * 0.8 / (clip_s + 0.8), 0.0, 0.0])
-    torch.testing.assert_close(ev.max_reference_similarity(caption, refs), torch.tensor([0.8, 0.0, 0.0]))
-    torch.testing.assert_close(ev.ref_clip_score_from_embeddings(image, caption, refs), expected)
+    torch.testing.assert_close(cs.max_reference_similarity(caption, refs), torch.tensor([0.8, 0.0, 0.0]))
+    torch.testing.assert_close(cs.ref_clip_score_from_embeddings(image, caption, refs), expected)
     with pytest.raises(ValueError, match="one reference tensor per caption"):
-        ev.ref_clip_score_from_embeddings(image, caption, refs[:2])
+        cs.ref_clip_score_from_embeddings(image, caption, refs[:2])
     with pytest.raises(ValueError, match=r"\(N, D\)"):
-        ev.clip_score_from_embeddings(image, caption[:2])
+        cs.clip_score_from_embeddings(image, caption[:2])
 
 
 # --------------------------------------------------------------------------- CLIPScore with a tiny CLIPModel
@@ -496,7 +499,7 @@ def _unbatched_clip_scores(model, processor, images, captions, references):
 def test_clip_score_batched_matches_unbatched_with_tiny_clip():
     model, processor = _tiny_clip()
     images = _images(len(CLIP_CAPTIONS))
-    out = ev.compute_clip_score(
+    out = cs.compute_clip_score(
         model, processor, images, CLIP_CAPTIONS, CLIP_REFS, batch_size=2, per_image=True
     )
     clip_s, ref_s = _unbatched_clip_scores(model, processor, images, CLIP_CAPTIONS, CLIP_REFS)
@@ -507,12 +510,12 @@ def test_clip_score_batched_matches_unbatched_with_tiny_clip():
     assert out["RefCLIP-S"] == pytest.approx(sum(ref_s) / 5, abs=1e-5)
     # the scores depend on the caption: a random tower gives different scores to different captions
     assert len({round(s, 6) for s in out["CLIP-S_per_image"]}) > 1 or len({round(s, 6) for s in ref_s}) > 1
-    without_refs = ev.compute_clip_score(model, processor, images, CLIP_CAPTIONS, batch_size=3)
+    without_refs = cs.compute_clip_score(model, processor, images, CLIP_CAPTIONS, batch_size=3)
     assert "RefCLIP-S" not in without_refs and without_refs["CLIP-S"] == pytest.approx(
         out["CLIP-S"], abs=1e-6
     )
     with pytest.raises(ValueError, match="one caption per image"):
-        ev.compute_clip_score(model, processor, images[:2], CLIP_CAPTIONS)
+        cs.compute_clip_score(model, processor, images[:2], CLIP_CAPTIONS)
 
 
 def test_clip_score_from_local_path_and_image_files(tmp_path):
@@ -522,15 +525,15 @@ def test_clip_score_from_local_path_and_image_files(tmp_path):
     for i, img in enumerate(images):
         paths.append(tmp_path / f"img{i}.png")
         img.save(paths[-1])
-    loaded_model, loaded_processor = ev.load_clip(tmp_path / "clip")
-    from_files = ev.compute_clip_score(
+    loaded_model, loaded_processor = cs.load_clip(tmp_path / "clip")
+    from_files = cs.compute_clip_score(
         loaded_model, loaded_processor, paths, CLIP_CAPTIONS[:3], CLIP_REFS[:3]
     )
-    in_memory = ev.compute_clip_score(model, processor, images, CLIP_CAPTIONS[:3], CLIP_REFS[:3])
+    in_memory = cs.compute_clip_score(model, processor, images, CLIP_CAPTIONS[:3], CLIP_REFS[:3])
     assert from_files["CLIP-S"] == pytest.approx(in_memory["CLIP-S"], abs=1e-6)
     assert from_files["RefCLIP-S"] == pytest.approx(in_memory["RefCLIP-S"], abs=1e-6)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ev.load_clip(tmp_path / "missing")
+        cs.load_clip(tmp_path / "missing")
 
 
 # --------------------------------------------------------------------------- evaluate modules, offline
@@ -548,7 +551,7 @@ def test_evaluate_load_coco_caption_offline_gives_library_numbers(monkeypatch):
         image_ids=ids,
         meteor=False,
     )
-    expected = ev.compute_caption_metrics(PREDICTIONS, REFERENCES, meteor=False)
+    expected = cm.compute_caption_metrics(PREDICTIONS, REFERENCES, meteor=False)
     assert got == expected
     single = metric.compute(
         predictions=["a man riding a horse"], references=["A man riding a horse."], meteor=False
@@ -564,7 +567,7 @@ def test_evaluate_load_clipscore_offline_gives_library_numbers(tmp_path, monkeyp
     images = _images(4)
     metric = evaluate.load(str(REPO_ROOT / "metrics" / "clipscore"), clip_model=str(tmp_path / "clip"))
     got = metric.compute(predictions=CLIP_CAPTIONS[:4], references=CLIP_REFS[:4], images=images, batch_size=3)
-    expected = ev.compute_clip_score(model, processor, images, CLIP_CAPTIONS[:4], CLIP_REFS[:4])
+    expected = cs.compute_clip_score(model, processor, images, CLIP_CAPTIONS[:4], CLIP_REFS[:4])
     assert got.keys() == expected.keys()
     for key in ("CLIP-S", "RefCLIP-S"):
         assert got[key] == pytest.approx(expected[key], abs=1e-6)
@@ -681,7 +684,7 @@ def test_clipcap_evaluate_command_writes_consistent_outputs_equal_to_pycocoevalc
 
     card = (saved_tiny_model / "README.md").read_text()
     body = ModelCard(card).text
-    assert body.startswith("# tiny model") and ev.MODEL_CARD_START in body and row in body
+    assert body.startswith("# tiny model") and hub.MODEL_CARD_START in body and row in body
     # ... and model-index metadata with the same numbers (x100, 2 decimals) for this dataset and split
     results = ModelCard(card).data.eval_results
     by_metric = {r.metric_type: r for r in results}
@@ -693,7 +696,7 @@ def test_clipcap_evaluate_command_writes_consistent_outputs_equal_to_pycocoevalc
     assert "meteor" in by_metric
     assert main(argv + ["--update_model_card", "--no_progress", "--no_meteor"]) == 0
     card2 = (saved_tiny_model / "README.md").read_text()
-    assert card2.count(ev.MODEL_CARD_START) == 1 and "METEOR skipped" in card2
+    assert card2.count(hub.MODEL_CARD_START) == 1 and "METEOR skipped" in card2
     results2 = ModelCard(card2).data.eval_results
     assert len(results2) == len(results) - 1 and "meteor" not in {r.metric_type for r in results2}
 
@@ -790,8 +793,8 @@ def test_java_version_reads_the_banner_of_the_java_on_path(tmp_path, monkeypatch
     fake.write_text(f"#!/bin/sh\n{lines}")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert ev.java_version() == major
-    reason = ev.spice_unavailable_reason()
+    assert cm.java_version() == major
+    reason = cm.spice_unavailable_reason()
     if major == 0:
         assert "could not read the version" in reason
     elif major > 11:

@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modeling_clipcap.caption_metrics import exact_match_text
 from modeling_clipcap.cli import add_bool_argument, add_renamed_argument
-from modeling_clipcap.evaluation import exact_match_text
 from modeling_clipcap.presets import find_preset, read_preset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

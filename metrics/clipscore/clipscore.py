@@ -1,6 +1,6 @@
 """`evaluate` module: CLIPScore and RefCLIPScore (Hessel et al., 2021) with a local CLIP model.
 
-A thin wrapper over :func:`modeling_clipcap.evaluation.compute_clip_score`; load it offline
+A thin wrapper over :func:`modeling_clipcap.clip_score.compute_clip_score`; load it offline
 from this folder::
 
     import evaluate
@@ -15,7 +15,7 @@ from typing import Any
 import datasets
 import evaluate
 
-from modeling_clipcap.evaluation import CLIPSCORE_PROMPT, CLIPSCORE_W, compute_clip_score, load_clip
+from modeling_clipcap.clip_score import CLIPSCORE_PROMPT, CLIPSCORE_W, compute_clip_score, load_clip
 
 _DESCRIPTION = """\
 CLIPScore is a reference-free caption metric: CLIP-S(c, v) = w * max(cos(E_image(v), E_text(c)), 0)

@@ -1,6 +1,6 @@
 """`evaluate` module: COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; SPICE when asked) via pycocoevalcap.
 
-A thin wrapper over :func:`modeling_clipcap.evaluation.compute_caption_metrics`; load it
+A thin wrapper over :func:`modeling_clipcap.caption_metrics.compute_caption_metrics`; load it
 offline from this folder::
 
     import evaluate
@@ -13,7 +13,7 @@ from __future__ import annotations
 import datasets
 import evaluate
 
-from modeling_clipcap.evaluation import compute_caption_metrics
+from modeling_clipcap.caption_metrics import compute_caption_metrics
 
 _DESCRIPTION = """\
 The COCO caption evaluation protocol: captions and references are tokenized with the
