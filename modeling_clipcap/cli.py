@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("modeling_clipcap.convert_original", "convert an original ClipCap checkpoint to this format"),
     "evaluate": (
         "modeling_clipcap.evaluation",
-        "caption a dataset and score it (BLEU, METEOR, ROUGE-L, CIDEr, SPICE)",
+        "caption a dataset and score it (BLEU, METEOR, ROUGE-L, CIDEr; SPICE on request)",
     ),
     "embed": (
         "modeling_clipcap.embed",

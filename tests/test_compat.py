@@ -32,9 +32,9 @@ def test_supported_transformers_passes(version):
 def test_the_gate_is_the_range_pyproject_declares(version):
     """compat's range and pyproject.toml's transformers requirement are one range: the gate accepts exactly the
     releases pip may install (checked on both sides of each bound)."""
+    import tomllib
     from pathlib import Path
 
-    import tomllib
     from packaging.requirements import Requirement
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
