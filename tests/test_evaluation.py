@@ -266,7 +266,7 @@ def test_spice_scorer_runs_through_the_configured_java_and_folder(fake_spice, mo
     assert sorted(p.name for p in folder.iterdir()) == ["cache", "lib", "spice-1.0.jar"]
 
     monkeypatch.setenv("FAKE_JAVA_FAIL", "1")
-    failed = cm.compute_caption_metrics(preds, refs, meteor=False)  # spice=None: skipped, with java's words
+    failed = cm.compute_caption_metrics(preds, refs, meteor=False, spice=None)  # auto: skipped, with java's words
     assert "SPICE" not in failed and failed["skipped"]["SPICE"].startswith("SPICE (java) failed")
     with pytest.raises(RuntimeError, match="OutOfMemoryError"):  # spice=True: the failure is an error
         cm.compute_caption_metrics(preds, refs, meteor=False, spice=True)
@@ -279,12 +279,12 @@ def test_spice_unavailable_is_reported_as_skipped_never_zero(fake_spice, monkeyp
     monkeypatch.setenv("FAKE_JAVA_BANNER", 'openjdk version "17.0.15" 2025-04-15')
     reason = cm.spice_unavailable_reason()
     assert "Java <= 11" in reason and "version 17" in reason and "CLIPCAP_SPICE_JAVA" in reason
-    out = cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog", "a puppy"]}, meteor=False)
+    out = cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog", "a puppy"]}, meteor=False, spice=None)
     assert "SPICE" not in out and out["skipped"]["SPICE"].startswith("SPICE needs Java <= 11")
     with pytest.raises(RuntimeError, match="SPICE was requested but cannot run: SPICE needs Java <= 11"):
         cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=True, meteor=False)
     off = cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, spice=False, meteor=False)
-    assert "SPICE" not in off and "disabled" in off["skipped"]["SPICE"]
+    assert "SPICE" not in off and off["skipped"]["SPICE"] == cm.SPICE_NOT_REQUESTED
     assert not log.exists()  # the scorer never ran
 
     monkeypatch.setenv("FAKE_JAVA_BANNER", "Error: could not create the Java Virtual Machine.")
@@ -320,7 +320,7 @@ def test_spice_on_this_machine_is_computed_or_skipped_with_reason():
     import re
     import subprocess
 
-    out = cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, meteor=False)
+    out = cm.compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, meteor=False, spice=None)
     banner = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
     version = re.search(r'version "(?:1\.)?(\d+)', banner)
     assert version is not None, banner
@@ -338,7 +338,7 @@ def test_without_java_falls_back_to_simple_tokenizer(monkeypatch):
     from pycocoevalcap.rouge.rouge import Rouge
 
     monkeypatch.setattr(cm.shutil, "which", lambda name, *a, **k: None)
-    out = cm.compute_caption_metrics(PREDICTIONS, REFERENCES)
+    out = cm.compute_caption_metrics(PREDICTIONS, REFERENCES, spice=None)
     assert out["tokenizer"] == "simple"
     assert "METEOR" not in out and "java" in out["skipped"]["METEOR"]
     assert "SPICE" not in out and "java" in out["skipped"]["SPICE"]
