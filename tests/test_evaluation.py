@@ -266,7 +266,9 @@ def test_spice_scorer_runs_through_the_configured_java_and_folder(fake_spice, mo
     assert sorted(p.name for p in folder.iterdir()) == ["cache", "lib", "spice-1.0.jar"]
 
     monkeypatch.setenv("FAKE_JAVA_FAIL", "1")
-    failed = cm.compute_caption_metrics(preds, refs, meteor=False, spice=None)  # auto: skipped, with java's words
+    failed = cm.compute_caption_metrics(
+        preds, refs, meteor=False, spice=None
+    )  # auto: skipped, with java's words
     assert "SPICE" not in failed and failed["skipped"]["SPICE"].startswith("SPICE (java) failed")
     with pytest.raises(RuntimeError, match="OutOfMemoryError"):  # spice=True: the failure is an error
         cm.compute_caption_metrics(preds, refs, meteor=False, spice=True)
