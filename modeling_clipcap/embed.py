@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .image_io import BAD_IMAGE_POLICIES
 from .shards import (
     embedding_table,
     expand_shards,
@@ -190,7 +191,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", required=True, help="Where <shard>.parquet files are written.")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per tower call.")
     parser.add_argument("--num_workers", type=int, default=0, help="Image decoding workers per process.")
-    parser.add_argument("--on_bad_image", choices=["skip", "fail", "error"], default="skip")
+    parser.add_argument("--on_bad_image", choices=BAD_IMAGE_POLICIES, default="skip")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     add_bool_argument(parser, "patch_tokens", help="Also store the tower's token features (a second pass)")
     add_bool_argument(
@@ -225,7 +226,7 @@ def cli_main(args: argparse.Namespace) -> int:
             args.output_dir,
             batch_size=args.batch_size,
             patch_tokens=args.patch_tokens,
-            on_bad_image="fail" if args.on_bad_image == "error" else args.on_bad_image,
+            on_bad_image=args.on_bad_image,
             num_workers=args.num_workers,
             dtype=getattr(torch, args.dtype),
             device=state.device,
