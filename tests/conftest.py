@@ -117,7 +117,7 @@ def _photo_sources() -> tuple[Path, Path]:
 def real_photos(tmp_path_factory) -> list[Path]:
     """Six real photographs as JPEG files (:data:`REAL_PHOTOS`): two as their publishers encoded them, four
     re-encoded here from real photos to cover EXIF orientation, greyscale, CMYK and an odd size. No file
-    outside the installed packages is needed (a user's clone has no ``../shared``)."""
+    outside the repository and its installed packages is read."""
     from PIL import Image
 
     matplotlib_data, skimage_data = _photo_sources()
