@@ -1,4 +1,4 @@
-"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate | embed | env | app``.
+"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate | embed | env | app | merge``.
 
 Each sub-command lives in the module that owns its concern and exposes two
 functions:
@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "env": ("modeling_clipcap.environment", "print versions and hardware to paste into a bug report"),
     "app": ("modeling_clipcap.app", "open a captioning web page and API (Gradio; needs the app extra)"),
+    "merge": (
+        "modeling_clipcap.adapters",
+        "fold a PEFT adapter folder into its base ClipCap model (needs peft)",
+    ),
 }
 
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,16 @@ from transformers import GenerationConfig, get_scheduler
 
 import modeling_clipcap  # noqa: F401  (registers the Auto classes)
 from modeling_clipcap import ClipCapForConditionalGeneration
+from modeling_clipcap.adapters import (
+    ADAPTER_ARGUMENTS,
+    ADAPTER_DIR,
+    add_adapters,
+    build_adapter_config,
+    enable_activation_checkpointing,
+    is_public_hub_model,
+    merge_adapters,
+    save_adapter,
+)
 from modeling_clipcap.checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
 from modeling_clipcap.cli import add_bool_argument
 from modeling_clipcap.hub import (
@@ -108,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
         g, "freeze_vision", default=None, help="false: train the tower from pixels (default: preset's)."
     )
 
+    g = p.add_argument_group("adapters (PEFT) and memory (docs/training.md)")
+    g.add_argument(
+        "--lora_r", type=int, help="Train LoRA adapters of rank R in the language model (needs peft)."
+    )
+    g.add_argument("--lora_alpha", type=float, help="LoRA scale numerator (default: 2 * lora_r).")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA adapters' input.")
+    g.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        help="Language-model layer names (default: peft's for the family).",
+    )
+    g.add_argument("--peft_config", help="A peft adapter config JSON (IA3, LoHa, ...) instead of --lora_r.")
+    add_bool_argument(g, "gradient_checkpointing", help="Recompute activations in backward (less memory).")
+
     g = p.add_argument_group("data")
     g.add_argument("--train_file", help="Karpathy JSON, metadata JSONL/CSV, or a folder.")
     g.add_argument("--validation_file")
@@ -165,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_model_id")
     g.add_argument("--hub_token")
     add_bool_argument(g, "hub_private_repo", help="Create the Hub repository private.")
+    add_bool_argument(
+        g, "push_merged_model", help="With adapters: push the merged model, not the adapter alone."
+    )
     return p
 
 
@@ -279,14 +307,25 @@ def optimizer_step(
 
 
 def save_outputs(
-    args: argparse.Namespace, accelerator: Accelerator, model: Any, processor: Any, summary: dict[str, Any]
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: Any,
+    processor: Any,
+    summary: dict[str, Any],
+    peft_model: Any = None,
 ) -> None:
     """The final model folder (when training finished), the skipped-image list and ``train_results.json``;
-    then ``--push_to_hub``."""
+    then ``--push_to_hub``. With adapters (``peft_model``): their PEFT folder ``adapter/``, then the model folder
+    with the adapters merged into the weights."""
     output_dir = Path(args.output_dir)
     finished = not summary["stopped_early"]
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    if finished and peft_model is not None:
+        if accelerator.is_main_process:
+            save_adapter(peft_model, output_dir / ADAPTER_DIR, args.model_name_or_path)
+        accelerator.wait_for_everyone()
+        unwrapped = merge_adapters(peft_model)
     if finished:
         unwrapped.save_pretrained(
             output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
@@ -312,8 +351,17 @@ def save_outputs(
         (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2, default=str))
     accelerator.wait_for_everyone()
     if args.push_to_hub and finished and accelerator.is_main_process:
+        folder = output_dir
+        if peft_model is not None and not args.push_merged_model:
+            if is_public_hub_model(args.model_name_or_path, args.hub_token):
+                folder = output_dir / ADAPTER_DIR  # the adapter alone: users load the public base + it
+            else:
+                accelerator.print(
+                    f"The base model ({args.model_name_or_path or 'built from parts'}) is not a public Hub "
+                    "model: pushing the merged model, not the adapter alone."
+                )
         summary["hub_repo_id"] = push_folder(
-            output_dir,
+            folder,
             args.hub_model_id,
             token=args.hub_token,
             private=args.hub_private_repo,
@@ -351,6 +399,15 @@ def save_training_checkpoint(
     total = captions_per_step(args, accelerator)
     launch = dict(num_processes=accelerator.num_processes, total_batch_size=total)
     save_checkpoint(accelerator, args.output_dir, name, position | launch, args.checkpoints_total_limit)
+
+
+def adapter_summary(config: Any) -> dict[str, Any]:
+    """The adapter settings recorded in ``train_results.json``."""
+    record = config.to_dict()
+    keep = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
+    values = {k: record[k] for k in keep if k in record}
+    values["peft_type"] = getattr(values["peft_type"], "value", values["peft_type"])  # an Enum of str
+    return values | {"modules_to_save": sorted(values.get("modules_to_save") or [])}
 
 
 def captions_per_step(args: argparse.Namespace, accelerator: Accelerator) -> int:
@@ -414,6 +471,7 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
             f"(e.g. the DeepSpeed config) uses {accelerator.gradient_accumulation_steps}; make them equal."
         )
     logger.info(accelerator.state, main_process_only=False)
+    check_fsdp_requested(accelerator)
     set_seed(args.seed)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -423,6 +481,19 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("clipcap", tracker_config)
     return accelerator
+
+
+def check_fsdp_requested(accelerator: Accelerator) -> None:
+    """Refuse a launch that asked for FSDP (``accelerate launch --use_fsdp`` or an FSDP config) when Accelerate
+    did not turn it on: it enables FSDP only for GPU-like devices, so CPU processes would silently train with
+    plain DDP, every process holding the whole model."""
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    if requested and accelerator.distributed_type != "FSDP":
+        raise ValueError(
+            f"FSDP was requested (--use_fsdp) but Accelerate runs {accelerator.distributed_type.value}: it enables "
+            "FSDP on GPUs (and other accelerators) only, never on CPU processes. Launch on GPUs, or drop --use_fsdp "
+            "to train with DDP (docs/training.md, sharded training)."
+        )
 
 
 def make_summary(
@@ -499,8 +570,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = setup_accelerator(args)
     output_dir = Path(args.output_dir)
 
-    # Model and data
+    # Model (with adapters) and data
     model, processor = build_model_and_processor(args)
+    adapter_config = build_adapter_config(model, **{k: getattr(args, k) for k in ADAPTER_ARGUMENTS})
+    peft_model = add_adapters(model, adapter_config) if adapter_config is not None else None
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     data = build_datasets(
         accelerator,
         model,
@@ -617,7 +692,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     summary["hyperparameters"]["max_train_steps"] = max_train_steps
     summary["train_seconds"] = round(time.time() - start, 1)
-    save_outputs(args, accelerator, model, processor, summary)
+    if peft_model is not None:
+        summary["adapter"] = adapter_summary(adapter_config)
+    # read from the model: whether its layers really recompute activations (--gradient_checkpointing)
+    summary["activation_checkpointing"] = any(
+        getattr(m, "gradient_checkpointing", False) for m in model.modules()
+    )
+    save_outputs(args, accelerator, model, processor, summary, peft_model)
     accelerator.end_training()
     if accelerator.is_main_process:
         print_summary(accelerator, summary, output_dir)
