@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,27 +44,30 @@ def variant_flags(name: str) -> list[str]:
 
 
 def run_variant(
-    name: str, demo_dir: Path, out: Path, cfg: dict[str, Any], env: dict[str, str]
+    name: str, demo_dir: Path, out: Path, cfg: dict[str, Any], env: dict[str, str], reuse: bool = False
 ) -> dict[str, Any]:
-    model_dir = out / name
+    """Train and evaluate one variant under ``out/<name>``; ``reuse``: keep a finished run's model and scores."""
+    model_dir, eval_root = out / name, out / f"{name}-evaluate"
     cmd = demo.train_command(demo_dir / "data", model_dir, demo_dir / "embedding_cache", cfg)
     cmd += ["--config", str(demo.PRESET), "--vision_model_name_or_path", str(demo_dir / "clip")]
-    cmd += [
-        "--text_model_name_or_path",
-        str(demo_dir / "gpt2"),
-        "--tokenizer_name",
-        str(demo_dir / "tokenizer"),
-    ]
-    t0 = time.time()
-    demo.run(cmd + variant_flags(name), env)
-    train_seconds = time.time() - t0
-    splits, _ = demo.evaluate_splits(model_dir, demo_dir / "data", out / f"{name}-evaluate", cfg, False, env)
+    cmd += ["--text_model_name_or_path", str(demo_dir / "gpt2")]
+    cmd += ["--tokenizer_name", str(demo_dir / "tokenizer")]
+    if not (reuse and (model_dir / "train_results.json").is_file()):
+        demo.run(cmd + variant_flags(name), env)
+    scored = all((eval_root / split / "metrics.json").is_file() for split in ("test", "test_novel"))
+    run = demo.run
+    if reuse and scored:
+        demo.run = lambda *a, **k: None  # the scores on disk are this model's: read them, do not recompute
+    try:
+        splits, _ = demo.evaluate_splits(model_dir, demo_dir / "data", eval_root, cfg, False, env)
+    finally:
+        demo.run = run
     results = json.loads((model_dir / "train_results.json").read_text())
     return {
         "variant": name,
         "flags": variant_flags(name),
         "trainable_parameters": results["trainable_parameters"],
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": results["train_seconds"],
         "final_train_loss": results["final_train_loss"],
         "splits": splits,
     }
@@ -97,9 +99,9 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         test, novel = row["splits"]["test"], row["splits"]["test_novel"]
         em = test["exact_match"]
         lines.append(
-            f"| {row['variant']} | {row['trainable_parameters']:,} | {test['metrics']['CIDEr']:.2f} | "
+            f"| {row['variant']} | {row['trainable_parameters']:,} | {test['metrics']['CIDEr']:.3f} | "
             f"{em['all']['rate']:.3f} ({em['1']['rate']:.3f} / {em['2']['rate']:.3f}) | "
-            f"{novel['metrics']['CIDEr']:.2f} | {novel['exact_match']['all']['rate']:.3f} | {row['train_seconds']} |"
+            f"{novel['metrics']['CIDEr']:.3f} | {novel['exact_match']['all']['rate']:.3f} | {row['train_seconds']} |"
         )
     return "\n".join(lines)
 
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_steps", type=int, help="Default: the demo's.")
     p.add_argument("--threads", type=int, default=1)
     add_bool_argument(p, "reuse_full", help="Take the full fine-tuning row from the demo's report.")
+    add_bool_argument(p, "reuse_runs", help="Keep finished variants under --output_dir (model and scores).")
     p.add_argument("--results", default=str(BENCH_DIR / "results" / "adapter_quality.json"))
     args = p.parse_args(argv)
 
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "full" and args.reuse_full:
             rows.append(from_demo_report(demo_dir))
         else:
-            rows.append(run_variant(name, demo_dir, out, cfg, env))
+            rows.append(run_variant(name, demo_dir, out, cfg, env, args.reuse_runs))
         print(render_table(rows), flush=True)
     record = {"settings": cfg, "demo_dir": str(demo_dir), "threads": args.threads, "rows": rows}
     Path(args.results).write_text(json.dumps(record, indent=2) + "\n")
