@@ -13,8 +13,10 @@ Qwen2.5-0.5B's architecture (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4
 tied embeddings: 494M parameters), ``gpt2`` GPT-2 small (124M). The ClipCap model around them takes cached
 image embeddings (512-d, the CLIP ViT-B/32 width) through the paper's MLP mapper (K=10), as train.py does with
 a frozen tower. Every step is what train.py does: forward with the loss on the caption tokens only, backward,
-AdamW over the trainable parameters (``training_utils.optimizer_parameter_groups``), under bf16 autocast
-(Accelerate's ``--mixed_precision bf16``; fp32 master weights). LoRA is ``modeling_clipcap.adapters`` (rank 16,
+AdamW over the trainable parameters (``training_utils.optimizer_parameter_groups``), in fp32 or, with
+``--precision bf16``, under bf16 autocast (Accelerate's ``--mixed_precision bf16``; fp32 master weights). On a
+CPU without native bf16 units (docs/performance.md: AVX2 only) bf16 matmuls are emulated about 100x slower, so
+the default is fp32 there. LoRA is ``modeling_clipcap.adapters`` (rank 16,
 every linear layer of the LM), checkpointing ``adapters.enable_activation_checkpointing``.
 
 Each configuration runs in a fresh subprocess; its peak memory is the kernel's peak resident set size of that
@@ -94,7 +96,7 @@ def build(lm: str, mode: str, checkpointing: bool) -> Any:
 
 
 def worker(
-    lm: str, mode: str, checkpointing: bool, batch: int, tokens: int, steps: int, threads: int
+    lm: str, mode: str, checkpointing: bool, batch: int, tokens: int, steps: int, threads: int, precision: str
 ) -> dict:
     """One configuration in this (fresh) process: build, train ``steps`` steps, report memory and time."""
     import torch
@@ -113,7 +115,7 @@ def worker(
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(
                 image_embeds=image_embeds, input_ids=input_ids, labels=input_ids, logits_to_keep=1
             ).loss
@@ -141,7 +143,7 @@ def worker(
 def run_configuration(lm: str, mode: str, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", json.dumps([lm, mode, checkpointing])]
     cmd += ["--batch", str(args.batch), "--tokens", str(args.tokens), "--steps", str(args.steps)]
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads), "--precision", args.precision]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -181,13 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="Caption tokens per caption (+ K=10 prefix).")
     p.add_argument("--steps", type=int, default=3, help="Steps per configuration (the first is a warm-up).")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights."
+    )
     p.add_argument("--quick", action="store_true", help="GPT-2 only, 2 steps.")
     p.add_argument("--output", default=str(BENCH_DIR / "results" / "training_memory.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         lm, mode, checkpointing = json.loads(args.worker)
-        print(json.dumps(worker(lm, mode, checkpointing, args.batch, args.tokens, args.steps, args.threads)))
+        row = worker(
+            lm, mode, checkpointing, args.batch, args.tokens, args.steps, args.threads, args.precision
+        )
+        print(json.dumps(row))
         return 0
     if args.quick:
         args.language_models, args.steps = ["gpt2"], 2
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(render_table(rows[-1:]).splitlines()[-1], flush=True)
     record = {
         "settings": {k: getattr(args, k) for k in ("batch", "tokens", "steps", "threads")}
-        | {"lora_rank": LORA_RANK, "precision": "bf16 autocast, fp32 weights"},
+        | {"lora_rank": LORA_RANK, "precision": args.precision},
         "machine": cpu_info(),
         "seconds": round(time.time() - start, 1),
         "rows": rows,
