@@ -189,26 +189,40 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, names: dict[str, A
         program.save(str(path))
 
 
-def _export_graphs(model: nn.Module, out: Path, layout: dict[str, int], quiet: bool) -> dict[str, dict]:
+def _example_image(vision_config: Any, processor: Any) -> tuple[int, tuple[int, int], bool]:
+    """(channels, (H, W), square) of the example image the graph is traced with: the size the processor makes
+    (else the config's ``image_size``, else 224); ``square``: the tower takes one fixed size (ViT-like), else
+    (CNNs) height and width stay dynamic axes of the graph."""
+    from .towers import vision_family
+
+    crop = getattr(getattr(processor, "image_processor", None), "crop_size", None) or {}
+    side = getattr(vision_config, "image_size", None) or 224
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    size = (crop.get("height", side), crop.get("width", side))
+    square = vision_family(vision_config).pixels == "square"
+    if square:
+        size = (side, side)
+    return getattr(vision_config, "num_channels", 3), size, square
+
+
+def _export_graphs(
+    model: nn.Module, processor: Any, out: Path, layout: dict[str, int], quiet: bool
+) -> dict[str, dict]:
     """Write the three fp32 graphs; returns their manifest entries (without hashes)."""
-    config = model.config
-    vision = config.vision_config
-    size = getattr(vision, "image_size", 224)
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    channels = getattr(vision, "num_channels", 3)
+    channels, size, square = _example_image(model.config.vision_config, processor)
     embed_dim = model.get_input_embeddings().weight.shape[1]
     batch, seq, past_len = 2, 3, 4  # distinct sizes, so the exporter keeps the axes apart
     entries: dict[str, dict] = {}
 
     pixel_values = torch.randn(batch, channels, *size)
+    pixel_axes = {0: "batch"} if square else {0: "batch", 2: "height", 3: "width"}
     names = {
         "inputs": ["pixel_values"],
         "outputs": ["prefix_embeds"],
-        "dynamic_shapes": {"pixel_values": {0: "batch"}},
+        "dynamic_shapes": {"pixel_values": pixel_axes},
     }
     _torch_export(_ImageEncoder(model), (pixel_values,), out / GRAPHS["image_encoder"], names, quiet)
-    entries["image_encoder"] = {**names, "pixel_shape": [channels, *size]}
-    del entries["image_encoder"]["dynamic_shapes"]
+    entries["image_encoder"] = {"inputs": names["inputs"], "outputs": names["outputs"]}
 
     names = {
         "inputs": ["input_ids"],
@@ -290,7 +304,8 @@ def export_onnx(
         model: a folder written by ``save_pretrained`` (model and processor), or a
             ``ClipCapForConditionalGeneration`` (then give its ``processor``).
         output_dir: the folder to write (created; existing export files in it are replaced).
-        processor: the model's ``ClipCapProcessor`` when ``model`` is a module.
+        processor: the model's ``ClipCapProcessor`` when ``model`` is a module (without one, no processor files are
+            written: the graphs run, but ``clipcap caption`` needs the processor beside them).
         int8: also write ONNX Runtime dynamic int8 twins of the image encoder and the decoder.
         progress: print one line per step on stderr.
 
@@ -298,7 +313,7 @@ def export_onnx(
         ``output_dir`` as a ``Path``.
 
     Raises:
-        ExportError: the model cannot be exported (no vision tower, SigLIP2, sliding-window attention), or a module was given without its processor.
+        ExportError: the model cannot be exported (no vision tower, SigLIP2, sliding-window attention).
     """
     from . import ClipCapForConditionalGeneration, ClipCapProcessor
 
@@ -316,8 +331,6 @@ def export_onnx(
         processor = processor or ClipCapProcessor.from_pretrained(str(source))
     else:
         model_obj = model
-        if processor is None:
-            raise ExportError("pass the model's processor (processor=...) when exporting a model object.")
     _check_exportable(model_obj)
     was_training = model_obj.training
     model_obj.eval()
@@ -329,7 +342,7 @@ def export_onnx(
         layout = _cache_layout(model_obj, torch.float32)
         say("exporting the image encoder, token embeddings and decoder (torch.onnx, dynamo exporter)")
         with torch.no_grad():
-            entries = _export_graphs(model_obj, out, layout, quiet=not progress)
+            entries = _export_graphs(model_obj, processor, out, layout, quiet=not progress)
     finally:
         model_obj.to(original_dtype).train(was_training)
     for name, file in GRAPHS.items():
@@ -344,7 +357,8 @@ def export_onnx(
     say("writing config, generation config, processor and manifest")
     model_obj.config.save_pretrained(out)
     model_obj.generation_config.save_pretrained(out)
-    processor.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
     _write_manifest(out, entries, int8_entries, layout, model_obj)
     say(f"done: {out}")
     return out

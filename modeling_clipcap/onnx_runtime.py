@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .compat import cache_kwargs, pop_cache_argument
 from .configuration_clipcap import ClipCapConfig
-from .modeling_clipcap import check_generation_kwargs
+from .modeling_clipcap import check_generation_kwargs, nearest_vocabulary_tokens
 from .onnx_export import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST_NAME, file_sha256
 from .towers import check_pixel_values
 
@@ -221,16 +221,28 @@ class ClipCapOnnxForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def get_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> the prefix (B, K, E) the language model continues (the image-encoder graph)."""
-        expected = self.manifest["graphs"]["image_encoder"].get("pixel_shape")
-        check_pixel_values(self.config.vision_config, pixel_values)
-        if pixel_values.ndim != 4 or (expected and list(pixel_values.shape[1:]) != expected):
-            raise ValueError(
-                f"`pixel_values` must be (B, {', '.join(map(str, expected or ['C', 'H', 'W']))}) as the exported "
-                f"image encoder takes them (use the export's processor), got {tuple(pixel_values.shape)}."
-            )
+        check_pixel_values(self.config.vision_config, pixel_values)  # the checks of the PyTorch model
         if pixel_values.shape[0] == 0:
             raise ValueError("Got an empty batch (0 images); pass at least one image.")
         return self._run("image_encoder", pixel_values=pixel_values.float())[0]
+
+    def get_input_embeddings_matrix(self) -> torch.Tensor:
+        """The language model's input embeddings of the whole vocabulary (V, E), computed once by the graph."""
+        if getattr(self, "_vocab_embeddings", None) is None:
+            vocab = self.config.text_config.vocab_size
+            self._vocab_embeddings = self.embed_tokens(torch.arange(vocab).unsqueeze(0))[0]
+        return self._vocab_embeddings
+
+    @torch.no_grad()
+    def interpret_prefix(
+        self, pixel_values: torch.Tensor, tokenizer: Any = None, top_k: int = 1
+    ) -> list[list[Any]]:
+        """Nearest vocabulary tokens of each prefix vector, as ``ClipCapForConditionalGeneration.interpret_prefix``:
+        one list of K entries per image of ``pixel_values`` (B, 3, H, W)."""
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
+        vocab = self.get_input_embeddings_matrix()
+        return nearest_vocabulary_tokens(self.get_prefix(pixel_values), vocab, tokenizer, top_k)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, S) -> the language model's input embeddings (B, S, E)."""

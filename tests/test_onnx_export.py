@@ -163,6 +163,26 @@ def test_pipeline_and_caption_items_take_the_export(mlp_export):
     assert captioner(image, max_new_tokens=5) == torch_captioner(image, max_new_tokens=5)
 
 
+def test_app_captions_and_prefix_tokens_from_the_export(mlp_export, tmp_path):
+    """``clipcap app``'s captioning step (captions and the prefix read back as tokens) on the exported folder."""
+    from PIL import Image
+
+    from modeling_clipcap.app import Decoding, caption_files
+
+    _, saved, exported = mlp_export
+    paths = []
+    for i, value in enumerate((30, 120, 220)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(paths[-1])
+    decoding = Decoding(mode="beam search", num_beams=2, num_captions=2, max_new_tokens=4)
+    results = {}
+    for name, folder in (("onnx", exported), ("pytorch", saved)):
+        model, processor = load_captioner(folder)
+        results[name] = caption_files(model, processor, paths, decoding, batch_size=2)
+    assert results["onnx"] == results["pytorch"]
+    assert len(results["onnx"][0]["prefix_tokens"]) == 4
+
+
 def test_load_captioner_refuses_wrong_backend_and_flags(mlp_export):
     _, saved, exported = mlp_export
     with pytest.raises(CaptionInputError, match="needs a folder written by `clipcap export`"):
