@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import warnings
@@ -170,11 +171,15 @@ def _cache_layout(model: nn.Module, lm_dtype: torch.dtype) -> dict[str, int]:
 def _torch_export(module: nn.Module, args: tuple, path: Path, names: dict[str, Any], quiet: bool) -> None:
     """``torch.onnx.export`` with the dynamo exporter; its progress lines go away when ``quiet``."""
     sink = io.StringIO()
+    # the exporter's notes: axis names, pytree internals, torchvision's operators it could not register
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     with (
         contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext(),
         warnings.catch_warnings(),
     ):
-        warnings.simplefilter("ignore")  # the exporter's notes on axis names and pytree internals
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
             args,
@@ -187,6 +192,7 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, names: dict[str, A
             verbose=False,
         )
         program.save(str(path))
+    registration.setLevel(level)
 
 
 def _example_image(vision_config: Any, processor: Any) -> tuple[int, tuple[int, int], bool]:
@@ -290,6 +296,22 @@ def _check_exportable(model: nn.Module) -> None:
         )
 
 
+#: what ``pip install "modeling_clipcap[onnx]"`` adds: the exporter's and the runtime's packages
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
+
+def require_onnx_packages(error: type[Exception] = ImportError) -> None:
+    """Raise ``error`` naming the missing packages and the extra to install when the ONNX packages are missing."""
+    import importlib.util
+
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise error(
+            f"the ONNX export and runtime need {', '.join(missing)}, which are not installed: "
+            'pip install "modeling_clipcap[onnx]".'
+        )
+
+
 def export_onnx(
     model: str | os.PathLike | nn.Module,
     output_dir: str | os.PathLike,
@@ -316,6 +338,8 @@ def export_onnx(
         ExportError: the model cannot be exported (no vision tower, SigLIP2, sliding-window attention).
     """
     from . import ClipCapForConditionalGeneration, ClipCapProcessor
+
+    require_onnx_packages(ExportError)
 
     def say(message: str) -> None:
         if progress:

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .compat import cache_kwargs, pop_cache_argument
 from .configuration_clipcap import ClipCapConfig
 from .modeling_clipcap import check_generation_kwargs, nearest_vocabulary_tokens
-from .onnx_export import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST_NAME, file_sha256
+from .onnx_export import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST_NAME, file_sha256, require_onnx_packages
 from .towers import check_pixel_values
 
 __all__ = ["ClipCapOnnxForConditionalGeneration", "OnnxExportError", "is_onnx_export"]
@@ -169,6 +169,7 @@ class ClipCapOnnxForConditionalGeneration(PreTrainedModel, GenerationMixin):
             OnnxExportError: the folder is not an export, lacks a graph, a graph is truncated or does not match the
                 manifest, the int8 graphs are missing, or the config does not match the graphs.
         """
+        require_onnx_packages(OnnxExportError)
         import onnxruntime as ort
 
         if unused:

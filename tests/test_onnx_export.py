@@ -277,6 +277,20 @@ def test_export_refuses_models_it_cannot_export(tokenizer, tmp_path):
     assert main(["export", "--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")]) == 2
 
 
+def test_missing_onnx_packages_name_the_extra(tokenizer, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a)
+    )
+    model = ClipCapForConditionalGeneration(tiny_clipcap_config(len(tokenizer)))
+    with pytest.raises(ExportError, match=r"need onnxscript, .*pip install \"modeling_clipcap\[onnx\]\""):
+        export_onnx(model, tmp_path)
+    with pytest.raises(OnnxExportError, match=r"modeling_clipcap\[onnx\]"):
+        ClipCapOnnxForConditionalGeneration.from_pretrained(tmp_path)
+
+
 # ------------------------------------------------------------------ the other mapper, another language model
 
 
