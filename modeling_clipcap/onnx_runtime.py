@@ -172,6 +172,19 @@ class ClipCapOnnxForConditionalGeneration(PreTrainedModel, GenerationMixin):
         require_onnx_packages(OnnxExportError)
         import onnxruntime as ort
 
+        # what pipeline("image-captioning", model=FOLDER) passes when it tries this class (after the PyTorch one);
+        # the folder is local, so the Hub's download options do not apply
+        for name in (
+            "_from_pipeline",
+            "_commit_hash",
+            "revision",
+            "token",
+            "local_files_only",
+            "trust_remote_code",
+        ):
+            unused.pop(name, None)
+        if unused.pop("dtype", None) not in (None, "auto", torch.float32):
+            raise ValueError("an ONNX export runs in float32 (or int8=True); drop the dtype.")
         if unused:
             raise TypeError(f"unexpected arguments for an ONNX export: {sorted(unused)}")
         folder = Path(folder)

@@ -160,7 +160,11 @@ def test_pipeline_and_caption_items_take_the_export(mlp_export):
         image_processor=processor.image_processor,
     )
     torch_captioner = pipeline("image-captioning", model=str(saved))
-    assert captioner(image, max_new_tokens=5) == torch_captioner(image, max_new_tokens=5)
+    expected = torch_captioner(image, max_new_tokens=5)
+    assert captioner(image, max_new_tokens=5) == expected
+    from_folder = pipeline("image-captioning", model=str(exported))
+    assert isinstance(from_folder.model, ClipCapOnnxForConditionalGeneration)
+    assert from_folder(image, max_new_tokens=5) == expected
 
 
 def test_app_captions_and_prefix_tokens_from_the_export(mlp_export, tmp_path):
