@@ -10,7 +10,7 @@ modules, and everything else captioning needs:
   ``past.{i}.key`` / ``past.{i}.value`` (B, H, P, D) per layer -> ``logits`` (B, 1, V) of the last position and
   ``new.{i}.key`` / ``new.{i}.value`` (B, H, S, D): the key/values of the S new positions (P = 0 at the first step).
 * With ``--int8``: ``image_encoder.int8.onnx`` and ``decoder.int8.onnx``, ONNX Runtime's dynamic int8 quantization
-  of their matrix products (``onnxruntime.quantization.quantize_dynamic``).
+  of their matrix products (``onnxruntime.quantization.quantize_dynamic``, per-channel weight scales).
 * ``config.json``, ``generation_config.json``, the processor and tokenizer files, and ``onnx_manifest.json``:
   the versions that wrote it, each graph's input and output names, size and SHA-256, and the cache layout, so a
   missing, truncated or mismatched graph is refused with a clear error when the folder is loaded
@@ -44,6 +44,7 @@ from .compat import cache_kwargs, output_cache
 __all__ = [
     "MANIFEST_NAME",
     "ExportError",
+    "add_int8_graphs",
     "add_cli_arguments",
     "cli_main",
     "export_onnx",
@@ -266,20 +267,25 @@ def _export_graphs(
     return entries
 
 
-def _quantize_int8(out: Path, entries: dict[str, dict]) -> dict[str, dict]:
-    """ONNX Runtime dynamic int8 quantization of the image encoder's and the decoder's matrix products."""
+#: How ``--int8`` quantizes (onnxruntime ``quantize_dynamic``): int8 weights with one scale per output channel
+#: (per-tensor scales kept fewer captions of the demo model: docs/performance.md), activations quantized per call.
+INT8_SETTINGS = {"weight_type": "QInt8", "per_channel": True, "op_types_to_quantize": ["MatMul", "Gemm"]}
+
+
+def add_int8_graphs(folder: str | os.PathLike) -> None:
+    """Write the int8 twins of an export's image encoder and decoder (``INT8_SETTINGS``) and list them in its
+    manifest (replacing earlier ones): what ``export_onnx(..., int8=True)`` does after the fp32 graphs."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantized = {}
+    out = Path(folder)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    settings = {**INT8_SETTINGS, "weight_type": getattr(QuantType, INT8_SETTINGS["weight_type"])}
     for name, file in INT8_GRAPHS.items():
-        quantize_dynamic(
-            out / GRAPHS[name],
-            out / file,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],
-        )
-        quantized[name] = {**entries[name], "file": file}
-    return quantized
+        quantize_dynamic(out / GRAPHS[name], out / file, **settings)
+        entry = {**manifest["graphs"][name], "file": file}
+        manifest["int8_graphs"][name] = _described(out, entry)
+    manifest["int8_settings"] = INT8_SETTINGS
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _check_exportable(model: nn.Module) -> None:
@@ -371,39 +377,34 @@ def export_onnx(
         model_obj.to(original_dtype).train(was_training)
     for name, file in GRAPHS.items():
         entries[name]["file"] = file
-    int8_entries = {}
-    if int8:
-        say("quantizing the image encoder and decoder to int8 (onnxruntime quantize_dynamic)")
-        int8_entries = _quantize_int8(out, entries)
     for file in INT8_GRAPHS.values():  # a stale int8 twin from an earlier export would not match
-        if not int8 and (out / file).exists():
+        if (out / file).exists():
             (out / file).unlink()
     say("writing config, generation config, processor and manifest")
     model_obj.config.save_pretrained(out)
     model_obj.generation_config.save_pretrained(out)
     if processor is not None:
         processor.save_pretrained(out)
-    _write_manifest(out, entries, int8_entries, layout, model_obj)
+    _write_manifest(out, entries, layout, model_obj)
+    if int8:
+        say("quantizing the image encoder and decoder to int8 (onnxruntime quantize_dynamic)")
+        add_int8_graphs(out)
     say(f"done: {out}")
     return out
 
 
-def _write_manifest(
-    out: Path,
-    entries: dict[str, dict],
-    int8_entries: dict[str, dict],
-    layout: dict[str, int],
-    model: nn.Module,
-) -> None:
+def _described(out: Path, entry: dict) -> dict:
+    """A graph's manifest entry with its file's size and SHA-256."""
+    path = out / entry["file"]
+    return {**entry, "size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _write_manifest(out: Path, entries: dict[str, dict], layout: dict[str, int], model: nn.Module) -> None:
     import onnx
     import onnxruntime
     import transformers
 
     from . import __version__
-
-    def described(entry: dict) -> dict:
-        path = out / entry["file"]
-        return {**entry, "size": path.stat().st_size, "sha256": file_sha256(path)}
 
     manifest = {
         "format": FORMAT,
@@ -418,8 +419,8 @@ def _write_manifest(
         },
         "prefix_length": model.config.prefix_length,
         "cache": layout,
-        "graphs": {name: described(entry) for name, entry in entries.items()},
-        "int8_graphs": {name: described(entry) for name, entry in int8_entries.items()},
+        "graphs": {name: _described(out, entry) for name, entry in entries.items()},
+        "int8_graphs": {},
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
