@@ -122,8 +122,6 @@ class ClipCapOnnxForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     config_class = ClipCapConfig
     main_input_name = "input_ids"
-    #: the image tower is inside the image-encoder graph (captioning checks ``vision_model`` is not None)
-    vision_model = True
 
     def __init__(
         self, config: ClipCapConfig, sessions: dict[str, Any] | None = None, manifest: dict | None = None
@@ -342,6 +340,21 @@ class ClipCapOnnxForConditionalGeneration(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 "pass the images as `pixel_values` (B, 3, H, W), e.g. from the export's processor."
             )
+        config = generate_kwargs.get("generation_config") or self.generation_config
+        unsupported = {
+            "use_cache": generate_kwargs.get("use_cache", getattr(config, "use_cache", True)) is False,
+            "prompt_lookup_num_tokens": bool(
+                generate_kwargs.get(
+                    "prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None)
+                )
+            ),
+        }
+        for name, asked in unsupported.items():
+            if asked:
+                raise ValueError(
+                    f"the ONNX export decodes with its key/value cache, one token at a time; `{name}` is not "
+                    "supported here (the PyTorch model supports it)."
+                )
         check_generation_kwargs(self.config, self.generation_config, None, generate_kwargs)
         prefix = self.get_prefix(pixel_values)  # (B, K, E)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long)

@@ -103,6 +103,8 @@ def test_sampling_and_generate_options_go_through_transformers_generate(mlp_expo
     assert torch.allclose(out.sequences_scores, expected.sequences_scores, atol=1e-4)
     with pytest.raises(ValueError, match="pixel_values alone"):
         onnx_model.generate(pixel_values=inputs, image_embeds=torch.randn(4, 24))
+    with pytest.raises(ValueError, match="`use_cache` is not supported here"):
+        onnx_model.generate(pixel_values=inputs, use_cache=False)
 
 
 def test_caption_backend_onnx_and_int8_through_the_captioning_path(mlp_export, tmp_path, capsys):
