@@ -49,6 +49,7 @@ from .image_io import (
 )
 
 __all__ = [
+    "BACKENDS",
     "CaptionInputError",
     "add_cli_arguments",
     "caption_batch",
@@ -426,35 +427,95 @@ def resolve_model_path(name_or_path: str | os.PathLike, flag: str = "--model") -
         ) from err
 
 
+#: ``--backend`` of ``clipcap caption``: PyTorch, or ONNX Runtime on a folder written by ``clipcap export``.
+BACKENDS = ("pytorch", "onnx")
+
+
+def _load_onnx_backend(
+    path: Path, label: str, flag: str, backend: str | None, dtype: str, device: str | None, int8: bool
+) -> tuple[Any, Any] | None:
+    """:func:`load_captioner` for an ONNX export (model + processor), or ``None`` to load a PyTorch model."""
+    from .onnx_runtime import OnnxExportError, is_onnx_export
+
+    exported = is_onnx_export(path)
+    if backend == "pytorch" and exported:
+        raise CaptionInputError(
+            f"{flag} {label} is an ONNX export (clipcap export), not a PyTorch model; caption it with --backend onnx."
+        )
+    if backend != "onnx" and not exported:
+        if int8:
+            raise CaptionInputError(
+                "--int8 runs the int8 graphs of an ONNX export: write them with `clipcap export --model MODEL_DIR "
+                "--output_dir EXPORT_DIR --int8`, then caption with --model EXPORT_DIR --backend onnx --int8."
+            )
+        return None
+    if not exported:
+        raise CaptionInputError(
+            f"--backend onnx needs a folder written by `clipcap export`; {label} is not one. Export it first: "
+            f"`clipcap export --model {label} --output_dir EXPORT_DIR`."
+        )
+    if dtype not in ("float32", "auto") or (device is not None and torch.device(device).type != "cpu"):
+        raise CaptionInputError(
+            f"the ONNX backend runs float32 (or --int8) on CPU; drop --dtype {dtype} / --device {device} "
+            "(or use the PyTorch backend)."
+        )
+    from . import ClipCapProcessor
+    from .onnx_runtime import ClipCapOnnxForConditionalGeneration
+
+    try:
+        model = ClipCapOnnxForConditionalGeneration.from_pretrained(path, int8=int8)
+    except OnnxExportError as err:
+        raise CaptionInputError(f"{flag} {label}: {err}") from err
+    try:
+        processor = ClipCapProcessor.from_pretrained(str(path))
+    except Exception as err:
+        raise CaptionInputError(
+            f"cannot load the processor of the ONNX export {label} ({type(err).__name__}: {err}); export the model "
+            "again."
+        ) from err
+    return model, processor
+
+
 def load_captioner(
     name_or_path: str | os.PathLike,
     dtype: str = "float32",
     device: str | None = None,
     *,
     flag: str = "--model",
+    backend: str | None = None,
+    int8: bool = False,
 ) -> tuple[Any, Any]:
     """The one model loader of ``clipcap caption | evaluate | app``: model + processor, in eval mode on ``device``.
 
     Args:
-        name_or_path: a folder written by ``save_pretrained`` (model and processor), or a Hub model id.
+        name_or_path: a folder written by ``save_pretrained`` (model and processor), or a Hub model id; or a folder
+            written by ``clipcap export`` (ONNX graphs, run by ONNX Runtime on CPU).
         dtype: a name of :data:`DTYPES` (``bfloat16-vision``: only the image tower in bf16), or ``"auto"`` (the
             precision it was saved in).
         device: a torch device name (checked before any weights are read); default cuda if available, else cpu.
         flag: the command-line flag that gave ``name_or_path``, for error messages.
+        backend: ``"pytorch"`` or ``"onnx"`` (:data:`BACKENDS`); default: ``"onnx"`` for an exported folder, else
+            ``"pytorch"``.
+        int8: run the export's int8 graphs (ONNX backend; the folder must be exported with ``--int8``).
 
     Raises:
-        CaptionInputError: the device or dtype is unusable, the folder or id cannot be found, lacks files, or cannot
-            be loaded, or the model has no vision tower; the message names the input and says what to do.
+        CaptionInputError: the device, dtype or backend is unusable, the folder or id cannot be found, lacks files, or
+            cannot be loaded, or the model has no vision tower; the message names the input and says what to do.
     """
     torch_device = resolve_device(device)  # before any weights are read
     if dtype not in DTYPES and dtype != "auto":
         raise CaptionInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if backend is not None and backend not in BACKENDS:
+        raise CaptionInputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
     from . import ClipCapForConditionalGeneration, ClipCapProcessor
 
     path = resolve_model_path(name_or_path, flag)
     label = str(path) if path == Path(name_or_path).expanduser() else f"{name_or_path} (downloaded to {path})"
     if not path.is_dir():
         raise CaptionInputError(f"{flag} {label} is a file; pass the folder that contains config.json.")
+    onnx_model = _load_onnx_backend(path, label, flag, backend, dtype, device, int8)
+    if onnx_model is not None:
+        return onnx_model
     if not (path / "config.json").is_file():
         raise CaptionInputError(
             f"model folder {label} has no config.json; pass a folder written by save_pretrained "
@@ -518,6 +579,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="model precision; bfloat16-vision runs only the CLIP tower in bf16 (keeps the captions)",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="pytorch, or onnx for a folder written by `clipcap export` (ONNX Runtime, CPU); default: onnx for an "
+        "exported folder, else pytorch",
+    )
+    add_bool_argument(
+        parser,
+        "int8",
+        takes_value=False,
+        help="run the int8 graphs of an ONNX export (written by `clipcap export --int8`)",
+    )
     add_bool_argument(
         parser,
         "progress",
@@ -563,7 +637,9 @@ def cli_main(args: argparse.Namespace) -> int:
     if not args.progress:
         hf_logging.disable_progress_bar()  # no "Loading weights" bar either
     try:
-        model, processor = load_captioner(args.model, dtype=args.dtype, device=args.device)
+        model, processor = load_captioner(
+            args.model, dtype=args.dtype, device=args.device, backend=args.backend, int8=args.int8
+        )
     except CaptionInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate | embed | env | app | merge``.
+"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate | embed | export | env | app | merge``.
 
 Each sub-command lives in the module that owns its concern and exposes two
 functions:
@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": (
         "modeling_clipcap.embed",
         "precompute image embeddings of WebDataset / Parquet shards (Parquet out)",
+    ),
+    "export": (
+        "modeling_clipcap.onnx_export",
+        "export a model to ONNX graphs for ONNX Runtime (--int8: also int8 graphs)",
     ),
     "env": ("modeling_clipcap.environment", "print versions and hardware to paste into a bug report"),
     "app": ("modeling_clipcap.app", "open a captioning web page and API (Gradio; needs the app extra)"),

@@ -612,6 +612,22 @@ class FastDecodingMixin:
 # ------------------------------------------------------------ models
 
 
+def nearest_vocabulary_tokens(
+    prefix: torch.Tensor, vocab: torch.Tensor, tokenizer: Any = None, top_k: int = 1
+) -> list[list[Any]]:
+    """The ``top_k`` vocabulary entries (rows of ``vocab`` (V, E)) nearest by cosine to each prefix vector of
+    ``prefix`` (B, K, E): per image K token strings (with a ``tokenizer``) or ids, each a list when ``top_k > 1``."""
+    sims = F.normalize(prefix.float(), dim=-1) @ F.normalize(vocab.float(), dim=-1).T  # (B, K, V)
+    top = sims.topk(min(top_k, vocab.shape[0]), dim=-1).indices.tolist()  # (B, K, top_k)
+
+    def render(token_id: int) -> Any:
+        if tokenizer is None:
+            return token_id
+        return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+
+    return [[render(ids[0]) if top_k == 1 else [render(i) for i in ids] for ids in image] for image in top]
+
+
 class ClipCapPreTrainedModel(PreTrainedModel):
     """Weight initialisation, attention back-ends and checkpointing shared by ClipCap models."""
 
@@ -1101,18 +1117,7 @@ class ClipCapForConditionalGeneration(FastDecodingMixin, ClipCapPreTrainedModel,
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
         prefix, _ = self.get_prefix(pixel_values=pixel_values, image_embeds=image_embeds, **image_inputs)
-        vocab = self.get_input_embeddings().weight  # (V, E)
-        sims = F.normalize(prefix.float(), dim=-1) @ F.normalize(vocab.float(), dim=-1).T  # (B, K, V)
-        top = sims.topk(min(top_k, vocab.shape[0]), dim=-1).indices.tolist()  # (B, K, top_k)
-
-        def render(token_id: int) -> Any:
-            if tokenizer is None:
-                return token_id
-            return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
-
-        return [
-            [render(ids[0]) if top_k == 1 else [render(i) for i in ids] for ids in image] for image in top
-        ]
+        return nearest_vocabulary_tokens(prefix, self.get_input_embeddings().weight, tokenizer, top_k)
 
     @classmethod
     def from_vision_text_pretrained(

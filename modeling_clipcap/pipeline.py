@@ -4,7 +4,8 @@ transformers 5 sends ``"image-to-text"`` to ``"image-text-to-text"``, which need
 chat-style processor. ClipCap captions from the image alone, so this package registers its own task,
 ``"image-captioning"``, when ``modeling_clipcap`` is imported. The pipeline captions through the library's one
 captioning path (:func:`modeling_clipcap.captioning.caption_items`): a list of images is batched by
-``batch_size``, and an image that cannot be read raises its ``ImageLoadError``.
+``batch_size``, and an image that cannot be read raises its ``ImageLoadError``. ``model`` may also be a folder
+written by ``clipcap export`` (ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ def register_pipeline() -> None:
     if TASK in PIPELINE_REGISTRY.supported_tasks:
         return
     from .modeling_clipcap import ClipCapForConditionalGeneration
+    from .onnx_runtime import ClipCapOnnxForConditionalGeneration
 
     PIPELINE_REGISTRY.register_pipeline(
         TASK,
         pipeline_class=ClipCapCaptioningPipeline,
-        pt_model=ClipCapForConditionalGeneration,
+        # a folder is loaded by the first class that can: a saved model, else a `clipcap export` folder
+        pt_model=(ClipCapForConditionalGeneration, ClipCapOnnxForConditionalGeneration),
         type="multimodal",
     )
