@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     necessary_caption_gflops,
     parse_int_list,
     print_table,
+    set_clock,
     set_threads,
     write_json,
 )
@@ -302,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_allocator_argument(parser)
     parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="wall time, or this process's CPU time (for a loaded host; 1 thread only), for every row and limit",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="batches 1,8; 1 baseline image; mlp only; 1 thread"
     )
     parser.add_argument(
@@ -313,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 1
         args.name = args.name + "_quick" if args.name == "caption_throughput" else args.name
     thread_counts = parse_int_list(args.threads)
+    if args.clock == "process" and thread_counts != [1]:
+        raise SystemExit("--clock process adds up the CPU time of all threads: use it with --threads 1")
+    set_clock(args.clock)
     batches = parse_int_list(args.batches)
     mappers = [m for m in args.mappers.split(",") if m]
     modes = [("greedy", 1), (f"beam{args.beams}", args.beams)]
