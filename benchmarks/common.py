@@ -175,6 +175,34 @@ def matmul_gflops(dtype: torch.dtype, sizes: Sequence[int] = (512, 1024), second
     return best
 
 
+def onednn_matmul_gflops(
+    dtype: torch.dtype, sizes: Sequence[int] = (512, 1024), seconds: float = 0.6
+) -> float | None:
+    """Best square-matmul rate (GFLOP/s) through oneDNN with a prepacked weight (what
+    ``modeling_clipcap.cpu_linear`` runs), or None where this torch has no oneDNN linear ops. On AMD CPUs MKL
+    (``torch.matmul`` in float32) uses AVX2 kernels, oneDNN the CPU's widest units: its limit is the higher one."""
+    from modeling_clipcap.compat import onednn_linear_ops
+
+    ops = onednn_linear_ops()
+    if ops is None:
+        return None
+    pack, linear = ops
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n).to(dtype)
+        packed = pack(torch.randn(n, n).to(dtype), n)
+        linear(a, packed, None)
+        runs, start = 0, now()
+        while True:
+            linear(a, packed, None)
+            runs += 1
+            elapsed = now() - start
+            if elapsed >= seconds:
+                break
+        best = max(best, 2 * n**3 * runs / elapsed / 1e9)
+    return best
+
+
 def bf16_is_fast(fp32_gflops: float, bf16_gflops: float) -> bool:
     """bf16 pays only where the CPU has native bf16 matrix units (AMX / AVX512-BF16)."""
     return bf16_gflops >= fp32_gflops
