@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     corrupt = make_corrupt_files(work / "corrupt", images[0])
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
-    log = Path(args.out_dir) / f"{args.name}.server.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = work / "server.log"
+    print(f"server log: {log}", flush=True)
     proc = start_server(args, port, log)
     try:
         wait_ready(url, proc)

@@ -200,9 +200,7 @@ def test_every_model_call_runs_on_the_one_model_thread(server, real_photos):
     before = len(counter.threads)
     jobs = [client.submit(handle_file(str(p)), api_name="/caption") for p in real_photos * 2]
     [job.result(timeout=120) for job in jobs]
-    client.predict(
-        [handle_file(str(real_photos[0]))], "greedy", 2, 1.0, 1.0, 1, 6, api_name="/caption_page"
-    )
+    client.predict([handle_file(str(real_photos[0]))], "greedy", 2, 1.0, 1.0, 1, 6, api_name="/caption_page")
     threads = set(counter.threads[before:])
     assert len(threads) == 1 and threads.pop().startswith("clipcap-model"), counter.threads[before:]
 
