@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=30)
     parser.add_argument("--threads", default="1")
+    parser.add_argument(
+        "--onednn",
+        action="store_true",
+        help="also the fp32, bf16 and bf16-vision models with every linear layer through prepacked oneDNN "
+        "(modeling_clipcap.cpu_linear): fp32 oneDNN must give the fp32 captions",
+    )
     parser.add_argument("--name", default="bf16_agreement")
     args = parser.parse_args(argv)
     from transformers import AutoModel, AutoProcessor
@@ -88,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         "bf16": AutoModel.from_pretrained(args.model, dtype=torch.bfloat16).eval(),
         "bf16 vision": vision_bf16,
     }
+    if args.onednn:
+        from modeling_clipcap.cpu_linear import use_onednn_linear
+
+        for name in ("fp32", "bf16", "bf16 vision"):
+            model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
+            if name == "bf16":
+                model.to(torch.bfloat16)
+            elif name == "bf16 vision" and model.vision_model is not None:
+                model.vision_model.to(torch.bfloat16)
+            if not use_onednn_linear(model):
+                raise SystemExit("--onednn: this torch build has no oneDNN linear ops")
+            models[f"{name} oneDNN"] = model
     variants = [name for name in models if name != "fp32"]
     rows, examples = [], {}
     for mode, beams in (("greedy", 1), (f"beam{args.beams}", args.beams)):

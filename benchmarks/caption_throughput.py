@@ -43,8 +43,10 @@ from common import (  # noqa: E402
     matmul_gflops,
     measure,
     necessary_caption_gflops,
+    onednn_matmul_gflops,
     parse_int_list,
     print_table,
+    set_clock,
     set_threads,
     write_json,
 )
@@ -148,16 +150,12 @@ def run_ours(model: Any, pixel_values: torch.Tensor, num_beams: int, **options: 
 
 
 def run_ours_compiled(model: Any, pixel_values: torch.Tensor, num_beams: int) -> torch.Tensor:
-    """``generate`` with a static cache and the decoding step compiled by ``torch.compile`` (transformers'
-    ``CompileConfig``; on CPU it must be allowed with ``_compile_all_devices``). The first call per shape
-    compiles (tens of seconds); the benchmark warms it up before timing."""
-    from transformers import CompileConfig
+    """``generate`` with a static cache and the decoding step compiled by ``torch.compile``
+    (``modeling_clipcap.compiled_decoding``: transformers' ``CompileConfig``, Inductor freezing on CPU). The
+    first call per shape compiles (tens of seconds); the benchmark warms it up before timing."""
+    from modeling_clipcap.compiled_decoding import compiled_decoding_kwargs
 
-    compile_config = CompileConfig(fullgraph=False, dynamic=False)
-    compile_config._compile_all_devices = True
-    return run_ours(
-        model, pixel_values, num_beams, cache_implementation="static", compile_config=compile_config
-    )
+    return run_ours(model, pixel_values, num_beams, **compiled_decoding_kwargs(model))
 
 
 def run_clip(model: Any, pixel_values: torch.Tensor) -> None:
@@ -189,6 +187,25 @@ class _ModelAttribute:
 
     def __exit__(self, *exc: Any) -> None:
         delattr(self.model, self.name)  # back to the class default
+
+
+class _OneDnnLinear:
+    """Context manager: the model's linear layers through prepacked oneDNN (``modeling_clipcap.cpu_linear``)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __enter__(self) -> None:
+        from modeling_clipcap.cpu_linear import use_onednn_linear
+
+        if not use_onednn_linear(self.model):
+            raise SystemExit("--onednn: this torch build has no oneDNN linear ops")
+        run_ours(self.model, make_pixel_values(2), 1)  # packs the weights (once), outside the timing
+
+    def __exit__(self, *exc: Any) -> None:
+        from modeling_clipcap.cpu_linear import restore_linear
+
+        restore_linear(self.model)
 
 
 #: ablation rows at the largest batch: label -> context manager factory (each undoes one optimisation)
@@ -228,7 +245,10 @@ def bench_row(
         unit_images = 1
     else:
         pixel_values = make_pixel_values(batch, seed=batch)
-        total = measure(lambda: run(model, pixel_values, num_beams), repeats=repeats, statistic="median")
+        outputs: list[Any] = []
+        total = measure(
+            lambda: outputs.append(run(model, pixel_values, num_beams)), repeats=repeats, statistic="median"
+        )
         clip = measure(lambda: clip_run(model, pixel_values), repeats=repeats, statistic="median")
         unit_images = batch
     work = necessary_caption_gflops(model, num_beams) * unit_images
@@ -251,11 +271,21 @@ def bench_row(
         "peak MiB": total["peak_rss_mb"],
         "growth MiB": total["peak_growth_mb"],
     }
+    if label != "original":
+        row["_tokens"] = outputs[-1]  # (batch, tokens) of the last call: agreement between rows
     print(
         f"  [{threads}t {mapper} {dtype_name} {mode} {label} b{row['batch']}] "
         f"{row['img/s']:.3f} img/s ({total['seconds']:.1f}s), {row['% limit']:.0f}% of limit",
         flush=True,
     )
+    return row
+
+
+def agreement(row: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
+    """``row`` with the fraction of its captions identical, token for token, to ``reference``'s (same images)."""
+    if reference is not None and "_tokens" in row and "_tokens" in reference:
+        a, b = row["_tokens"], reference["_tokens"]
+        row["same captions"] = float((a == b).all(dim=1).float().mean()) if a.shape == b.shape else 0.0
     return row
 
 
@@ -300,7 +330,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="add a greedy row at the largest batch with torch.compile + static cache (compiles first)",
     )
+    parser.add_argument(
+        "--onednn",
+        action="store_true",
+        help="add rows at the largest batch with every linear layer through prepacked oneDNN "
+        "(modeling_clipcap.cpu_linear), fp32 and bf16, with their caption agreement",
+    )
+    parser.add_argument(
+        "--bf16-attention",
+        choices=("sdpa", "eager"),
+        default="sdpa",
+        help="attention of the bf16 models' tower and LM (eager was faster in bf16 on CPU for these small shapes)",
+    )
     add_allocator_argument(parser)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="wall time, or this process's CPU time (for a loaded host; 1 thread only), for every row and limit",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="batches 1,8; 1 baseline image; mlp only; 1 thread"
     )
@@ -313,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 1
         args.name = args.name + "_quick" if args.name == "caption_throughput" else args.name
     thread_counts = parse_int_list(args.threads)
+    if args.clock == "process" and thread_counts != [1]:
+        raise SystemExit("--clock process adds up the CPU time of all threads: use it with --threads 1")
+    set_clock(args.clock)
     batches = parse_int_list(args.batches)
     mappers = [m for m in args.mappers.split(",") if m]
     modes = [("greedy", 1), (f"beam{args.beams}", args.beams)]
@@ -328,9 +379,21 @@ def main(argv: list[str] | None = None) -> int:
     for threads in thread_counts:
         set_threads(threads)
         fp32_limit = matmul_gflops(torch.float32)
-        bf16_limit = matmul_gflops(torch.bfloat16, sizes=(256,), seconds=0.3)
-        limits[str(threads)] = {"fp32_gflops": fp32_limit, "bf16_gflops": bf16_limit}
-        print(f"\n{threads} thread(s): matmul fp32 {fp32_limit:.1f} GFLOP/s, bf16 {bf16_limit:.1f} GFLOP/s")
+        bf16_matmul = matmul_gflops(torch.bfloat16, sizes=(256, 512, 1024), seconds=0.3)
+        fp32_onednn_limit = onednn_matmul_gflops(torch.float32) if args.onednn else None
+        bf16_onednn = onednn_matmul_gflops(torch.bfloat16, seconds=0.3) if args.onednn else None
+        bf16_limit = max(bf16_matmul, bf16_onednn or 0.0)  # the higher of torch.matmul and packed oneDNN
+        limits[str(threads)] = {
+            "fp32_gflops": fp32_limit,
+            "fp32_onednn_gflops": fp32_onednn_limit,
+            "bf16_gflops": bf16_limit,
+            "bf16_matmul_gflops": bf16_matmul,
+            "bf16_onednn_gflops": bf16_onednn,
+        }
+        print(
+            f"\n{threads} thread(s): matmul fp32 {fp32_limit:.1f} GFLOP/s (oneDNN packed: {fp32_onednn_limit}), "
+            f"bf16 {bf16_limit:.1f} GFLOP/s (torch.matmul {bf16_matmul:.1f}, oneDNN packed {bf16_onednn})"
+        )
         use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bf16_is_fast(fp32_limit, bf16_limit))
         if args.bf16 == "auto" and not use_bf16:
             notes.append(
@@ -348,12 +411,21 @@ def main(argv: list[str] | None = None) -> int:
                     run_original, run_clip_batch1, fp32_limit, threads, mapper,
                 )  # fmt: skip
                 rows.append(base)
+                fp32_ours: dict[int, dict[str, Any]] = {}
                 for batch in mapper_batches:
                     row = bench_row(
                         model, "ours", "fp32", mode, beams, batch, run_ours, run_clip,
                         fp32_limit, threads, mapper, args.repeats,
                     )  # fmt: skip
+                    fp32_ours[batch] = row
                     rows.append(against(row, base))
+                if args.onednn:
+                    with _OneDnnLinear(model):
+                        row = bench_row(
+                            model, "ours + oneDNN linear layers", "fp32", mode, beams, max(batches),
+                            run_ours, run_clip, fp32_onednn_limit or fp32_limit, threads, mapper, args.repeats,
+                        )  # fmt: skip
+                    rows.append(agreement(against(row, base), fp32_ours[max(batches)]))
                 for ablation, undo in ABLATIONS.items() if not args.no_ablation and mapper == "mlp" else ():
                     if ablation == "ours, no shared prefill" and beams == 1:
                         continue  # greedy has one row per image: nothing to share
@@ -374,17 +446,30 @@ def main(argv: list[str] | None = None) -> int:
                     row["first call s (compiles)"] = compile_s
                     rows.append(against(row, base))
                 if use_bf16:
-                    model_bf16 = bf16_models.setdefault(mapper, build_model(mapper, dtype=torch.bfloat16))
+                    if mapper not in bf16_models:
+                        bf16_models[mapper] = build_model(mapper, dtype=torch.bfloat16)
+                        for part in (bf16_models[mapper].vision_model, bf16_models[mapper].language_model):
+                            part.set_attn_implementation(args.bf16_attention)
+                    model_bf16 = bf16_models[mapper]
                     for batch in mapper_batches:
                         row = bench_row(
                             model_bf16, "ours", "bf16", mode, beams, batch, run_ours, run_clip,
                             bf16_limit, threads, mapper, args.repeats,
                         )  # fmt: skip
-                        rows.append(against(row, base))
+                        rows.append(agreement(against(row, base), fp32_ours.get(batch)))
+                    if args.onednn:
+                        with _OneDnnLinear(model_bf16):
+                            row = bench_row(
+                                model_bf16, "ours + oneDNN linear layers", "bf16", mode, beams, max(batches),
+                                run_ours, run_clip, bf16_limit, threads, mapper, args.repeats,
+                            )  # fmt: skip
+                        rows.append(agreement(against(row, base), fp32_ours.get(max(batches))))
     columns = [
         "threads", "mapper", "dtype", "mode", "method", "batch", "img/s", "decode img/s", "speedup",
-        "decode speedup", "GFLOP/s", "% limit", "peak MiB",
+        "decode speedup", "GFLOP/s", "% limit", "same captions", "peak MiB",
     ]  # fmt: skip
+    for row in rows:
+        row.pop("_tokens", None)
     print_table(rows, columns, title="Captioning throughput (20 tokens per caption)")
     for threads, lim in limits.items():
         print(

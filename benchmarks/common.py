@@ -115,6 +115,27 @@ def necessary_caption_gflops(model: Any, num_beams: int, with_clip: bool = True)
     return work + (CLIP_GFLOPS_PER_IMAGE if with_clip else 0.0)
 
 
+# --------------------------------------------------------------------------------------------- clock
+
+#: the clock every timer here reads: wall time by default; ``set_clock("process")`` switches to this process's
+#: CPU time, which a shared, loaded host does not inflate by time-slicing (valid at 1 thread only: at n threads
+#: the CPU time of all n threads adds up)
+_CLOCK: dict[str, Callable[[], float]] = {"now": time.perf_counter}
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def set_clock(name: str) -> None:
+    """Time with ``"wall"`` (``perf_counter``) or ``"process"`` (``process_time``: this process's CPU time)."""
+    if name not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {name!r}")
+    _CLOCK["now"] = CLOCKS[name]
+
+
+def now() -> float:
+    """The current reading of the selected clock (seconds)."""
+    return _CLOCK["now"]()
+
+
 # --------------------------------------------------------------------------------------------- machine
 
 
@@ -143,11 +164,39 @@ def matmul_gflops(dtype: torch.dtype, sizes: Sequence[int] = (512, 1024), second
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
         a @ b
-        runs, start = 0, time.perf_counter()
+        runs, start = 0, now()
         while True:
             a @ b
             runs += 1
-            elapsed = time.perf_counter() - start
+            elapsed = now() - start
+            if elapsed >= seconds:
+                break
+        best = max(best, 2 * n**3 * runs / elapsed / 1e9)
+    return best
+
+
+def onednn_matmul_gflops(
+    dtype: torch.dtype, sizes: Sequence[int] = (512, 1024), seconds: float = 0.6
+) -> float | None:
+    """Best square-matmul rate (GFLOP/s) through oneDNN with a prepacked weight (what
+    ``modeling_clipcap.cpu_linear`` runs), or None where this torch has no oneDNN linear ops. On AMD CPUs MKL
+    (``torch.matmul`` in float32) uses AVX2 kernels, oneDNN the CPU's widest units: its limit is the higher one."""
+    from modeling_clipcap.compat import onednn_linear_ops
+
+    ops = onednn_linear_ops()
+    if ops is None:
+        return None
+    pack, linear = ops
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n).to(dtype)
+        packed = pack(torch.randn(n, n).to(dtype), n)
+        linear(a, packed, None)
+        runs, start = 0, now()
+        while True:
+            linear(a, packed, None)
+            runs += 1
+            elapsed = now() - start
             if elapsed >= seconds:
                 break
         best = max(best, 2 * n**3 * runs / elapsed / 1e9)
@@ -211,9 +260,9 @@ def measure(fn: Callable[[], Any], repeats: int = 1, statistic: str = "best") ->
     reset_peak_rss()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     peak = peak_rss_mb()
     return {
         "seconds": min(times) if statistic == "best" else stats.median(times),

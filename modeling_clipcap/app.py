@@ -64,6 +64,10 @@ PAGE_BATCH_SIZE = 16
 MAX_EXAMPLES = 12
 #: largest upload the server accepts (Gradio refuses bigger files before they reach the model)
 DEFAULT_MAX_FILE_SIZE = "25mb"
+#: Gradio's ``delete_cache`` for the app: every 10 minutes, delete uploads (and served copies) older than an hour
+DEFAULT_DELETE_CACHE = (600, 3600)
+#: the page keeps the downloads (JSON, CSV) of its last this many calls on disk
+PAGE_DOWNLOADS_KEPT = 64
 
 #: An argument of the app (model, CLIP model, examples, decoding choice) is unusable; the message says why. The
 #: same class as the loader's error (``captioning.CaptionInputError``): one error type for unusable command inputs.
@@ -431,6 +435,39 @@ def write_downloads(results: list[dict[str, Any]], decoding: Decoding, folder: P
 # ------------------------------------------------------------------------------------------ the Gradio app
 
 
+class ModelThread:
+    """Runs every model call of an app on one dedicated thread.
+
+    Gradio runs each event handler on whichever thread of its worker pool is free, and glibc gives each thread
+    that allocates its own malloc arena (up to 8 per core): the batches' tensors (pixel values, KV caches,
+    logits of varying batch sizes) then spread over many arenas, each keeping its own freed memory, and the
+    server's resident memory climbs with every request for thousands of requests (measured in
+    ``docs/performance.md``, "App soak"). On one thread the model's allocations stay in one arena and are reused.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipcap-model")
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the model thread, in the caller's context (Gradio's progress tracker is a
+        context variable); waits for it and returns its result (or raises its error)."""
+        import contextvars
+
+        context = contextvars.copy_context()
+        return self._executor.submit(context.run, fn, *args, **kwargs).result()
+
+
+def _prune_downloads(root: Path, keep: int = PAGE_DOWNLOADS_KEPT) -> None:
+    """Delete all but the newest ``keep`` download folders under ``root`` (Gradio serves its own copies)."""
+    import shutil
+
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name)
+    for folder in folders[: max(len(folders) - keep, 0)]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _import_gradio() -> Any:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls
     try:
@@ -512,9 +549,11 @@ def _page_handler(
     clip: tuple[Any, Any] | None,
     max_pixels: int | None,
     headers: list[str],
+    model_thread: ModelThread | None = None,
 ) -> Any:
     """The page's "Caption" callback: uploads and decoding controls -> gallery, text, table, downloads, status."""
     output_root = Path(tempfile.mkdtemp(prefix="clipcap-app-"))
+    run_model = model_thread.run if model_thread is not None else (lambda fn, *a, **k: fn(*a, **k))
 
     def run_page(
         files,
@@ -537,9 +576,10 @@ def _page_handler(
         )
         started = time.perf_counter()
         try:
-            results = caption_files(
-                model, processor, paths, decoding, clip=clip, max_pixels=max_pixels, progress=progress
-            )
+            results = run_model(
+                caption_files,
+                model, processor, paths, decoding, clip=clip, max_pixels=max_pixels, progress=progress,
+            )  # fmt: skip
         except AppInputError as err:
             raise gr.Error(str(err), print_exception=False) from err
         except (ValueError, RuntimeError) as err:
@@ -551,6 +591,7 @@ def _page_handler(
         for r in failed:
             gr.Warning(r["error"])
         json_path, csv_path = write_downloads(results, decoding, output_root / f"{time.time_ns()}")
+        _prune_downloads(output_root)
         done = [r for r in results if r["error"] is None]
         gallery = [(r["path"], r["captions"][0]["caption"]) for r in done]
         text = "\n".join(f"{r['image']}: {r['captions'][0]['caption']}" for r in done)
@@ -567,8 +608,11 @@ def _page_handler(
     return run_page
 
 
-def _api_handlers(gr: Any, model: Any, processor: Any, max_pixels: int | None) -> tuple[Any, Any]:
+def _api_handlers(
+    gr: Any, model: Any, processor: Any, max_pixels: int | None, model_thread: ModelThread | None = None
+) -> tuple[Any, Any]:
     """The ``caption`` endpoint's validator (refuses a bad file before it joins a batch) and batched callback."""
+    run_model = model_thread.run if model_thread is not None else (lambda fn, *a, **k: fn(*a, **k))
 
     def validate_api_image(images: list[Any]) -> tuple[list[Any]]:
         # batched event: one list per input with one entry per request (always a single request here)
@@ -592,8 +636,9 @@ def _api_handlers(gr: Any, model: Any, processor: Any, max_pixels: int | None) -
     def caption_api(images: list[Any]) -> tuple[list[str]]:
         """Caption one image file (batched: Gradio hands over up to max_batch_size concurrent requests)."""
         rows = _upload_rows([_upload_path(image) for image in images])
-        try:
-            results = list(
+
+        def caption_rows() -> list[Any]:
+            return list(
                 caption_items(
                     model,
                     processor,
@@ -603,6 +648,9 @@ def _api_handlers(gr: Any, model: Any, processor: Any, max_pixels: int | None) -
                     num_return_sequences=1,
                 )
             )
+
+        try:
+            results = run_model(caption_rows)
         except (
             ImageLoadError
         ) as err:  # the validator refused such files already; only a vanished file gets here
@@ -672,6 +720,7 @@ def build_app(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     dtype: str = "float32",
     device: str | None = None,
+    delete_cache: tuple[int, int] | None = DEFAULT_DELETE_CACHE,
 ) -> Any:
     """Build the captioning page and the ``caption`` API endpoint (a ``gradio.Blocks``, not yet launched).
 
@@ -685,6 +734,11 @@ def build_app(
         queue_size: most requests waiting in the queue (more are refused with "queue is full").
         max_pixels: largest ``width * height`` accepted (decompression-bomb guard).
         dtype, device: how to load a model given by folder or id (see ``clipcap caption``).
+        delete_cache: Gradio's ``(frequency, age)`` in seconds: every ``frequency`` s, uploaded files and served
+            copies older than ``age`` s are deleted (``None``: kept until the server stops).
+
+    Every model call runs on one dedicated thread (:class:`ModelThread`), so the server's memory stays flat under
+    load.
 
     Raises:
         AppInputError: a model, example or limit is unusable; the message says what to do.
@@ -698,9 +752,12 @@ def build_app(
     example_files = find_examples(model_dir, examples)
     label = _model_label(model, model_dir)
     headers = table_headers(clip is not None)
-    run_page = _page_handler(gr, model, processor, clip, max_pixels, headers)
-    validate_api_image, caption_api = _api_handlers(gr, model, processor, max_pixels)
-    with gr.Blocks(title=f"ClipCap captioning: {label}", analytics_enabled=False) as demo:
+    model_thread = ModelThread()
+    run_page = _page_handler(gr, model, processor, clip, max_pixels, headers, model_thread)
+    validate_api_image, caption_api = _api_handlers(gr, model, processor, max_pixels, model_thread)
+    with gr.Blocks(
+        title=f"ClipCap captioning: {label}", analytics_enabled=False, delete_cache=delete_cache
+    ) as demo:
         gr.Markdown(
             f"# ClipCap captioning\nModel: `{label}`. Drop one image or many; each gets its caption, the "
             "prefix read back as its nearest vocabulary tokens"

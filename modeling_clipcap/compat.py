@@ -138,6 +138,54 @@ except ImportError:
     slice_logits_to_keep = _slice_logits_to_keep_fallback
 
 
+def allow_compile_on_all_devices(compile_config: Any) -> bool:
+    """Let ``generate`` compile its decoding step on any device (by default transformers compiles on GPUs only).
+
+    Sets the private ``CompileConfig._compile_all_devices`` (5.20-5.25: there is no public switch). Returns False
+    where a release dropped it: ``generate`` then warns that it cannot compile and decodes eagerly (same tokens).
+    """
+    if not hasattr(compile_config, "_compile_all_devices"):
+        return False
+    compile_config._compile_all_devices = True
+    return True
+
+
+def _onednn_ops() -> tuple[Any, Any] | None:
+    """torch's oneDNN linear ops (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, private:
+    what Inductor emits for low-precision linear layers), or None where this torch build lacks them."""
+    import torch
+
+    try:
+        if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+            return None
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        linear = torch.ops.mkldnn._linear_pointwise
+        weight, x = torch.ones(3, 2), torch.ones(1, 2)
+        if not torch.equal(linear(x, reorder(weight, 1), None, "none", [], ""), torch.full((1, 3), 2.0)):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    return reorder, linear
+
+
+def onednn_linear_ops() -> tuple[Any, Any] | None:
+    """``(pack, linear)`` for CPU linear layers through oneDNN, or None where the installed torch lacks them.
+
+    ``pack(weight (O, I), batch_hint) -> packed``; ``linear(x (..., I), packed, bias (O,) or None) -> (..., O)``.
+    Used by :mod:`modeling_clipcap.cpu_linear` (opt-in); where None, that module leaves every layer as it is.
+    """
+    if "ops" not in _ONEDNN:
+        _ONEDNN["ops"] = _onednn_ops()
+    ops = _ONEDNN["ops"]
+    if ops is None:
+        return None
+    reorder, linear = ops
+    return reorder, lambda x, packed, bias: linear(x, packed, bias, "none", [], "")
+
+
+_ONEDNN: dict[str, Any] = {}
+
+
 def register_key_renames(class_name: str, renames: dict[str, str]) -> bool:
     """Register checkpoint key renames (regex -> replacement) applied when ``class_name`` loads weights.
 
@@ -160,8 +208,10 @@ __all__ = [
     "LOGITS_PROCESSOR_HOOK_AVAILABLE",
     "MINIMUM_TRANSFORMERS",
     "SUPPORTED_TRANSFORMERS",
+    "allow_compile_on_all_devices",
     "cache_kwargs",
     "logits_processor_hook_available",
+    "onednn_linear_ops",
     "output_cache",
     "pop_cache_argument",
     "register_key_renames",

@@ -97,6 +97,7 @@ class GenerateCounter:
     def __init__(self, model):
         self.sizes: list[int] = []
         self.kwargs: list[dict] = []
+        self.threads: list[str] = []
         self._generate = model.generate
         self._lock = threading.Lock()
         model.generate = self
@@ -106,6 +107,7 @@ class GenerateCounter:
         with self._lock:
             self.sizes.append(0 if pixel_values is None else int(pixel_values.shape[0]))
             self.kwargs.append({k: v for k, v in kwargs.items() if k != "pixel_values"})
+            self.threads.append(threading.current_thread().name)
         return self._generate(*args, **kwargs)
 
 
@@ -188,6 +190,19 @@ def test_eight_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server,
     with pytest.raises(ValidationError, match="corrupt.jpg"):
         bad.result(timeout=60)
     assert page_is_up(server["url"])
+
+
+def test_every_model_call_runs_on_the_one_model_thread(server, real_photos):
+    """Gradio hands events to any thread of its pool; the model's work must stay on one thread (one malloc
+    arena: the server's memory stays flat under load, docs/performance.md "App soak")."""
+    counter = server["counter"]
+    client = Client(server["url"], verbose=False)
+    before = len(counter.threads)
+    jobs = [client.submit(handle_file(str(p)), api_name="/caption") for p in real_photos * 2]
+    [job.result(timeout=120) for job in jobs]
+    client.predict([handle_file(str(real_photos[0]))], "greedy", 2, 1.0, 1.0, 1, 6, api_name="/caption_page")
+    threads = set(counter.threads[before:])
+    assert len(threads) == 1 and threads.pop().startswith("clipcap-model"), counter.threads[before:]
 
 
 def test_caption_endpoint_over_plain_http(server, real_photos):
