@@ -1,4 +1,4 @@
-"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate | embed | env | app``.
+"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate | embed | index | env | app``.
 
 Each sub-command lives in the module that owns its concern and exposes two
 functions:
@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": (
         "modeling_clipcap.embed",
         "precompute image embeddings of WebDataset / Parquet shards (Parquet out)",
+    ),
+    "index": (
+        "modeling_clipcap.retrieval",
+        "embed captions into a retrieval datastore (Parquet + faiss) for retrieval-augmented captioning",
     ),
     "env": ("modeling_clipcap.environment", "print versions and hardware to paste into a bug report"),
     "app": ("modeling_clipcap.app", "open a captioning web page and API (Gradio; needs the app extra)"),
