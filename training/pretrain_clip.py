@@ -374,7 +374,7 @@ def save_text_side(model: ContrastiveDualEncoder, tokenizer: Any, out_dir: Path)
         **(model.text.config.to_dict() | {"projection_dim": model.text_projection.out_features})
     )
     text = CLIPTextModelWithProjection(config)
-    text.text_model.load_state_dict(model.text.text_model.state_dict())
+    text.text_model.load_state_dict(model.text.state_dict())
     text.text_projection.load_state_dict(model.text_projection.state_dict())
     text.save_pretrained(out_dir / "text_tower")
     tokenizer.save_pretrained(out_dir / "text_tower")
@@ -383,7 +383,7 @@ def save_text_side(model: ContrastiveDualEncoder, tokenizer: Any, out_dir: Path)
         weight = model.image_projection.weight.detach().contiguous()
         save_file({"weight": weight}, str(out_dir / "image_projection.safetensors"))
         record["image_projection"] = "image_projection.safetensors"
-    record["logit_scale"] = float(model.logit_scale.exp())
+    record["logit_scale"] = float(model.logit_scale.detach().exp())
     (out_dir / "dual_encoder.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
