@@ -67,7 +67,7 @@ class ClipCapConfig(PreTrainedConfig):
             (the paper's model); the captions come from the processor (``processor(images, datastore=...)``).
         retrieval_template (`str`, defaults to `"Similar images show {captions} This image shows"`): the prompt;
             ``{captions}`` becomes the retrieved captions joined by spaces (``processing_clipcap.retrieval_prompt``).
-        image_projection_dim (`int`, *optional*): a linear projection (no bias) of the tower's pooled embedding to
+        joint_embed_dim (`int`, *optional*): a linear projection (no bias) of the tower's pooled embedding to
             this width, into the joint image-text space the mapper reads (a tower saved without its projection, e.g.
             the demo's ResNet for text-only training); ``None``: none (the tower's own embedding).
 
@@ -111,7 +111,7 @@ class ClipCapConfig(PreTrainedConfig):
     freeze_language_model: bool = False
     retrieval_k: int = 0
     retrieval_template: str = "Similar images show {captions} This image shows"
-    image_projection_dim: int | None = None
+    joint_embed_dim: int | None = None
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
@@ -123,8 +123,8 @@ class ClipCapConfig(PreTrainedConfig):
             self.vision_config = vision_tower_config(self.vision_config)
             family = vision_family(self.vision_config)
             derived = image_embed_dim(self.vision_config, self.mapping_input)
-            if self.image_projection_dim is not None:
-                derived = self.image_projection_dim
+            if self.joint_embed_dim is not None:
+                derived = self.joint_embed_dim
             if self.image_embed_dim is None:
                 self.image_embed_dim = derived
             elif self.image_embed_dim != derived:
@@ -171,11 +171,11 @@ class ClipCapConfig(PreTrainedConfig):
                 f"retrieval_template must contain '{{captions}}' (where the retrieved captions go), got "
                 f"{self.retrieval_template!r}."
             )
-        if self.image_projection_dim is not None and (
-            self.image_projection_dim < 1 or self.mapping_input != "pooled" or self.vision_config is None
+        if self.joint_embed_dim is not None and (
+            self.joint_embed_dim < 1 or self.mapping_input != "pooled" or self.vision_config is None
         ):
             raise ValueError(
-                f"image_projection_dim={self.image_projection_dim!r} needs a positive width, a vision tower and "
+                f"joint_embed_dim={self.joint_embed_dim!r} needs a positive width, a vision tower and "
                 "mapping_input='pooled' (it projects the pooled image embedding)."
             )
         if self.image_embed_dim is not None and self.image_embed_dim < 1:

@@ -139,7 +139,7 @@ def encoder_fingerprint(
         hasher.update(name.encode())
         _hash_tensor(hasher, tensor)
     projection = getattr(getattr(model, "model", None), "image_projection", None)
-    if projection is not None:  # config.image_projection_dim: the embeddings are the projected ones
+    if projection is not None:  # config.joint_embed_dim: the embeddings are the projected ones
         _hash_tensor(hasher, projection.weight)
     if image_processor is not None:
         settings = image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else ""

@@ -657,10 +657,10 @@ class ClipCapModel(ClipCapPreTrainedModel):
         super().__init__(config)
         vision = config.vision_config
         self.vision_model = build_vision_tower(vision) if vision is not None else None
-        # the tower's pooled embedding -> the joint image-text space (only with config.image_projection_dim)
+        # the tower's pooled embedding -> the joint image-text space (only with config.joint_embed_dim)
         self.image_projection = (
-            nn.Linear(image_embed_dim(vision, "pooled"), config.image_projection_dim, bias=False)
-            if vision is not None and config.image_projection_dim is not None
+            nn.Linear(image_embed_dim(vision, "pooled"), config.joint_embed_dim, bias=False)
+            if vision is not None and config.joint_embed_dim is not None
             else None
         )
         self.mapping_network = MAPPING_NETWORKS[config.mapping_type](config)

@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_processor, tiny_clipcap_config, tiny_vision_config
 from PIL import Image
 
-from conftest import build_tiny_processor, tiny_clipcap_config, tiny_vision_config
-
-pytest.importorskip("faiss")
 
 CAPTIONS = [
     "a red circle.",
@@ -42,7 +40,9 @@ def build_tiny_towers(folder: Path, tokenizer, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     CLIPVisionModelWithProjection(tiny_vision_config()).save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
     tok = copy.deepcopy(tokenizer)
     tok.add_special_tokens({"bos_token": "<|startoftext|>"})
     config = CLIPTextConfig(
@@ -59,7 +59,9 @@ def build_tiny_towers(folder: Path, tokenizer, seed: int = 0) -> Path:
     )
     CLIPTextModelWithProjection(config).save_pretrained(folder / "text_tower")
     tok.save_pretrained(folder / "text_tower")
-    (folder / "dual_encoder.json").write_text(json.dumps({"text_tower": "text_tower", "image_projection": None}))
+    (folder / "dual_encoder.json").write_text(
+        json.dumps({"text_tower": "text_tower", "image_projection": None})
+    )
     return folder
 
 
@@ -139,7 +141,9 @@ def test_training_retrieval_leaves_out_the_images_own_captions(tmp_path, towers_
     store = build_datastore(towers, captions, tmp_path / "ds", keys=keys, images=[pics[int(k[3])] for k in keys],
                             modality="image", show_progress=False)  # fmt: skip
     plain = store.search(towers.encode_images(pics), 2)
-    assert all(set(found) == {f"a photo number {i}", f"a picture number {i}"} for i, found in enumerate(plain))
+    assert all(
+        set(found) == {f"a photo number {i}", f"a picture number {i}"} for i, found in enumerate(plain)
+    )
     prompts, retrieved = retrieve_for_training(store, pics, [f"img{i}" for i in range(4)], 2, "{captions} so")
     for i, found in enumerate(retrieved):
         assert len(found) == 2 and not any(f"number {i}" in c for c in found), (i, found)
@@ -172,8 +176,12 @@ def test_generate_with_retrieved_captions_equals_the_prompt_by_hand(retrieval_mo
     processor = build_tiny_processor(copy.deepcopy(tiny_tokenizer))
     pics = images(2)
     retrieved = [["a red circle.", "a dog."], ["two cats on a sofa.", "a plate of food."]]
-    inputs = processor(images=pics, retrieved_captions=retrieved, retrieval_k=2, retrieval_template="like {captions} so")
-    by_hand = processor(images=pics, text=["like a red circle. a dog. so", "like two cats on a sofa. a plate of food. so"])
+    inputs = processor(
+        images=pics, retrieved_captions=retrieved, retrieval_k=2, retrieval_template="like {captions} so"
+    )
+    by_hand = processor(
+        images=pics, text=["like a red circle. a dog. so", "like two cats on a sofa. a plate of food. so"]
+    )
     torch.testing.assert_close(inputs["input_ids"], by_hand["input_ids"])
     ids = retrieval_model.generate(**inputs, max_new_tokens=5)
     expected = retrieval_model.generate(**by_hand, max_new_tokens=5)
@@ -214,7 +222,9 @@ def test_a_model_without_retrieval_refuses_a_datastore(tiny_model, tiny_processo
         list(caption_items(tiny_model, tiny_processor, images(1), datastore=Datastore.load(datastore_dir)))
 
 
-def test_saved_retrieval_model_loads_with_automodel_and_remote_code(retrieval_model, tiny_tokenizer, tmp_path):
+def test_saved_retrieval_model_loads_with_automodel_and_remote_code(
+    retrieval_model, tiny_tokenizer, tmp_path
+):
     from test_auto_and_remote import run_without_package
     from transformers import AutoModel, AutoProcessor
 
@@ -283,9 +293,9 @@ def test_text_only_training_runs_and_moves_the_mapper(tmp_path, towers_dir, tiny
     estimated on a paired sample), and the saved model captions images."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     import train
+    from conftest import tiny_text_config
     from transformers import GPT2LMHeadModel
 
-    from conftest import tiny_text_config
     from modeling_clipcap import ClipCapForConditionalGeneration
 
     torch.manual_seed(0)
@@ -311,7 +321,7 @@ def test_text_only_training_runs_and_moves_the_mapper(tmp_path, towers_dir, tiny
     assert summary["text_only"]["source"].startswith("estimated on") and summary["text_only"]["noise_std"] > 0
     assert summary["images_encoded_per_rank"] == [4]  # the validation images only
     model = ClipCapForConditionalGeneration.from_pretrained(out)
-    assert model.config.normalize_prefix and model.config.image_projection_dim is None  # CLIP ViT: projected
+    assert model.config.normalize_prefix and model.config.joint_embed_dim is None  # CLIP ViT: projected
     torch.manual_seed(0)
     fresh = ClipCapForConditionalGeneration.from_vision_text_pretrained(
         str(towers_dir), str(tmp_path / "lm"), mapping_type="mlp", prefix_length=2, normalize_prefix=True
@@ -331,8 +341,8 @@ def test_image_projection_is_off_by_default_and_projects_when_set(tiny_tokenizer
     from modeling_clipcap import ClipCapForConditionalGeneration
 
     plain = tiny_clipcap_config(len(tiny_tokenizer))
-    assert plain.image_projection_dim is None and plain.image_embed_dim == 24
-    projected = tiny_clipcap_config(len(tiny_tokenizer), image_projection_dim=7)
+    assert plain.joint_embed_dim is None and plain.image_embed_dim == 24
+    projected = tiny_clipcap_config(len(tiny_tokenizer), joint_embed_dim=7)
     assert projected.image_embed_dim == 7
     model = ClipCapForConditionalGeneration(projected).eval()
     pixels = torch.randn(2, 3, 32, 32)

@@ -251,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retrieval_k", type=int, default=None, help="captions retrieved per image (0: none)")
     g.add_argument("--retrieval_template", default=None, help="the retrieval prompt ({captions})")
     g.add_argument("--datastore_file", default=None, help="corpus file indexed (default: datastore.txt)")
-    add_bool_argument(g, "text_only", default=None, help="train ClipCap from the corpus alone (benchmark)")
+    add_bool_argument(
+        g, "text_only", default=None, help="ClipCap from the corpus alone (default: demo.json's)"
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -245,11 +245,11 @@ def build_model_and_processor(
     """The model (pretrained parts or the preset's config) with its processor and generation config.
 
     ``towers`` (text-only training, ``retrieval.Towers``): the model reads the joint space, so it gets the towers'
-    image projection (``image_projection_dim``, weights copied, frozen with the tower) and ``normalize_prefix``."""
+    image projection (``joint_embed_dim``, weights copied, frozen with the tower) and ``normalize_prefix``."""
     preset = args.preset
     overrides = {k: getattr(args, k) for k in MODEL_FIELDS if getattr(args, k) is not None}
     if towers is not None and towers.image_projection is not None and not args.model_name_or_path:
-        overrides |= {"image_projection_dim": towers.dim, "normalize_prefix": True}
+        overrides |= {"joint_embed_dim": towers.dim, "normalize_prefix": True}
     elif towers is not None:
         overrides |= {"normalize_prefix": True}
     model = load_training_model(
