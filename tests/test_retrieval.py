@@ -15,7 +15,6 @@ import torch
 from conftest import build_tiny_processor, tiny_clipcap_config, tiny_vision_config
 from PIL import Image
 
-
 CAPTIONS = [
     "a red circle.",
     "a blue square.",
@@ -223,7 +222,7 @@ def test_a_model_without_retrieval_refuses_a_datastore(tiny_model, tiny_processo
 
 
 def test_saved_retrieval_model_loads_with_automodel_and_remote_code(
-    retrieval_model, tiny_tokenizer, tmp_path
+    retrieval_model, tiny_tokenizer, tmp_path, datastore_dir, capsys
 ):
     from test_auto_and_remote import run_without_package
     from transformers import AutoModel, AutoProcessor
@@ -256,6 +255,24 @@ def test_saved_retrieval_model_loads_with_automodel_and_remote_code(
         cwd=tmp_path,
     )
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected.tolist()
+
+    # clipcap caption: a retrieval model needs --datastore, and captions through it (the pipeline too)
+    from transformers import pipeline
+
+    from modeling_clipcap.captioning import caption_items
+    from modeling_clipcap.cli import main
+    from modeling_clipcap.retrieval import Datastore
+
+    argv = ["caption", str(tmp_path / "pic.png"), "--model", str(tmp_path / "m"), "--no_progress", "--json"]
+    assert main(argv) == 2
+    assert "pass --datastore" in capsys.readouterr().err
+    assert main(argv + ["--datastore", str(datastore_dir)]) == 0
+    written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["caption"]
+    store = Datastore.load(datastore_dir)
+    [(_, captions, _)] = caption_items(loaded, processor, [str(tmp_path / "pic.png")], datastore=store)
+    assert written == captions[0]
+    captioner = pipeline("image-captioning", model=str(tmp_path / "m"))
+    assert captioner([str(tmp_path / "pic.png")], datastore=store) == [[{"generated_text": captions[0]}]]
 
 
 def test_pretrain_clip_saves_towers_that_load_for_retrieval(tmp_path, tiny_tokenizer):
@@ -351,3 +368,19 @@ def test_image_projection_is_off_by_default_and_projects_when_set(tiny_tokenizer
     assert not model.model.image_projection.weight.requires_grad  # frozen with the tower (freeze_vision)
     with pytest.raises(ValueError, match="retrieval_template must contain"):
         tiny_clipcap_config(len(tiny_tokenizer), retrieval_template="no slot")
+
+
+def test_synthetic_text_corpus_covers_every_scene_and_the_held_out_pairs(tmp_path):
+    """The unpaired corpus: every phrasing of every scene (held-out colour/shape pairs included), one caption per
+    scene for a datastore, and the same scenes in a second phrasing style that no reference uses."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import synthetic_data
+
+    paths = synthetic_data.write_text_corpus(tmp_path)
+    lines = {name: path.read_text().splitlines() for name, path in paths.items()}
+    assert len(lines["datastore"]) == len(lines["datastore_style2"]) == 36 + 36 * 35 * 4
+    assert len(lines["captions"]) == 36 * 5 + 36 * 35 * 4 * 4
+    assert "a large red triangle." in lines["captions"] and "a small green circle." in lines["datastore"]
+    assert "purple square, large, above red triangle, small." in lines["datastore_style2"]
+    references = {c for row in synthetic_data.generate_split("train", 50) for c in row["captions"]}
+    assert references <= set(lines["captions"]) and not references & set(lines["datastore_style2"])
