@@ -384,3 +384,46 @@ def test_synthetic_text_corpus_covers_every_scene_and_the_held_out_pairs(tmp_pat
     assert "purple square, large, above red triangle, small." in lines["datastore_style2"]
     references = {c for row in synthetic_data.generate_split("train", 50) for c in row["captions"]}
     assert references <= set(lines["captions"]) and not references & set(lines["datastore_style2"])
+
+
+@pytest.mark.slow
+def test_train_with_a_datastore_then_evaluate_with_another(
+    tmp_path, towers_dir, datastore_dir, tiny_tokenizer
+):
+    """train.py --datastore: retrieval for every training and validation image (the training images' own
+    captions left out), a saved model with retrieval_k, then clipcap evaluate with a different datastore."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import train
+    from conftest import tiny_text_config
+    from transformers import GPT2LMHeadModel
+
+    from modeling_clipcap import ClipCapForConditionalGeneration
+    from modeling_clipcap.cli import main
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_text_config(len(tiny_tokenizer))).save_pretrained(tmp_path / "lm")
+    tiny_tokenizer.save_pretrained(tmp_path / "lm")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    with open(pics / "metadata.jsonl", "w") as f:
+        for i, pic in enumerate(images(6)):
+            pic.save(pics / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "captions": [CAPTIONS[i], CAPTIONS[i + 1]]}) + "\n")
+    paired = tmp_path / "paired_store"
+    assert main(["index", "--model", str(towers_dir), "--data", str(pics / "metadata.jsonl"), "--output_dir",
+                 str(paired), "--no_progress"]) == 0  # fmt: skip
+    summary = train.main([
+        "--vision_model_name_or_path", str(towers_dir), "--text_model_name_or_path", str(tmp_path / "lm"),
+        "--train_file", str(pics / "metadata.jsonl"), "--validation_file", str(pics / "metadata.jsonl"),
+        "--datastore", str(paired), "--retrieval_k", "2", "--retrieval_template", "see {captions} so",
+        "--output_dir", str(tmp_path / "out"), "--max_train_steps", "3", "--per_device_train_batch_size", "4",
+        "--mapping_type", "mlp", "--prefix_length", "2", "--max_new_tokens", "4", "--no_eval_meteor",
+        "--embedding_cache_dir", str(tmp_path / "cache"), "--num_warmup_steps", "0",
+    ])  # fmt: skip
+    assert summary["datastore"] == str(paired) and summary["completed_steps"] == 3
+    model = ClipCapForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert (model.config.retrieval_k, model.config.retrieval_template) == (2, "see {captions} so")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tmp_path / "out"), "--data", str(pics / "metadata.jsonl"),
+                 "--datastore", str(datastore_dir), "--output_dir", str(out), "--no_meteor", "--no_progress"]) == 0  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["config"]["datastore"] == str(datastore_dir)
