@@ -512,6 +512,24 @@ def _model_label(model: Any, model_dir: Path | None) -> str:
     return "/".join(Path(name).resolve().parts[-2:]) if Path(name).exists() else name
 
 
+def _attach_datastore(model: Any, processor: Any, datastore: Any) -> None:
+    """Give the processor the datastore that ``caption_items`` retrieves from (``processor.datastore``)."""
+    from .captioning import check_retrieval
+    from .retrieval import Datastore
+
+    try:
+        if isinstance(datastore, (str, os.PathLike)):
+            datastore = Datastore.load(datastore)
+        check_retrieval(model, datastore)
+    except ValueError as err:
+        raise AppInputError(f"--datastore: {err}") from err
+    if getattr(model.config, "retrieval_k", 0) and datastore is None:
+        raise AppInputError(
+            f"the model is retrieval-augmented (retrieval_k={model.config.retrieval_k}): pass --datastore DIR."
+        )
+    processor.datastore = datastore
+
+
 def _app_models(
     model: Any,
     processor: Any,
@@ -721,6 +739,7 @@ def build_app(
     dtype: str = "float32",
     device: str | None = None,
     delete_cache: tuple[int, int] | None = DEFAULT_DELETE_CACHE,
+    datastore: Any = None,
 ) -> Any:
     """Build the captioning page and the ``caption`` API endpoint (a ``gradio.Blocks``, not yet launched).
 
@@ -736,6 +755,8 @@ def build_app(
         dtype, device: how to load a model given by folder or id (see ``clipcap caption``).
         delete_cache: Gradio's ``(frequency, age)`` in seconds: every ``frequency`` s, uploaded files and served
             copies older than ``age`` s are deleted (``None``: kept until the server stops).
+        datastore: a retrieval-augmented model's datastore (a folder built by ``clipcap index``, or a loaded
+            ``retrieval.Datastore``); every caption of the page and the API retrieves from it.
 
     Every model call runs on one dedicated thread (:class:`ModelThread`), so the server's memory stays flat under
     load.
@@ -748,6 +769,7 @@ def build_app(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AppInputError(f"--{name} must be a positive integer, got {value!r}.")
     model, processor, clip, model_dir = _app_models(model, processor, clip_model, dtype, device)
+    _attach_datastore(model, processor, datastore)
     model.eval()
     example_files = find_examples(model_dir, examples)
     label = _model_label(model, model_dir)
@@ -868,6 +890,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model precision")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--datastore", default=None, help="retrieval datastore (clipcap index) of a retrieval-augmented model"
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -889,6 +914,7 @@ def cli_main(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             dtype=args.dtype,
             device=args.device,
+            datastore=args.datastore,
         )
     except AppInputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -154,6 +154,8 @@ def caption_batch(
         inputs["image_embeds"] = image_embeds
     output = model.generate(**_model_inputs(model, inputs), **generation_kwargs)  # (B, T) or .sequences
     sequences = output.sequences if hasattr(output, "sequences") else output
+    if torch.is_tensor(inputs.get("input_ids")):  # a prompt (retrieved captions): keep only the continuation
+        sequences = sequences[:, inputs["input_ids"].shape[1] :]
     return [" ".join(text.split()) for text in processor.batch_decode(sequences, skip_special_tokens=True)]
 
 
@@ -170,6 +172,7 @@ class _Item:
     image: Any = None
     captions: list[str] = field(default_factory=list)
     error: str | None = None
+    retrieved: list[str] | None = None  # captions retrieved for it (a retrieval-augmented model)
 
     @property
     def kind(self) -> str:
@@ -182,17 +185,22 @@ def _as_item(position: int, item: Any) -> _Item:
     """A path (id: the path), a row with ``image_id`` (id: that), or any other image source (id: its position)."""
     if isinstance(item, Mapping) and "image_id" in item:
         image_id, name = item["image_id"], item.get("name")
+        retrieved = item.get("retrieved_captions")
         if item.get("error") is not None:
             return _Item(image_id, name or str(image_id), error=str(item["error"]))
         if item.get("image_embeds") is not None:
-            return _Item(image_id, name, inputs={"image_embeds": torch.as_tensor(item["image_embeds"])})
+            inputs = {"image_embeds": torch.as_tensor(item["image_embeds"])}
+            return _Item(image_id, name, inputs=inputs, retrieved=retrieved)
         if item.get("pixel_values") is not None:
             tensors = {k: v for k, v in item.items() if torch.is_tensor(v)}
             return _Item(
-                image_id, name, inputs=tensors | {"pixel_values": torch.as_tensor(item["pixel_values"])}
+                image_id,
+                name,
+                inputs=tensors | {"pixel_values": torch.as_tensor(item["pixel_values"])},
+                retrieved=retrieved,
             )
         if "image" in item:
-            return _Item(image_id, name, source=item["image"])
+            return _Item(image_id, name, source=item["image"], retrieved=retrieved)
         raise ValueError(
             f"item {position} (image_id {image_id!r}) has no 'image', 'image_embeds' or 'pixel_values'; "
             f"it has {sorted(item)}."
@@ -243,21 +251,31 @@ def _caption_group(
     policy: str,
     on_batch: BatchHook | None,
     generation_kwargs: dict[str, Any],
+    datastore: Any = None,
 ) -> None:
-    """Caption items of one kind in one ``generate`` call; the processor runs once on their images.
+    """Caption items of one kind in one ``generate`` call; the processor runs once on their images (and, for a
+    retrieval-augmented model, turns their retrieved captions, or those ``datastore`` finds, into the prompt).
 
     When the call fails under ``"skip"``, the items are captioned one at a time, so only the image(s)
     responsible get the error.
     """
     try:
         images = None
+        retrieval = _retrieval_kwargs(model, group, datastore)
         if group[0].inputs is None:
             images = [item.image for item in group]
-            inputs = _model_inputs(model, processor(images=images, return_tensors="pt"))
+            inputs = _model_inputs(model, processor(images=images, return_tensors="pt", **retrieval))
         else:  # precomputed per item: stack them back into (B, ...) tensors
             inputs = _model_inputs(
                 model, {name: torch.stack([item.inputs[name] for item in group]) for name in group[0].inputs}
             )
+            if retrieval:
+                if "retrieved_captions" not in retrieval:
+                    raise ValueError(
+                        "precomputed image_embeds / pixel_values cannot be searched in a datastore: give each row "
+                        "its 'retrieved_captions'."
+                    )
+                inputs.update(_model_inputs(model, processor(return_tensors="pt", **retrieval)))
         texts = caption_batch(model, processor, image_inputs=inputs, **generation_kwargs)
         if on_batch is not None:
             on_batch([item.id for item in group], inputs, images)
@@ -268,11 +286,44 @@ def _caption_group(
             group[0].error = f"captioning failed ({type(err).__name__}: {err})"
             return
         for item in group:
-            _caption_group(model, processor, [item], policy, on_batch, generation_kwargs)
+            _caption_group(model, processor, [item], policy, on_batch, generation_kwargs, datastore)
         return
     per_item = len(texts) // len(group)  # num_return_sequences
     for i, item in enumerate(group):
         item.captions = texts[i * per_item : (i + 1) * per_item]
+
+
+def _retrieval_kwargs(model: Any, group: list[_Item], datastore: Any) -> dict[str, Any]:
+    """The processor's retrieval arguments for ``group`` (empty for a model without retrieval): the items' own
+    ``retrieved_captions`` when they all have them, else ``datastore`` retrieves."""
+    k = getattr(model.config, "retrieval_k", 0)
+    if not k:
+        return {}
+    settings = {"retrieval_k": k, "retrieval_template": model.config.retrieval_template}
+    if all(item.retrieved is not None for item in group):
+        return settings | {"retrieved_captions": [list(item.retrieved) for item in group]}
+    if datastore is None:
+        raise ValueError(
+            f"this model is retrieval-augmented (config.retrieval_k = {k}): give a datastore to retrieve captions "
+            "from (--datastore DIR, built by clipcap index), or rows with 'retrieved_captions'."
+        )
+    return settings | {"datastore": datastore}
+
+
+def check_retrieval(model: Any, datastore: Any) -> None:
+    """A retrieval-augmented model (``config.retrieval_k > 0``) needs a datastore (or captions retrieved for every
+    item); one without retrieval takes none. Raises ``ValueError`` saying which."""
+    k = getattr(model.config, "retrieval_k", 0)
+    if datastore is not None and not k:
+        raise ValueError(
+            "this model was not trained with retrieval (config.retrieval_k = 0), so it cannot read a datastore; "
+            "leave out --datastore, or train a model with --datastore and --retrieval_k."
+        )
+    if datastore is not None and len(datastore) < k:
+        raise ValueError(
+            f"the datastore holds {len(datastore)} captions but the model retrieves retrieval_k={k}; index more "
+            "captions."
+        )
 
 
 def caption_items(
@@ -284,6 +335,7 @@ def caption_items(
     on_bad_image: str = "fail",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     on_batch: BatchHook | None = None,
+    datastore: Any = None,
     **generation_kwargs: Any,
 ) -> Iterator[tuple[Any, list[str], str | None]]:
     """Caption images lazily, one batch at a time: the library's one captioning path.
@@ -307,6 +359,10 @@ def caption_items(
         max_pixels: decompression-bomb limit of :func:`modeling_clipcap.image_io.load_image`.
         on_batch: called after each ``generate`` call as ``on_batch(ids, inputs, images)`` (:data:`BatchHook`),
             e.g. to read more from the same model inputs (the app's prefix tokens).
+        datastore: for a retrieval-augmented model (``config.retrieval_k > 0``): a
+            ``modeling_clipcap.retrieval.Datastore`` the processor retrieves each image's captions from (rows may
+            instead carry their own ``retrieved_captions``); the prompt is cut from the returned captions. Default:
+            ``processor.datastore`` when set (the app sets it).
         **generation_kwargs: passed to ``model.generate`` (``num_beams``, ``max_new_tokens``, ...).
 
     Yields:
@@ -321,6 +377,11 @@ def caption_items(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     policy = check_bad_image_policy(on_bad_image)
+    if (
+        datastore is None
+    ):  # set by the app (or by hand) for every call: `processor.datastore = Datastore.load(DIR)`
+        datastore = getattr(processor, "datastore", None)
+    check_retrieval(model, datastore)
     was_training = model.training
     model.eval()
     try:
@@ -333,7 +394,7 @@ def caption_items(
             for kind, group in groups.items():
                 if kind != "image_embeds":
                     _require_vision_tower(model)
-                _caption_group(model, processor, group, policy, on_batch, generation_kwargs)
+                _caption_group(model, processor, group, policy, on_batch, generation_kwargs, datastore)
             for item in batch:
                 yield item.id, item.captions, item.error
             del batch, groups  # nothing from this batch outlives it
@@ -346,6 +407,7 @@ def caption_images(
     processor: Any,
     paths: Iterable[str | os.PathLike | tuple[str, str | None]],
     batch_size: int = 16,
+    datastore: Any = None,
     **generation_kwargs: Any,
 ) -> Iterator[tuple[str, str | None, str | None]]:
     """Caption image files lazily (:func:`caption_items` with ``on_bad_image="skip"``), one caption per file.
@@ -369,7 +431,13 @@ def caption_images(
             yield {"image_id": str(path), "image": path, "name": str(path), "error": problem}
 
     for path, captions, error in caption_items(
-        model, processor, rows(), batch_size=batch_size, on_bad_image="skip", **generation_kwargs
+        model,
+        processor,
+        rows(),
+        batch_size=batch_size,
+        on_bad_image="skip",
+        datastore=datastore,
+        **generation_kwargs,
     ):
         yield path, (captions[0] if error is None else None), error
 
@@ -592,6 +660,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         takes_value=False,
         help="run the int8 graphs of an ONNX export (written by `clipcap export --int8`)",
     )
+    parser.add_argument(
+        "--datastore", default=None, help="retrieval datastore (clipcap index) of a retrieval-augmented model"
+    )
     add_bool_argument(
         parser,
         "progress",
@@ -640,7 +711,18 @@ def cli_main(args: argparse.Namespace) -> int:
         model, processor = load_captioner(
             args.model, dtype=args.dtype, device=args.device, backend=args.backend, int8=args.int8
         )
-    except CaptionInputError as err:
+        datastore = None
+        if getattr(args, "datastore", None):
+            from .retrieval import Datastore
+
+            datastore = Datastore.load(args.datastore)
+        if getattr(model.config, "retrieval_k", 0) and datastore is None:
+            raise CaptionInputError(
+                f"{args.model} is retrieval-augmented (retrieval_k={model.config.retrieval_k}): pass --datastore DIR "
+                "(built by clipcap index)."
+            )
+        check_retrieval(model, datastore)
+    except (CaptionInputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
@@ -658,7 +740,7 @@ def cli_main(args: argparse.Namespace) -> int:
     )
     try:
         for path, caption, error in caption_images(
-            model, processor, items, batch_size=args.batch_size, **generation_kwargs
+            model, processor, items, batch_size=args.batch_size, datastore=datastore, **generation_kwargs
         ):
             if error is not None:
                 failed += 1

@@ -1,4 +1,5 @@
-"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate | embed | export | env | app | merge``.
+"""The ``clipcap`` command line: ``clipcap caption | convert | evaluate | embed | index | export | env | app |
+merge``.
 
 Each sub-command lives in the module that owns its concern and exposes two
 functions:
@@ -31,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": (
         "modeling_clipcap.embed",
         "precompute image embeddings of WebDataset / Parquet shards (Parquet out)",
+    ),
+    "index": (
+        "modeling_clipcap.retrieval",
+        "embed captions into a retrieval datastore (Parquet + faiss) for retrieval-augmented captioning",
     ),
     "export": (
         "modeling_clipcap.onnx_export",

@@ -62,6 +62,14 @@ class ClipCapConfig(PreTrainedConfig):
         freeze_vision (`bool`, defaults to `True`): the image tower gets no gradients and stays in eval mode.
         freeze_language_model (`bool`, defaults to `False`): the language model gets no weight gradients and stays in eval
             mode (the paper's transformer recipe); gradients still reach the prefix through its activations.
+        retrieval_k (`int`, defaults to 0): retrieval augmentation (SmallCap): the number of captions retrieved for
+            each image from a datastore and given to the language model as a text prompt after the prefix. 0: off
+            (the paper's model); the captions come from the processor (``processor(images, datastore=...)``).
+        retrieval_template (`str`, defaults to `"Similar images show {captions} This image shows"`): the prompt;
+            ``{captions}`` becomes the retrieved captions joined by spaces (``processing_clipcap.retrieval_prompt``).
+        joint_embed_dim (`int`, *optional*): a linear projection (no bias) of the tower's pooled embedding to
+            this width, into the joint image-text space the mapper reads (a tower saved without its projection, e.g.
+            the demo's ResNet for text-only training); ``None``: none (the tower's own embedding).
 
     Example:
 
@@ -101,6 +109,9 @@ class ClipCapConfig(PreTrainedConfig):
     normalize_prefix: bool = False
     freeze_vision: bool = True
     freeze_language_model: bool = False
+    retrieval_k: int = 0
+    retrieval_template: str = "Similar images show {captions} This image shows"
+    joint_embed_dim: int | None = None
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
@@ -112,6 +123,8 @@ class ClipCapConfig(PreTrainedConfig):
             self.vision_config = vision_tower_config(self.vision_config)
             family = vision_family(self.vision_config)
             derived = image_embed_dim(self.vision_config, self.mapping_input)
+            if self.joint_embed_dim is not None:
+                derived = self.joint_embed_dim
             if self.image_embed_dim is None:
                 self.image_embed_dim = derived
             elif self.image_embed_dim != derived:
@@ -144,6 +157,26 @@ class ClipCapConfig(PreTrainedConfig):
         if self.mapping_hidden_size is not None and self.mapping_hidden_size < 1:
             raise ValueError(
                 f"mapping_hidden_size must be a positive integer, got {self.mapping_hidden_size!r}."
+            )
+        if (
+            isinstance(self.retrieval_k, bool)
+            or not isinstance(self.retrieval_k, int)
+            or self.retrieval_k < 0
+        ):
+            raise ValueError(
+                f"retrieval_k must be an integer >= 0 (0: no retrieval), got {self.retrieval_k!r}."
+            )
+        if "{captions}" not in str(self.retrieval_template):
+            raise ValueError(
+                f"retrieval_template must contain '{{captions}}' (where the retrieved captions go), got "
+                f"{self.retrieval_template!r}."
+            )
+        if self.joint_embed_dim is not None and (
+            self.joint_embed_dim < 1 or self.mapping_input != "pooled" or self.vision_config is None
+        ):
+            raise ValueError(
+                f"joint_embed_dim={self.joint_embed_dim!r} needs a positive width, a vision tower and "
+                "mapping_input='pooled' (it projects the pooled image embedding)."
             )
         if self.image_embed_dim is not None and self.image_embed_dim < 1:
             raise ValueError(f"image_embed_dim must be a positive integer, got {self.image_embed_dim!r}.")

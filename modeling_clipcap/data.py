@@ -824,6 +824,8 @@ class CaptionCollator:
       (the eos id when the tokenizer has no pad token);
     * ``attention_mask`` ``(B, T)`` long: 1 on caption tokens and eos, 0 on padding;
     * ``labels`` ``(B, T)`` long: ``input_ids`` with padding set to -100;
+    * with a ``prompt`` (str) per row (retrieval augmentation): its tokens come before the caption's in
+      ``input_ids`` / ``attention_mask`` and are -100 in ``labels``;
     * ``image_embeds`` ``(B, D)`` float, or ``pixel_values`` ``(B, 3, H, W)`` float (from ``image``: every
       tensor the image processor returns, e.g. SigLIP2's ``pixel_attention_mask`` ``(B, N)`` and
       ``spatial_shapes`` ``(B, 2)`` too).
@@ -877,13 +879,24 @@ class CaptionCollator:
         if len(features) == 0:
             raise ValueError("CaptionCollator got an empty batch.")
         ids = self.tokenize([f[self.caption_column] for f in features])
-        length = max(len(x) for x in ids)
+        # a retrieval-augmented model's rows carry their text prompt (retrieved captions): it comes first and is
+        # not predicted (labels -100)
+        prompts = [[] for _ in ids]
+        if "prompt" in features[0]:
+            prompts = [
+                list(p)
+                for p in self.tokenizer([f["prompt"] for f in features], add_special_tokens=False)[
+                    "input_ids"
+                ]
+            ]
+        length = max(len(p) + len(x) for p, x in zip(prompts, ids))
         input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-            attention_mask[row, : len(x)] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels = torch.full((len(ids), length), -100, dtype=torch.long)
+        for row, (p, x) in enumerate(zip(prompts, ids)):
+            input_ids[row, : len(p) + len(x)] = torch.tensor(p + x, dtype=torch.long)
+            attention_mask[row, : len(p) + len(x)] = 1
+            labels[row, len(p) : len(p) + len(x)] = torch.tensor(x, dtype=torch.long)
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         first = features[0]
         if "image_embeds" in first:

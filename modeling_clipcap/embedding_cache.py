@@ -138,6 +138,9 @@ def encoder_fingerprint(
     for name, tensor in sorted(encoder.state_dict().items()):
         hasher.update(name.encode())
         _hash_tensor(hasher, tensor)
+    projection = getattr(getattr(model, "model", None), "image_projection", None)
+    if projection is not None:  # config.joint_embed_dim: the embeddings are the projected ones
+        _hash_tensor(hasher, projection.weight)
     if image_processor is not None:
         settings = image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else ""
         hasher.update(settings.encode())

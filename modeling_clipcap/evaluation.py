@@ -112,6 +112,7 @@ def generate_captions(
     generation_kwargs: Mapping[str, Any] | None = None,
     on_bad_image: str = "fail",
     progress: bool = True,
+    datastore: Any = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]:
     """Caption unique images in batches, through the library's one captioning path
     (:func:`modeling_clipcap.captioning.caption_items`).
@@ -125,6 +126,7 @@ def generate_captions(
             (``max_new_tokens`` falls back to 30 when that has none).
         on_bad_image: ``"fail"`` raises on an unreadable image; ``"skip"`` leaves it out and reports it
             (:func:`modeling_clipcap.image_io.check_bad_image_policy`).
+        datastore: a ``retrieval.Datastore`` for a retrieval-augmented model (``config.retrieval_k > 0``).
 
     Returns:
         ``(predictions, skipped)``: ``[{"image_id", "caption"}]`` in record order, and
@@ -145,7 +147,13 @@ def generate_captions(
     skipped: list[tuple[Any, str]] = []
     with tqdm(total=len(records), desc="captioning", unit="img", disable=not progress) as bar:
         for image_id, captions, error in caption_items(
-            model, processor, records, batch_size=batch_size, on_bad_image=on_bad_image, **kwargs
+            model,
+            processor,
+            records,
+            batch_size=batch_size,
+            on_bad_image=on_bad_image,
+            datastore=datastore,
+            **kwargs,
         ):
             bar.update(1)
             if error is not None:
@@ -175,6 +183,7 @@ def evaluate_model(
     clip_processor: Any = None,
     on_bad_image: str = "fail",
     progress: bool = True,
+    datastore: Any = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Caption every unique image of a dataset and score the captions against its references.
 
@@ -190,6 +199,7 @@ def evaluate_model(
         spice, meteor: passed to :func:`modeling_clipcap.caption_metrics.compute_caption_metrics`.
         clip_model, clip_processor: optional ``CLIPModel`` + ``CLIPProcessor`` for CLIP-S / RefCLIP-S.
         on_bad_image: ``"fail"`` or ``"skip"`` (skipped images are listed in ``metrics["skipped_images"]``).
+        datastore: where a retrieval-augmented model retrieves captions from (``retrieval.Datastore``).
 
     Returns:
         ``(predictions, metrics)``: ``[{"image_id", "caption"}]`` (the COCO results format) and the
@@ -212,6 +222,7 @@ def evaluate_model(
         generation_kwargs=generation_kwargs,
         on_bad_image=on_bad_image,
         progress=progress,
+        datastore=datastore,
     )
     if not predictions:
         raise ValueError("no image could be read: nothing to score")
@@ -353,6 +364,9 @@ def add_cli_arguments(parser: Any) -> None:
     add_bool_argument(
         parser, "update_model_card", help="write the metrics table into the model directory's README.md"
     )
+    parser.add_argument(
+        "--datastore", default=None, help="retrieval datastore (clipcap index) of a retrieval-augmented model"
+    )
     add_bool_argument(parser, "progress", default=True, help="show a progress bar")
 
 
@@ -378,6 +392,11 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         )
     # the one loader (a folder or a Hub id; --device checked before weights are read), in the saved precision
     model, processor = load_captioner(args.model, dtype="auto", device=args.device)
+    datastore = None
+    if getattr(args, "datastore", None):
+        from .retrieval import Datastore
+
+        datastore = Datastore.load(args.datastore)
     device = model.device
     dataset, report = data_lib.load_caption_dataset(
         args.data, split=args.split, image_dir=args.image_dir, on_bad_image=args.on_bad_image
@@ -401,6 +420,7 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         clip_processor=clip_processor,
         on_bad_image=args.on_bad_image,
         progress=args.progress,
+        datastore=datastore,
     )
     metrics["config"] = {
         "model": str(model_dir),
@@ -412,6 +432,7 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "limit": args.limit,
         "clip_model": args.clip_model,
+        "datastore": getattr(args, "datastore", None),
     }
     data_report = report.to_dict()
     # One list of every image left out, whether the reader dropped it (missing file) or it failed to decode.

@@ -56,6 +56,7 @@ from .towers import (
     check_language_config,
     check_pixel_values,
     has_fast_paths,
+    image_embed_dim,
     image_features,
     load_pretrained_tower,
     position_limit,
@@ -672,6 +673,12 @@ class ClipCapModel(ClipCapPreTrainedModel):
         super().__init__(config)
         vision = config.vision_config
         self.vision_model = build_vision_tower(vision) if vision is not None else None
+        # the tower's pooled embedding -> the joint image-text space (only with config.joint_embed_dim)
+        self.image_projection = (
+            nn.Linear(image_embed_dim(vision, "pooled"), config.joint_embed_dim, bias=False)
+            if vision is not None and config.joint_embed_dim is not None
+            else None
+        )
         self.mapping_network = MAPPING_NETWORKS[config.mapping_type](config)
         self.post_init()
 
@@ -690,7 +697,12 @@ class ClipCapModel(ClipCapPreTrainedModel):
             raise ValueError("This ClipCap model has no vision tower; it takes `image_embeds` directly.")
         pixel_values = pixel_values.to(tower_dtype(self.vision_model))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
-            return image_features(self.vision_model, self.config.vision_config, pixel_values, **kwargs)
+            out = image_features(self.vision_model, self.config.vision_config, pixel_values, **kwargs)
+            if self.image_projection is not None:
+                out.pooler_output = self.image_projection(
+                    out.pooler_output.to(self.image_projection.weight.dtype)
+                )
+            return out
 
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
@@ -798,6 +810,8 @@ class ClipCapForConditionalGeneration(FastDecodingMixin, ClipCapPreTrainedModel,
         """Freeze what the config names (``freeze_vision``, ``freeze_language_model``): no gradients, eval mode."""
         if self.vision_model is not None and self.config.freeze_vision:
             self.vision_model.requires_grad_(False).eval()
+            if self.model.image_projection is not None:  # part of the frozen image side
+                self.model.image_projection.requires_grad_(False)
         if self.config.freeze_language_model:
             self.language_model.requires_grad_(False).eval()
 

@@ -62,6 +62,17 @@ def _prepare_images(images: Any) -> Any:
     return convert(images)
 
 
+DEFAULT_RETRIEVAL_TEMPLATE = "Similar images show {captions} This image shows"
+
+
+def retrieval_prompt(captions: list[str], template: str = DEFAULT_RETRIEVAL_TEMPLATE) -> str:
+    """The text prompt of a retrieval-augmented model (``ClipCapConfig.retrieval_k > 0``): ``template`` with
+    ``{captions}`` replaced by the retrieved captions, each stripped, joined by single spaces (best first)."""
+    if "{captions}" not in template:
+        raise ValueError(f"retrieval_template must contain '{{captions}}', got {template!r}.")
+    return template.replace("{captions}", " ".join(" ".join(str(c).split()) for c in captions))
+
+
 class ClipCapProcessor(ProcessorMixin):
     """Turns images into ``pixel_values`` (B, 3, H, W) and captions/prompts into token ids, and decodes
     generated ids into clean caption strings.
@@ -92,6 +103,10 @@ class ClipCapProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         return_tensors: str | None = "pt",
         padding_side: str = "left",
+        retrieved_captions: list[list[str]] | None = None,
+        datastore: Any = None,
+        retrieval_k: int = 4,
+        retrieval_template: str = DEFAULT_RETRIEVAL_TEMPLATE,
         **kwargs: Any,
     ) -> BatchFeature:
         """Process ``images`` (PIL images, file paths, encoded bytes, arrays, or a list of them) and/or ``text``.
@@ -99,18 +114,32 @@ class ClipCapProcessor(ProcessorMixin):
         Returns a ``BatchFeature`` with ``pixel_values`` (B, 3, H, W) for images, and ``input_ids`` /
         ``attention_mask`` (B, L) for text. Text is a prompt for ``generate`` and is padded on the left by
         default (``padding_side="right"`` for training inputs).
+
+        Retrieval augmentation (a model with ``config.retrieval_k > 0``): ``retrieved_captions`` (per image a list
+        of captions) become the prompt :func:`retrieval_prompt` (``retrieval_template``); or give a ``datastore``
+        (``modeling_clipcap.retrieval.Datastore``, anything with ``retrieve(images, k)``) and the ``retrieval_k``
+        nearest captions of each image are retrieved first. Pass the model's ``config.retrieval_k`` and
+        ``config.retrieval_template``.
         """
-        if images is None and text is None:
+        if images is None and text is None and retrieved_captions is None:
             raise ValueError("ClipCapProcessor needs `images`, `text`, or both.")
         data: dict[str, Any] = {}
         if images is not None:
             if isinstance(images, (list, tuple)) and len(images) == 0:
                 raise ValueError("`images` is an empty list; pass at least one image.")
             images = _prepare_images(images)
+            if datastore is not None and retrieved_captions is None:
+                retrieved_captions = datastore.retrieve(
+                    images if isinstance(images, list) else [images], retrieval_k
+                )
             image_kwargs = {
                 k: v for k, v in kwargs.items() if k not in ("padding", "truncation", "max_length")
             }
             data.update(self.image_processor(images, return_tensors=return_tensors, **image_kwargs))
+        if retrieved_captions is not None:
+            if text is not None:
+                raise ValueError("Pass `text` or `retrieved_captions` (which make the prompt), not both.")
+            text = [retrieval_prompt(list(captions), retrieval_template) for captions in retrieved_captions]
         if text is not None:
             text_kwargs = {k: kwargs[k] for k in ("padding", "truncation", "max_length") if k in kwargs}
             text_kwargs.setdefault("padding", True)
@@ -165,4 +194,4 @@ class ClipCapProcessor(ProcessorMixin):
         return list(dict.fromkeys([*image_names, "input_ids", "attention_mask"]))
 
 
-__all__ = ["ClipCapProcessor"]
+__all__ = ["ClipCapProcessor", "DEFAULT_RETRIEVAL_TEMPLATE", "retrieval_prompt"]

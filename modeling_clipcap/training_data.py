@@ -36,16 +36,18 @@ class CachedCaptionDataset(torch.utils.data.Dataset):
     indexable the same way (``embedding_cache.CachedRows``).
     """
 
-    def __init__(self, embeds: Any, rows: list[int], captions: list[str]):
+    def __init__(self, embeds: Any, rows: list[int], captions: list[str], prompts: list[str] | None = None):
         self.embeds = embeds
         self.rows = rows
         self.captions = captions
+        self.prompts = prompts  # per embedding row: the retrieval prompt of a retrieval-augmented model
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"image_embeds": self.embeds[self.rows[i]], "caption": self.captions[i]}
+        row = {"image_embeds": self.embeds[self.rows[i]], "caption": self.captions[i]}
+        return row if self.prompts is None else row | {"prompt": self.prompts[self.rows[i]]}
 
 
 class EvalImageDataset(torch.utils.data.Dataset):
@@ -167,6 +169,7 @@ def read_splits(
     max_eval_samples: int | None = None,
     on_bad_image: str = "fail",
     mapping_input: str = "pooled",
+    read_train: bool = True,
 ) -> dict[str, Any]:
     """The training split (a ``datasets`` image table, or a stream) and the validation split (or None).
 
@@ -176,7 +179,8 @@ def read_splits(
     or an image folder's ``validation_split``; the image paths of a caption file are relative to ``image_dir``
     (``validation_image_dir`` for validation). ``max_train_samples`` / ``max_eval_samples`` keep the first N
     images; ``on_bad_image`` is the bad-image policy (``"fail"``, ``"skip"``); ``mapping_input``: which
-    precomputed embeddings a Parquet source gives (``shards.EMBEDDING_COLUMNS``).
+    precomputed embeddings a Parquet source gives (``shards.EMBEDDING_COLUMNS``); ``read_train=False``: only the
+    validation split (text-only training brings its own rows).
 
     Returns ``{"train", "validation", "reports", "skipped"}``; ``train`` is None for ``streaming`` shards.
     """
@@ -214,7 +218,9 @@ def read_splits(
     else:
         validation_source = None
     with accelerator.main_process_first():
-        if streaming and is_shard_source(train_file):
+        if not read_train:
+            splits["train"] = None
+        elif streaming and is_shard_source(train_file):
             splits["train"] = None  # streamed by shards.build_train_stream
         elif streaming:
             if not dataset_name:
@@ -253,6 +259,7 @@ def build_datasets(
     embedding_batch_size: int = 64,
     preprocessing_num_workers: int = 0,
     shard_stream: Callable[[CaptionCollator], Any] | None = None,
+    train_rows: Any = None,
     **split_options: Any,
 ) -> dict[str, Any]:
     """Training rows, validation captions (for the loss) and validation images (for generation).
@@ -263,7 +270,8 @@ def build_datasets(
     into pixels. The data arguments and ``split_options`` (the other keyword arguments of :func:`read_splits`)
     say what is read. ``streaming`` over shards: ``shard_stream(collator)`` returns the training loader
     (``training/train.py`` passes :func:`modeling_clipcap.shards.build_train_stream`); captions are cut to
-    ``max_caption_length`` tokens.
+    ``max_caption_length`` tokens. ``train_rows``: training rows made elsewhere (text-only training's caption
+    embeddings): no training image is read.
     """
     on_bad_image = check_bad_image_policy(on_bad_image)
     splits = read_splits(
@@ -275,12 +283,13 @@ def build_datasets(
         caption_column=caption_column,
         on_bad_image=on_bad_image,
         mapping_input=model.config.mapping_input,
+        read_train=train_rows is None,
         **split_options,
     )
     train, validation = splits["train"], splits["validation"]
     frozen_vision = model.vision_model is None or model.config.freeze_vision
     precomputed = train is not None and not streaming and "image_embeds" in train.column_names
-    use_cache = frozen_vision and not streaming and embedding_cache and not precomputed
+    use_cache = frozen_vision and not streaming and embedding_cache and not precomputed and train_rows is None
     if use_cache and model.vision_model is None:
         raise ValueError(
             "This model has no vision tower (embeddings only): train it on precomputed image_embeds "
@@ -316,12 +325,16 @@ def build_datasets(
         return split.embeds, split.images
 
     source = train_file or dataset_name
-    if precomputed:  # e.g. Parquet shards written by `clipcap embed`: no image is opened
+    if train_rows is not None:
+        data["train"] = train_rows
+        train = train_rows
+    elif precomputed:  # e.g. Parquet shards written by `clipcap embed`: no image is opened
         data["train"] = _precomputed_rows(train)
     elif use_cache:
         embeds, train = embedded(train, "Encoding train images")
         flat = explode_captions(train.add_column("embed_row", list(range(len(train)))))
         data["train"] = CachedCaptionDataset(embeds, flat["embed_row"], flat["caption"])
+        data["train_images"] = train  # image-level rows, in the order of the embeddings
     elif streaming and train is None:
         if shard_stream is None:
             raise ValueError("streaming shards needs shard_stream (e.g. shards.build_train_stream).")
@@ -350,6 +363,7 @@ def build_datasets(
             flat = explode_captions(validation.add_column("embed_row", list(range(len(validation)))))
             data["val_images"] = EvalImageDataset(embeds=embeds)
             data["val_captions"] = CachedCaptionDataset(embeds, flat["embed_row"], flat["caption"])
+            data["validation_images"] = validation
         else:  # validation encodes on the fly
             data["val_images"] = EvalImageDataset(
                 images=validation["image"], image_processor=processor.image_processor
@@ -447,8 +461,11 @@ def validate(
     loaders: dict[str, Any],
     references: list[list[str]],
     meteor: bool,
+    retrieved_captions: list[list[str]] | None = None,
 ) -> dict[str, Any]:
     """Validation loss over all captions, then metrics of generated captions (main process).
+
+    ``retrieved_captions``: per validation image the captions retrieved for it (a retrieval-augmented model).
 
     The RNG states are put back afterwards, so runs with and without validation (or resumed around it)
     draw the same dropout masks.
@@ -479,6 +496,11 @@ def validate(
             tensors = {k: v for k, v in batch.items() if k != "index" and torch.is_tensor(v)}
             rows = [
                 {"image_id": index, **{k: v[i] for k, v in tensors.items()}}
+                | (
+                    {"retrieved_captions": retrieved_captions[index]}
+                    if retrieved_captions is not None
+                    else {}
+                )
                 for i, index in enumerate(batch["index"].tolist())
             ]
             results = caption_items(

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO_ROOT / "training"))
 
 import demo  # noqa: E402
 import pretrain_clip  # noqa: E402
+import pretrain_lm  # noqa: E402
 import synthetic_data  # noqa: E402
 import train  # noqa: E402
 
@@ -103,6 +104,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     parsers = {f"clipcap {name}": parser for name, parser in commands.items()}
     parsers["training/train.py"] = train.build_parser()
     parsers["training/pretrain_clip.py"] = pretrain_clip.build_parser()
+    parsers["training/pretrain_lm.py"] = pretrain_lm.build_parser()
     parsers["training/synthetic_data.py"] = synthetic_data.build_arg_parser()
     parsers["training/demo.py"] = demo.build_parser()
     return parsers

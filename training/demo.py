@@ -86,6 +86,11 @@ def make_data(out: Path, sizes: dict[str, int], seed: int) -> Path:
         info = json.loads(info_path.read_text())
         if info.get("seed") == seed and info.get("sizes") == sizes:
             print(f"reusing the data set in {out} (same seed and sizes)")
+            if not (out / "corpus" / "captions.txt").is_file():  # written before the generator wrote a corpus
+                sys.path.insert(0, str(TRAINING_DIR))
+                from synthetic_data import write_text_corpus
+
+                write_text_corpus(out / "corpus")
             return out
     cmd = [
         sys.executable,
@@ -126,12 +131,17 @@ def train_tokenizer(captions: list[str], out: Path, vocab_size: int) -> Any:
     return tokenizer
 
 
-def write_random_gpt2(text_config: dict[str, Any], tokenizer: Any, out: Path, seed: int) -> None:
-    """A randomly initialised tiny GPT-2 (the preset's ``text_config``) with the demo tokenizer."""
+def write_random_gpt2(
+    text_config: dict[str, Any], tokenizer: Any, out: Path, seed: int, n_positions: int | None = None
+) -> None:
+    """A randomly initialised tiny GPT-2 (the preset's ``text_config``; ``n_positions`` if given: room for a
+    retrieval prompt) with the demo tokenizer."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     fields = {k: v for k, v in text_config.items() if k not in ("model_type", "transformers_version")}
+    if n_positions:
+        fields["n_positions"] = n_positions
     fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if len(tokenizer) > fields.get("vocab_size", 0):
         fields["vocab_size"] = len(tokenizer)
@@ -236,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=None, help="images in the sample grid")
     p.add_argument("--num_beams", type=int, default=None, help="beams for evaluation and captions")
     p.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("learning from text (the generator's unpaired corpus, data/corpus/)")
+    g.add_argument("--lm_steps", type=int, default=None, help="steps of LM training on the corpus (0: none)")
+    g.add_argument("--retrieval_k", type=int, default=None, help="captions retrieved per image (0: none)")
+    g.add_argument("--retrieval_template", default=None, help="the retrieval prompt ({captions})")
+    g.add_argument("--datastore_file", default=None, help="corpus file indexed (default: datastore.txt)")
+    add_bool_argument(
+        g, "text_only", default=None, help="ClipCap from the corpus alone (default: demo.json's)"
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -262,6 +280,11 @@ def resolve(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any
         "num_beams": 1,
         "seed": 0,
         "tokenizer_vocab_size": 400,
+        "lm_steps": 0,
+        "retrieval_k": 0,
+        "retrieval_template": "{captions}",
+        "datastore_file": "datastore.txt",
+        "text_only": False,
     }
     defaults.update(settings)
     if args.quick:
@@ -296,6 +319,53 @@ def pretrain_tiny_clip(
     )
 
 
+def learn_from_text(
+    data_dir: Path, out: Path, cfg: dict[str, Any], env: dict[str, str], stage_done: Any
+) -> tuple[Path, Path | None]:
+    """The unpaired corpus (``data/corpus/``) put to use: ``training/pretrain_lm.py`` lets the random GPT-2 read
+    every phrasing of every scene (``lm_steps`` > 0) -> ``OUT/gpt2_read``; ``clipcap index`` embeds the datastore
+    corpus with the pretrained towers' text tower (``retrieval_k`` > 0) -> ``OUT/datastore``. Returns the LM to
+    train ClipCap from and the datastore (or None)."""
+    text_model, datastore = out / "gpt2", None
+    if int(cfg["lm_steps"]):
+        log("3b/6 the language model reads the corpus (training/pretrain_lm.py)")
+        t0 = time.time()
+        run(
+            [sys.executable, str(TRAINING_DIR / "pretrain_lm.py"), "--model_name_or_path", str(out / "gpt2"),
+             "--train_file", str(data_dir / "corpus" / "captions.txt"), "--output_dir", str(out / "gpt2_read"),
+             "--max_steps", str(cfg["lm_steps"]), "--seed", str(cfg["seed"])],
+            env,
+        )  # fmt: skip
+        text_model = out / "gpt2_read"
+        stage_done("lm_pretraining", t0)
+    if int(cfg["retrieval_k"]):
+        log("3c/6 caption datastore (clipcap index, the towers' text tower)")
+        t0 = time.time()
+        datastore = out / "datastore"
+        run(
+            [sys.executable, "-m", "modeling_clipcap.cli", "index", "--model", str(out / "clip"), "--data",
+             str(data_dir / "corpus" / cfg["datastore_file"]), "--output_dir", str(datastore)],
+            env,
+        )  # fmt: skip
+        stage_done("datastore", t0)
+    return text_model, datastore
+
+
+def text_training_flags(data_dir: Path, out: Path, cfg: dict[str, Any], datastore: Path | None) -> list[str]:
+    """train.py's flags for retrieval (``--datastore``, ``--retrieval_k``, ``--retrieval_template``) and, for the
+    ``text_only`` benchmark recipe, ``--text_only`` on the corpus (its ``--train_file`` comes last and wins) with
+    the noise estimated on the validation pairs."""
+    flags: list[str] = []
+    if datastore is not None:
+        flags += ["--datastore", str(datastore), "--retrieval_k", str(cfg["retrieval_k"])]
+        flags += ["--retrieval_template", str(cfg["retrieval_template"])]
+    if cfg["text_only"]:
+        flags += ["--text_only", "--towers", str(out / "clip"), "--train_file",
+                  str(data_dir / "corpus" / "captions.txt"),
+                  "--noise_sample_file", str(data_dir / "validation" / "metadata.jsonl")]  # fmt: skip
+    return flags
+
+
 def write_recipe_preset(
     preset: Path, train_preset: Path, recipe: str, model_config: dict[str, Any], tokenizer: Any
 ) -> Path:
@@ -318,6 +388,7 @@ def evaluate_splits(
     cfg: dict[str, Any],
     eval_meteor: bool,
     env: dict[str, str],
+    datastore: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """``clipcap evaluate`` on test and test_novel: per split its metrics and exact-match rates, and its rows."""
     splits: dict[str, Any] = {}
@@ -347,6 +418,8 @@ def evaluate_splits(
         ]
         if not eval_meteor:
             cmd.append("--no_meteor")
+        if datastore is not None:
+            cmd += ["--datastore", str(datastore)]
         run(cmd, env)
         scores = json.loads((eval_dir / "metrics.json").read_text())
         rows = read_captions(data_dir / split / "metadata.jsonl")
@@ -372,6 +445,7 @@ def caption_samples(
     split_rows: dict[str, list[dict[str, Any]]],
     cfg: dict[str, Any],
     env: dict[str, str],
+    datastore: Path | None = None,
 ) -> tuple[list[dict[str, Any]], Path]:
     """Copy sample images (1- and 2-object test scenes, novel ones) and caption them with ``clipcap caption``."""
     n = int(cfg["num_samples"])
@@ -400,7 +474,7 @@ def caption_samples(
         "--num_beams",
         str(cfg["num_beams"]),
         "--json",
-    ]
+    ] + (["--datastore", str(datastore)] if datastore is not None else [])
     print("$ " + " ".join(cmd) + f" > {caption_json}", flush=True)
     with open(caption_json, "w", encoding="utf-8") as f:
         status = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=f).returncode
@@ -505,22 +579,26 @@ def main(argv: list[str] | None = None) -> int:
     model_config = read_preset(preset)["config"]
     model_dir = out / "model"
     train_cmd = train_command(data_dir, model_dir, out / "embedding_cache", cfg)
+    datastore: Path | None = None
     if recipe == "clip":
         log("3/6 image tower, contrastive pretraining (training/pretrain_clip.py, CLIP loss)")
         t0 = time.time()
         pretrain_tiny_clip(data_dir, preset, out, cfg, env)
-        write_random_gpt2(model_config["text_config"], tokenizer, out / "gpt2", int(cfg["seed"]))
+        positions = 128 if int(cfg["retrieval_k"]) else None  # room for the retrieved captions
+        write_random_gpt2(model_config["text_config"], tokenizer, out / "gpt2", int(cfg["seed"]), positions)
         stage_done("clip_pretraining", t0)
+        text_model, datastore = learn_from_text(data_dir, out, cfg, env, stage_done)
         train_cmd += [
             "--config",
             str(preset),
             "--vision_model_name_or_path",
             str(out / "clip"),
             "--text_model_name_or_path",
-            str(out / "gpt2"),
+            str(text_model),
             "--tokenizer_name",
             str(out / "tokenizer"),
         ]
+        train_cmd += text_training_flags(data_dir, out, cfg, datastore)
     else:
         train_preset = write_recipe_preset(preset, out / f"preset_{recipe}", recipe, model_config, tokenizer)
         train_cmd += ["--config", str(train_preset), "--tokenizer_name", str(out / "tokenizer")]
@@ -536,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     metrics: dict[str, Any] = {"recipe": recipe, "settings": cfg}
     metrics["splits"], split_rows = evaluate_splits(
-        model_dir, data_dir, out / "evaluate", cfg, args.eval_meteor, env
+        model_dir, data_dir, out / "evaluate", cfg, args.eval_meteor, env, datastore
     )
     stage_done("evaluation", t0)
 
@@ -544,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     log("6/6 clipcap caption on sample images, report")
     t0 = time.time()
     samples, sample_dir = caption_samples(
-        model_dir, data_dir, out / "samples", report_dir, split_rows, cfg, env
+        model_dir, data_dir, out / "samples", report_dir, split_rows, cfg, env, datastore
     )
     grid_path = report_dir / "samples.png"
     draw_grid(samples, grid_path)

@@ -352,11 +352,39 @@ def make_optimizer(
 
 
 def save_tower(model: ContrastiveDualEncoder, image_processor: Any, tokenizer: Any, out_dir: Path) -> None:
-    """The trained tower alone (``save_pretrained``, safetensors), its image processor and the tokenizer."""
+    """The trained tower alone (``save_pretrained``, safetensors), its image processor and the tokenizer; with the
+    ``clip`` objective also the text side (:func:`save_text_side`), so the folder serves ``clipcap index``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.vision.save_pretrained(out_dir)
     image_processor.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if model.objective == "clip":
+        save_text_side(model, tokenizer, out_dir)
+
+
+def save_text_side(model: ContrastiveDualEncoder, tokenizer: Any, out_dir: Path) -> None:
+    """The joint space's other half, in the layout ``modeling_clipcap.retrieval.load_towers`` reads:
+    ``text_tower/`` (a ``CLIPTextModelWithProjection`` and the text tokenizer, ``<|startoftext|>`` bos),
+    ``image_projection.safetensors`` (``weight`` (P, D): pooled image embedding -> joint space; absent for a CLIP
+    ViT, whose saved ``image_embeds`` are already projected) and ``dual_encoder.json`` naming them."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        **(model.text.config.to_dict() | {"projection_dim": model.text_projection.out_features})
+    )
+    text = CLIPTextModelWithProjection(config)
+    text.text_model.load_state_dict(model.text.state_dict())
+    text.text_projection.load_state_dict(model.text_projection.state_dict())
+    text.save_pretrained(out_dir / "text_tower")
+    tokenizer.save_pretrained(out_dir / "text_tower")
+    record: dict[str, Any] = {"text_tower": "text_tower", "image_projection": None}
+    if model.image_projection is not None:
+        weight = model.image_projection.weight.detach().contiguous()
+        save_file({"weight": weight}, str(out_dir / "image_projection.safetensors"))
+        record["image_projection"] = "image_projection.safetensors"
+    record["logit_scale"] = float(model.logit_scale.detach().exp())
+    (out_dir / "dual_encoder.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ training

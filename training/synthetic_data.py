@@ -32,6 +32,10 @@ On disk (:func:`write_to_disk`), readable by ``modeling_clipcap.data``::
     OUT/dataset_karpathy.json             Karpathy-style JSON over all splits
                                           (split names "train", "val", "test", "test_novel")
     OUT/synthetic_info.json               generator settings (seed, sizes, vocabulary, held-out pairs)
+    OUT/corpus/captions.txt               unpaired text: every phrasing of every one- and two-object scene,
+                                          the held-out pairs included (:func:`write_text_corpus`)
+    OUT/corpus/datastore.txt              one caption per scene (the first phrasing): a retrieval datastore
+    OUT/corpus/datastore_style2.txt       the same scenes in a second phrasing style (:func:`make_captions_style2`)
 
 Command line::
 
@@ -399,6 +403,57 @@ def caption_corpus() -> list[str]:
     return corpus
 
 
+def make_captions_style2(objects: list[dict[str, Any]], relation: str) -> list[str]:
+    """A second phrasing style, never used for the paired splits' references: attribute lists after the noun
+    (``"red circle, large."``; two objects: ``"red circle, large, left of blue square, small."`` and the inverse
+    relation). The datastore-swap experiment retrieves from a corpus in this style and scores against it."""
+
+    def noun(o: Mapping[str, Any]) -> str:
+        return f"{o['color']} {o['shape']}, {o['size']}"
+
+    if len(objects) == 1:
+        return [f"{noun(objects[0])}."]
+    a, b = objects
+    return [f"{noun(a)}, {relation} {noun(b)}.", f"{noun(b)}, {INVERSE_RELATION[relation]} {noun(a)}."]
+
+
+def scene_descriptions() -> list[tuple[list[dict[str, Any]], str]]:
+    """Every scene the generator can describe, the held-out colour/shape pairs included: each of the 36 objects
+    alone, and every ordered pair of two different objects in every relation (36 * 35 * 4 = 5,040)."""
+    objects = [{"shape": s, "color": c, "size": z} for c in COLORS for s in SHAPES for z in SIZES]
+    scenes: list[tuple[list[dict[str, Any]], str]] = [([o], "") for o in objects]
+    for a in objects:
+        for b in objects:
+            if a is not b:
+                scenes += [([a, b], rel) for rel in RELATIONS]
+    return scenes
+
+
+def write_text_corpus(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """The unpaired text of the "text is plentiful, pairs are not" setting, over every scene of
+    :func:`scene_descriptions` (held-out pairs included, although no image ever shows them in training):
+
+    * ``captions.txt``: every reference phrasing of every scene (20,340 lines): text for a language model;
+    * ``datastore.txt``: one caption per scene, the first phrasing (5,076 lines): a retrieval datastore;
+    * ``datastore_style2.txt``: one caption per scene in :func:`make_captions_style2`'s style (5,076 lines).
+
+    One caption a line, the order fixed. Returns ``{"captions", "datastore", "datastore_style2"}`` paths.
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    scenes = scene_descriptions()
+    texts = {
+        "captions": [c for objects, rel in scenes for c in make_captions(objects, rel)],
+        "datastore": [make_captions(objects, rel)[0] for objects, rel in scenes],
+        "datastore_style2": [make_captions_style2(objects, rel)[0] for objects, rel in scenes],
+    }
+    paths = {}
+    for name, lines in texts.items():
+        paths[name] = root / f"{name}.txt"
+        paths[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     from modeling_clipcap.cli import add_bool_argument  # the one flag style (only the command line needs it)
 
@@ -411,6 +466,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     add_bool_argument(parser, "progress", default=True, help="progress bars")
+    add_bool_argument(
+        parser, "text_corpus", default=True, help="also write OUT/corpus/ (unpaired captions of every scene)"
+    )
     return parser
 
 
@@ -429,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         show_progress=args.progress,
     )
+    if args.text_corpus:
+        corpus = write_text_corpus(Path(args.output_dir) / "corpus")
+        print(f"wrote the text corpus to {corpus['captions'].parent}")
     total = sum(sizes.values())
     print(f"wrote {total} images to {args.output_dir} (Karpathy JSON: {paths['karpathy']})")
     return 0

@@ -74,7 +74,7 @@ __all__ = ["build_model_and_processor", "build_parser", "main", "parse_args"]
 # Arguments that are ClipCap model-config fields (they override the preset's config.json).
 MODEL_FIELDS = (
     "mapping_type", "prefix_length", "clip_length", "normalize_prefix", "freeze_language_model", "freeze_vision",
-    "mapping_input",
+    "mapping_input", "retrieval_k", "retrieval_template",
 )  # fmt: skip
 # Flags that say what data is read and how (keyword arguments of training_data.build_datasets / read_splits).
 DATA_ARGUMENTS = (
@@ -132,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--peft_config", help="A peft adapter config JSON (IA3, LoHa, ...) instead of --lora_r.")
     add_bool_argument(g, "gradient_checkpointing", help="Recompute activations in backward (less memory).")
+
+    g = p.add_argument_group("learning from text (retrieval augmentation, text-only training)")
+    g.add_argument("--datastore", help="Retrieval datastore (clipcap index); needs --retrieval_k > 0.")
+    g.add_argument("--retrieval_k", type=int, help="Captions retrieved per image into the prompt (0: off).")
+    g.add_argument(
+        "--retrieval_template", help="The prompt; {captions} is replaced by the retrieved captions."
+    )
+    add_bool_argument(g, "text_only", help="Train from captions alone: text embeddings + noise, no image.")
+    g.add_argument("--towers", help="--text_only: the towers (default: --vision_model_name_or_path).")
+    g.add_argument("--noise_std", type=float, help="--text_only noise (default: estimated, else 0.126).")
+    g.add_argument("--noise_sample_file", help="--text_only: paired captions to estimate --noise_std from.")
+    g.add_argument("--noise_sample_size", type=int, default=256, help="Images of --noise_sample_file read.")
 
     g = p.add_argument_group("data")
     g.add_argument("--train_file", help="Karpathy JSON, metadata JSONL/CSV, or a folder.")
@@ -235,22 +247,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f'--checkpointing_steps must be a positive integer or "epoch", got {args.checkpointing_steps!r}.'
             )
+    if args.datastore and not args.retrieval_k and not _preset_retrieval_k(preset):
+        parser.error(
+            "--datastore needs --retrieval_k N (captions retrieved per image), e.g. --retrieval_k 4."
+        )
+    if args.text_only and not (args.towers or args.vision_model_name_or_path):
+        parser.error(
+            "--text_only needs --towers (or --vision_model_name_or_path): the towers with a text side."
+        )
+    if args.text_only and args.streaming:
+        parser.error("--text_only reads its captions in memory; drop --streaming.")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_caption_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     return args
 
 
-def build_model_and_processor(args: argparse.Namespace) -> tuple[ClipCapForConditionalGeneration, Any]:
-    """The model (pretrained parts or the preset's config) with its processor and generation config."""
+def _preset_retrieval_k(preset: Path | None) -> int:
+    return int(read_preset(preset)["config"].get("retrieval_k") or 0) if preset is not None else 0
+
+
+def build_model_and_processor(
+    args: argparse.Namespace, towers: Any = None
+) -> tuple[ClipCapForConditionalGeneration, Any]:
+    """The model (pretrained parts or the preset's config) with its processor and generation config.
+
+    ``towers`` (text-only training, ``retrieval.Towers``): the model reads the joint space, so it gets the towers'
+    image projection (``joint_embed_dim``, weights copied, frozen with the tower) and ``normalize_prefix``."""
     preset = args.preset
+    overrides = {k: getattr(args, k) for k in MODEL_FIELDS if getattr(args, k) is not None}
+    if towers is not None and towers.image_projection is not None and not args.model_name_or_path:
+        overrides |= {"joint_embed_dim": towers.dim, "normalize_prefix": True}
+    elif towers is not None:
+        overrides |= {"normalize_prefix": True}
     model = load_training_model(
         model_name_or_path=args.model_name_or_path,
         vision_model_name_or_path=args.vision_model_name_or_path,
         text_model_name_or_path=args.text_model_name_or_path,
         preset_config=read_preset(preset)["config"] if preset is not None else {},
-        overrides={k: getattr(args, k) for k in MODEL_FIELDS if getattr(args, k) is not None},
+        overrides=overrides,
     )
+    if towers is not None and model.model.image_projection is not None and not args.model_name_or_path:
+        with torch.no_grad():
+            model.model.image_projection.weight.copy_(towers.image_projection)
     preset_tokenizer = preset if preset is not None and any(preset.glob("tokenizer*.json")) else None
     names = (args.tokenizer_name, args.model_name_or_path, args.text_model_name_or_path, preset_tokenizer)
     processor = load_training_processor(
@@ -274,6 +313,94 @@ def build_model_and_processor(args: argparse.Namespace) -> tuple[ClipCapForCondi
     )
     model.generation_config = generation
     return model, processor
+
+
+def text_only_rows(args: argparse.Namespace, towers: Any) -> tuple[Any, dict[str, Any]]:
+    """``--text_only``: every caption of ``--train_file`` (a caption file, or a .txt of one caption a line; no image
+    is opened) as its text embedding plus noise (``text_only.NoisyTextEmbeddings``); returns the rows and what the
+    noise was (``--noise_std``, else estimated on ``--noise_sample_size`` pairs of ``--noise_sample_file``, else
+    CapDec's 0.126)."""
+    from modeling_clipcap.retrieval import read_caption_source
+    from modeling_clipcap.text_only import DEFAULT_NOISE_STD, NoisyTextEmbeddings, estimate_noise_std
+
+    _, captions, _ = read_caption_source(args.train_file, args.train_split, args.image_dir)
+    if args.max_train_samples is not None:
+        captions = captions[: args.max_train_samples]
+    if not captions:
+        raise ValueError(f"--train_file {args.train_file}: no captions to train on.")
+    noise: dict[str, Any] = {"noise_std": args.noise_std, "source": "--noise_std"}
+    if args.noise_std is None and args.noise_sample_file:
+        keys, sample_captions, images = read_caption_source(args.noise_sample_file, None, args.image_dir)
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if len(first) < args.noise_sample_size:
+                first.setdefault(key, i)
+        rows = list(first.values())
+        noise = estimate_noise_std(towers, [images[i] for i in rows], [sample_captions[i] for i in rows])
+        noise["source"] = f"estimated on {args.noise_sample_file}"
+    elif args.noise_std is None:
+        noise = {"noise_std": DEFAULT_NOISE_STD, "source": "CapDec's default (variance 0.016)"}
+    logger.info(f"text-only training: {len(captions)} captions, noise {noise}")
+    embeddings = towers.encode_texts(captions, show_progress=True)
+    return NoisyTextEmbeddings(embeddings, captions, noise["noise_std"]), noise
+
+
+def attach_retrieval(
+    args: argparse.Namespace, model: Any, processor: Any, data: dict[str, Any], towers: Any = None
+) -> list[list[str]] | None:
+    """A retrieval-augmented model (``retrieval_k > 0``): retrieve ``retrieval_k`` captions from ``--datastore`` for
+    every training image, leaving out its own captions (for text-only rows: for every caption, leaving out that
+    caption), and for every validation image; the training rows get their prompts. Returns the validation images'
+    retrieved captions (None without retrieval)."""
+    from modeling_clipcap.retrieval import Datastore, retrieve_for_training
+    from modeling_clipcap.towers import position_limit
+
+    k, template = model.config.retrieval_k, model.config.retrieval_template
+    if not k:
+        if args.datastore:
+            raise ValueError("--datastore is given but retrieval_k is 0; pass --retrieval_k N.")
+        return None
+    if not args.datastore:
+        raise ValueError(f"retrieval_k={k}: give --datastore DIR (built by clipcap index) to retrieve from.")
+    store = Datastore.load(args.datastore)
+    if "train_images" in data:
+        images = data["train_images"]
+        data["train"].prompts, _ = retrieve_for_training(
+            store, images["image"], images["image_id"], k, template, show_progress=True
+        )
+    elif args.text_only:
+        from modeling_clipcap.processing_clipcap import retrieval_prompt
+
+        rows = data["train"]
+        if store.info["modality"] != "text":
+            raise ValueError(
+                "--text_only with retrieval needs a text datastore (clipcap index --modality text)."
+            )
+        store.attach(towers) if store.towers is None else None
+        retrieved = store.search(rows.embeddings.numpy(), k, exclude_captions=rows.captions)
+        rows.prompts = [retrieval_prompt(r, template) for r in retrieved]
+    else:
+        raise ValueError(
+            "retrieval training reads images through the embedding cache (a frozen tower, no stream)."
+        )
+    validation_retrieved = None
+    if "validation_images" in data:
+        images = data["validation_images"]
+        prompts, validation_retrieved = retrieve_for_training(
+            store, images["image"], images["image_id"], k, template
+        )
+        data["val_captions"].prompts = prompts
+    prompts = data["train"].prompts
+    longest = max(len(ids) for ids in processor.tokenizer(prompts[: min(len(prompts), 2000)])["input_ids"])
+    limit = position_limit(model.config.text_config)
+    needed = model.config.prefix_length + longest + args.max_caption_length
+    if limit is not None and needed > limit[1]:
+        raise ValueError(
+            f"prefix ({model.config.prefix_length}) + retrieval prompt (up to {longest} tokens) + caption "
+            f"(--max_caption_length {args.max_caption_length}) = {needed} positions, more than the language model's "
+            f"{limit[0]}={limit[1]}; lower --retrieval_k or --max_caption_length, or use a longer LM."
+        )
+    return validation_retrieved
 
 
 def optimizer_step(
@@ -571,15 +698,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
 
     # Model (with adapters) and data
-    model, processor = build_model_and_processor(args)
+    towers, noise = None, None
+    if args.text_only:
+        from modeling_clipcap.retrieval import load_towers
+
+        towers = load_towers(args.towers or args.vision_model_name_or_path)
+        args.vision_model_name_or_path = args.vision_model_name_or_path or args.towers
+    model, processor = build_model_and_processor(args, towers)
     adapter_config = build_adapter_config(model, **{k: getattr(args, k) for k in ADAPTER_ARGUMENTS})
     peft_model = add_adapters(model, adapter_config) if adapter_config is not None else None
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    train_rows = None
+    if args.text_only:
+        train_rows, noise = text_only_rows(args, towers)
     data = build_datasets(
         accelerator,
         model,
         processor,
+        train_rows=train_rows,
         **{k: getattr(args, k) for k in DATA_ARGUMENTS},
         shard_stream=lambda collator: build_train_stream(
             accelerator,
@@ -588,6 +725,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mapping_input=model.config.mapping_input,
         ),
     )
+    val_retrieved = attach_retrieval(args, model, processor, data, towers)
     train_dataloader, val_dataloaders = make_dataloaders(
         data,
         processor,
@@ -664,7 +802,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save_training_checkpoint(accelerator, args, name, completed_steps, epoch, batches_in_epoch)
             if args.eval_steps and completed_steps % args.eval_steps == 0 and val_loaders is not None:
                 last_metrics = validate(
-                    accelerator, model, processor, val_loaders, data["val_references"], args.eval_meteor
+                    accelerator,
+                    model,
+                    processor,
+                    val_loaders,
+                    data["val_references"],
+                    args.eval_meteor,
+                    retrieved_captions=val_retrieved,
                 )
                 write_log(accelerator, args, log_path, {"step": completed_steps, **last_metrics})
             if stopped_early:
@@ -675,7 +819,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     progress_bar.close()
     if not stopped_early and val_loaders is not None:
         last_metrics = validate(
-            accelerator, model, processor, val_loaders, data["val_references"], args.eval_meteor
+            accelerator,
+            model,
+            processor,
+            val_loaders,
+            data["val_references"],
+            args.eval_meteor,
+            retrieved_captions=val_retrieved,
         )
         write_log(accelerator, args, log_path, {"step": completed_steps, "final": True, **last_metrics})
 
@@ -691,6 +841,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "samples": last_metrics.get("eval_samples", []),
     }
     summary["hyperparameters"]["max_train_steps"] = max_train_steps
+    if noise is not None:
+        summary["text_only"] = {k: v for k, v in noise.items()}
+    if args.datastore:
+        summary["datastore"] = str(args.datastore)
     summary["train_seconds"] = round(time.time() - start, 1)
     if peft_model is not None:
         summary["adapter"] = adapter_summary(adapter_config)
