@@ -338,3 +338,58 @@ def test_flip_pixels_mirrors_the_right_axis():
     x = torch.arange(2 * 3 * 2 * 3).reshape(2, 3, 2, 3)
     assert torch.equal(pc.flip_pixels(x, "horizontal")[..., 0], x[..., 2])
     assert torch.equal(pc.flip_pixels(x, "vertical")[:, :, 0], x[:, :, 1])
+
+
+# ------------------------------------------------------------------------- token positions in the mapper
+
+
+def _tokens_model(tokenizer, **overrides):
+    from conftest import tiny_clipcap_config
+
+    from modeling_clipcap import ClipCapForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = tiny_clipcap_config(len(tokenizer), "transformer", mapping_input="tokens", **overrides)
+    return ClipCapForConditionalGeneration(config).eval()
+
+
+def test_token_positions_make_the_mapper_see_where_each_token_is(tiny_tokenizer, tmp_path):
+    from transformers import AutoModel
+
+    plain = _tokens_model(tiny_tokenizer)
+    positioned = _tokens_model(tiny_tokenizer, mapping_num_tokens=17)  # 4x4 patches + the class token
+    tokens = torch.randn(2, 17, plain.config.image_embed_dim, generator=torch.Generator().manual_seed(0))
+    swapped = tokens[:, [0, *range(16, 0, -1)]]  # the patches in mirrored order
+    with torch.no_grad():
+        # attention alone is blind to the order of its inputs: without positions the prefix does not change
+        torch.testing.assert_close(
+            plain.get_prefix(image_embeds=swapped)[0], plain.get_prefix(image_embeds=tokens)[0]
+        )
+        assert not torch.allclose(
+            positioned.get_prefix(image_embeds=swapped)[0], positioned.get_prefix(image_embeds=tokens)[0]
+        )
+        with pytest.raises(ValueError, match="mapping_num_tokens=17"):
+            positioned.get_prefix(image_embeds=tokens[:, :16])
+    assert positioned.model.mapping_network.token_positions.std() > 0  # initialised, not left at zero
+
+    # saved and loaded: the same positions, the same captions; batched == one at a time
+    positioned.save_pretrained(tmp_path / "model")
+    loaded = AutoModel.from_pretrained(tmp_path / "model").eval()
+    assert torch.equal(
+        loaded.model.mapping_network.token_positions, positioned.model.mapping_network.token_positions
+    )
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    batched = loaded.generate(image_embeds=tokens, **kwargs)
+    assert torch.equal(batched, positioned.generate(image_embeds=tokens, **kwargs))
+    for i in range(2):
+        single = loaded.generate(image_embeds=tokens[i : i + 1], **kwargs)
+        assert torch.equal(single[0], batched[i, : single.shape[1]])
+
+
+def test_token_positions_need_the_token_input(tiny_tokenizer):
+    from conftest import tiny_clipcap_config
+
+    with pytest.raises(ValueError, match="needs mapping_input='tokens'"):
+        tiny_clipcap_config(len(tiny_tokenizer), "transformer", mapping_num_tokens=17)
+    with pytest.raises(ValueError, match="positive integer"):
+        tiny_clipcap_config(len(tiny_tokenizer), "transformer", mapping_input="tokens", mapping_num_tokens=0)
