@@ -1,4 +1,5 @@
-"""Does a frozen image tower separate shape from colour? Linear probes on the synthetic shapes (issue 16).
+"""Does a frozen image tower separate shape from colour, and bind them to the right object? Probes on the synthetic
+shapes (issues 16 and 26).
 
 ClipCap can only name what its frozen tower separates. This probe asks it directly: for each tower folder
 (``training/pretrain_clip.py`` output, or any tower ``from_vision_text_pretrained`` accepts), encode the
@@ -10,9 +11,20 @@ keeps its shape accuracy on the novel pairs; one that learnt "red circle" and "r
     python benchmarks/tower_probe.py /tmp/clipcap-synthetic-towers/towers/* \\
         --data_dir /tmp/clipcap-synthetic-towers/data
 
-Prints a table (train and novel accuracy per attribute) and writes ``benchmarks/results/tower_probe.json``.
-Features are standardised with the training statistics; each probe is full-batch Adam on the cross-entropy
-(seeded: the same towers give the same numbers).
+Binding and relations (two-object images; trained on ``train``, measured on ``test``):
+
+* ``where``: which object is left (or above)? The probe names that object's colour and shape.
+* ``binding``: which colour goes with which shape? The probe names the colour of the object whose shape comes
+  first alphabetically (images of two different shapes), e.g. "circle:red" for a red circle and a blue square.
+* ARO-style swap scores (``caption_rewrites.binding_scores``): how often the tower ranks a held-out image's true
+  caption above its own versions with the objects' attributes swapped, the objects swapped, or the relation
+  inverted; ``aro`` is the mean of the first two (a tower that reads captions as bags of words scores 0.5). These
+  need the text side: a tower folder with ``text_tower/`` (what ``pretrain_clip.py`` saves with the ``clip``
+  objective), else the scores ``pretrain_clip.py --eval_file`` recorded in ``pretrain_results.json``.
+
+Prints a table (train and novel accuracy per attribute, the binding probes and scores) and writes
+``benchmarks/results/tower_probe.json``. Features are standardised with the training statistics; each probe is
+full-batch Adam on the cross-entropy (seeded: the same towers give the same numbers).
 """
 
 from __future__ import annotations
@@ -42,6 +54,30 @@ def one_object_rows(split_dir: Path, limit: int | None = None) -> list[dict[str,
     return [r for r in rows if r.get("num_objects") == 1][:limit]
 
 
+def two_object_rows(split_dir: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The two-object rows of a split's ``metadata.jsonl`` (the first ``limit`` of them when given)."""
+    rows = [
+        json.loads(line) for line in (split_dir / "metadata.jsonl").read_text().splitlines() if line.strip()
+    ]
+    return [r for r in rows if r.get("num_objects") == 2][:limit]
+
+
+def where_label(row: dict[str, Any]) -> str:
+    """The colour and shape of the object left of (or above) the other."""
+    first = row["relation"] in ("left of", "above")  # the first listed object is the left / upper one
+    obj = row["objects"][0 if first else 1]
+    return f"{obj['color']} {obj['shape']}"
+
+
+def binding_label(row: dict[str, Any]) -> str | None:
+    """``shape:colour`` of the object whose shape comes first alphabetically; ``None`` for two equal shapes."""
+    a, b = row["objects"]
+    if a["shape"] == b["shape"]:
+        return None
+    obj = min((a, b), key=lambda o: o["shape"])
+    return f"{obj['shape']}:{obj['color']}"
+
+
 def load_tower(tower_dir: Path) -> tuple[Any, Any, Any]:
     """``(tower, its config, its image processor)`` from a tower folder."""
     from transformers import AutoConfig, AutoImageProcessor
@@ -55,9 +91,13 @@ def load_tower(tower_dir: Path) -> tuple[Any, Any, Any]:
 
 @torch.no_grad()
 def pooled_features(
-    loaded: tuple[Any, Any, Any], split_dir: Path, rows: list[dict[str, Any]], batch_size: int
+    loaded: tuple[Any, Any, Any],
+    split_dir: Path,
+    rows: list[dict[str, Any]],
+    batch_size: int,
 ) -> torch.Tensor:
-    """(N, D) pooled image embeddings of ``rows``' images (the tower's own image processor)."""
+    """(N, D) pooled image embeddings of ``rows``' images (the tower's own image processor; a CLIP ViT's are its
+    joint-space ``image_embeds``)."""
     from modeling_clipcap.image_io import load_image
     from modeling_clipcap.towers import image_features
 
@@ -110,10 +150,90 @@ def probe_tower(tower_dir: Path, data_dir: Path, train_images: int, batch_size: 
         record[f"{attribute} train"], record[f"{attribute} novel"] = probe(
             train_x, train_y, novel_x, novel_y, len(labels)
         )
+    record.update(two_object_probes(loaded, data_dir, train_images, batch_size))
     summary = tower_dir / "pretrain_results.json"
     if summary.is_file():
         record["pretraining"] = json.loads(summary.read_text())
+    scores = swap_scores(tower_dir, loaded, data_dir, batch_size)
+    if scores is None and isinstance(record.get("pretraining", {}).get("binding"), dict):
+        scores = record["pretraining"]["binding"]
+    for key in ("aro", "swap_attributes", "swap_objects", "swap_relation"):
+        record[key] = None if scores is None else scores.get(key)
     return record
+
+
+def two_object_probes(
+    loaded: tuple[Any, Any, Any], data_dir: Path, train_images: int, batch_size: int
+) -> dict[str, Any]:
+    """``where`` and ``binding`` probe accuracies (train, test) on two-object images."""
+    train_rows = two_object_rows(data_dir / "train", train_images)
+    test_rows = two_object_rows(data_dir / "test")
+    train_x = pooled_features(loaded, data_dir / "train", train_rows, batch_size)
+    test_x = pooled_features(loaded, data_dir / "test", test_rows, batch_size)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    out: dict[str, Any] = {}
+    for name, label in (("where", where_label), ("binding", binding_label)):
+        train_keep = [i for i, r in enumerate(train_rows) if label(r) is not None]
+        test_keep = [
+            i
+            for i, r in enumerate(test_rows)
+            if label(r) is not None and label(r) in {label(train_rows[j]) for j in train_keep}
+        ]
+        labels = sorted({label(train_rows[i]) for i in train_keep})
+        index = {v: k for k, v in enumerate(labels)}
+        out[f"{name} train"], out[f"{name} test"] = probe(
+            train_x[train_keep],
+            torch.tensor([index[label(train_rows[i])] for i in train_keep]),
+            test_x[test_keep],
+            torch.tensor([index[label(test_rows[i])] for i in test_keep]),
+            len(labels),
+        )
+    return out
+
+
+@torch.no_grad()
+def swap_scores(
+    tower_dir: Path, loaded: tuple[Any, Any, Any], data_dir: Path, batch_size: int
+) -> dict[str, Any] | None:
+    """``caption_rewrites.binding_scores`` of the tower and its saved text side on ``test``'s two-object images
+    (their first captions); ``None`` when the folder has no ``text_tower/``."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    from modeling_clipcap.caption_rewrites import binding_scores
+
+    text_dir = tower_dir / "text_tower"
+    if not (text_dir / "config.json").is_file():
+        return None
+    text = CLIPTextModelWithProjection.from_pretrained(str(text_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(text_dir))
+    projection = tower_dir / "image_projection.safetensors"
+    weight = load_file(str(projection))["weight"] if projection.is_file() else None
+    rows = two_object_rows(data_dir / "test")
+    images = pooled_features(loaded, data_dir / "test", rows, batch_size)
+    if weight is not None:
+        images = images @ weight.t()
+    images = torch.nn.functional.normalize(images, dim=-1)
+
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        ids = [
+            [
+                tokenizer.bos_token_id,
+                *tokenizer(t, add_special_tokens=False)["input_ids"],
+                tokenizer.eos_token_id,
+            ]
+            for t in texts
+        ]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([x + [tokenizer.eos_token_id] * (width - len(x)) for x in ids])
+        is_eos = (input_ids == tokenizer.eos_token_id).long()
+        mask = ((is_eos.cumsum(dim=1) - is_eos) == 0).long()
+        return torch.nn.functional.normalize(
+            text(input_ids=input_ids, attention_mask=mask).text_embeds, dim=-1
+        )
+
+    return binding_scores(images, [r["captions"][0] for r in rows], encode_text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"none of {[str(t) for t in args.towers]} is a tower folder (with config.json).")
     records = [probe_tower(t, args.data_dir, args.train_images, args.batch_size) for t in towers]
     columns = ["tower"] + [f"{a} {s}" for a in ATTRIBUTES for s in ("train", "novel")]
+    columns += ["where test", "binding test", "aro", "swap_attributes", "swap_objects", "swap_relation"]
     print_table(
-        records, columns, title="Linear probes on frozen towers: one-object images (train -> test_novel)"
+        records,
+        columns,
+        title="Linear probes on frozen towers (one-object: train -> test_novel; two-object where/binding: "
+        "train -> test) and ARO-style swap scores (test two-object captions)",
     )
     write_json("tower_probe", {"data_dir": str(args.data_dir), "towers": records}, RESULTS_DIR)
     return 0

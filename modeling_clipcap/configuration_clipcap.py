@@ -49,6 +49,10 @@ class ClipCapConfig(PreTrainedConfig):
             image embedding (B, D) per image (the paper). ``"tokens"``: the tower's token / patch features
             (B, N, D) (a CNN's feature map flattened), attended over by the transformer mapper instead of
             ``clip_length`` projected copies of one vector; needs ``mapping_type="transformer"``.
+        mapping_num_tokens (`int`, *optional*): with ``mapping_input="tokens"``, N, the number of token features
+            the tower gives (a CNN's feature-map cells, a ViT's patches and class token). When set, the transformer
+            mapper adds a learned position embedding (N, E) to the projected tokens, so that it knows where each
+            token is (its attention alone is blind to order); ``None`` (models saved before this option): none.
         prefix_length (`int`, defaults to 10): K, the number of prefix vectors given to the language model.
         clip_length (`int`, defaults to 10): number of vectors the image embedding is expanded to (transformer
             mapper with ``mapping_input="pooled"`` only).
@@ -99,6 +103,7 @@ class ClipCapConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     mapping_type: Literal["mlp", "transformer"] = "mlp"
     mapping_input: Literal["pooled", "tokens"] = "pooled"
+    mapping_num_tokens: int | None = None
     prefix_length: int = 10
     clip_length: int = 10
     mapping_num_layers: int = 8
@@ -148,6 +153,15 @@ class ClipCapConfig(PreTrainedConfig):
             raise ValueError(
                 "mapping_input='tokens' needs mapping_type='transformer' (the MLP mapper reads one vector per image)."
             )
+        if self.mapping_num_tokens is not None:
+            if self.mapping_input != "tokens":
+                raise ValueError(
+                    "mapping_num_tokens (token position embeddings) needs mapping_input='tokens'; leave it unset "
+                    "for the pooled embedding."
+                )
+            value = self.mapping_num_tokens
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"mapping_num_tokens must be a positive integer, got {value!r}.")
         for name in ("prefix_length", "clip_length", "mapping_num_layers", "mapping_num_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

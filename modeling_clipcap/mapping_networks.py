@@ -84,7 +84,8 @@ class ClipCapMapperLayer(nn.Module):
 class ClipCapTransformerMapper(nn.Module):
     """The paper's transformer mapper: ``image_embeds`` (B, D) -> Linear -> (B, clip_length, E), followed by a
     learned constant (K, E) -> ``mapping_num_layers`` pre-LN layers -> the constant's K positions (B, K, E).
-    With ``mapping_input="tokens"`` the tower's features (B, N, D) -> Linear(D, E) -> (B, N, E) come first instead.
+    With ``mapping_input="tokens"`` the tower's features (B, N, D) -> Linear(D, E) -> (B, N, E) come first instead,
+    plus a learned position embedding (N, E) when ``config.mapping_num_tokens`` is set (``token_positions``).
     """
 
     def __init__(self, config: ClipCapConfig):
@@ -95,6 +96,8 @@ class ClipCapTransformerMapper(nn.Module):
         self.hidden_size = e
         self.linear = nn.Linear(config.image_embed_dim, e if self.tokens else config.clip_length * e)
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_length, e))
+        num_tokens = getattr(config, "mapping_num_tokens", None) if self.tokens else None
+        self.token_positions = nn.Parameter(torch.zeros(num_tokens, e)) if num_tokens else None
         self.layers = nn.ModuleList(
             ClipCapMapperLayer(e, config.mapping_num_heads, config.mapping_mlp_ratio)
             for _ in range(config.mapping_num_layers)
@@ -106,6 +109,14 @@ class ClipCapTransformerMapper(nn.Module):
         clip_tokens = self.linear(image_embeds)  # (B, N, E) for tokens
         if not self.tokens:
             clip_tokens = clip_tokens.view(b, self.clip_length, self.hidden_size)
+        elif self.token_positions is not None:
+            if clip_tokens.shape[1] != self.token_positions.shape[0]:
+                raise ValueError(
+                    f"the mapper has position embeddings for mapping_num_tokens={self.token_positions.shape[0]} "
+                    f"tokens, but got {clip_tokens.shape[1]} token features (B, N, D) = {tuple(image_embeds.shape)}: "
+                    "set mapping_num_tokens to the tower's number of tokens."
+                )
+            clip_tokens = clip_tokens + self.token_positions.to(clip_tokens.dtype)
         const = self.prefix_const.unsqueeze(0).expand(b, -1, -1).to(clip_tokens.dtype)
         hidden_states = torch.cat([clip_tokens, const], dim=1)
         for layer in self.layers:

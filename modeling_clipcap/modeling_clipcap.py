@@ -656,6 +656,8 @@ class ClipCapPreTrainedModel(PreTrainedModel):
         # The tower and the LM are PreTrainedModels: transformers hands their modules to their own _init_weights.
         if isinstance(module, ClipCapTransformerMapper):
             init.normal_(module.prefix_const, mean=0.0, std=1.0)  # torch.randn, as in the paper's code
+            if module.token_positions is not None:
+                init.normal_(module.token_positions, mean=0.0, std=0.02)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:

@@ -92,6 +92,9 @@ DEFAULTS: dict[str, Any] = {
     "max_steps": 600,
     "max_minutes": None,
     "seed": 0,
+    "hard_negatives": [],
+    "negatives_per_caption": 1,
+    "flip": [],
 }
 
 
@@ -194,11 +197,14 @@ def filip_similarity(
 
 
 def contrastive_loss(image_to_text: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
-    """Symmetric cross-entropy over (B, B) logits whose diagonal holds the matching pairs (rows: images):
-    images classify their caption with ``image_to_text``, captions their image with ``text_to_image``."""
-    target = torch.arange(image_to_text.shape[0], device=image_to_text.device)
+    """Symmetric cross-entropy over (B, B + M) logits whose first B columns hold the batch's captions, the
+    matching pairs on the diagonal (rows: images): images classify their caption among all B + M columns with
+    ``image_to_text``, captions their image with ``text_to_image``. The M further columns are hard negative
+    captions (NegCLIP): they join every image's negatives, and have no image of their own to classify."""
+    batch = image_to_text.shape[0]
+    target = torch.arange(batch, device=image_to_text.device)
     image_loss = nn.functional.cross_entropy(image_to_text, target)
-    text_loss = nn.functional.cross_entropy(text_to_image.t(), target)
+    text_loss = nn.functional.cross_entropy(text_to_image[:, :batch].t(), target)
     return (image_loss + text_loss) / 2
 
 
@@ -325,6 +331,52 @@ def build_text_side(
     return tokenizer, CLIPTextConfig(**fields), caption_ids
 
 
+FLIP_AXES = ("horizontal", "vertical")
+
+
+def caption_views(
+    captions: list[list[str]],
+    flip: tuple[str, ...] = (),
+    hard_negative_kinds: tuple[str, ...] = (),
+    seed: int = 0,
+) -> tuple[list[list[list[str]]], list[list[list[list[str]]]]]:
+    """Per image, its captions under each view (view 0: the image as it is; then one per axis of ``flip``: the
+    image flipped along it, captions mirrored by ``caption_rewrites.mirror_caption``; an empty list where some
+    caption of the image cannot be mirrored safely, so that image is never flipped), and each caption's hard
+    negatives (``caption_rewrites.hard_negatives``; attribute changes draw only words of the captions).
+
+    Returns:
+        ``(views, negatives)``: ``views[i][v]`` the captions of image i under view v; ``negatives[i][v][j]`` the
+        negatives of caption j of that view.
+    """
+    from modeling_clipcap.caption_rewrites import hard_negatives, mirror_caption
+
+    for axis in flip:
+        if axis not in FLIP_AXES:
+            raise ValueError(f"flip axis must be one of {FLIP_AXES}, got {axis!r}.")
+    rng = random.Random(seed)
+    vocabulary = {w.strip(".,;:!?").lower() for caps in captions for c in caps for w in c.split()}
+    views: list[list[list[str]]] = []
+    negatives: list[list[list[list[str]]]] = []
+    for caps in captions:
+        image_views = [list(caps)]
+        for axis in flip:
+            mirrored = [mirror_caption(c, axis) for c in caps]
+            image_views.append([] if any(m is None for m in mirrored) else [str(m) for m in mirrored])
+        views.append(image_views)
+        negatives.append(
+            [[hard_negatives(c, hard_negative_kinds, rng, vocabulary) for c in view] for view in image_views]
+            if hard_negative_kinds
+            else [[[] for _ in view] for view in image_views]
+        )
+    return views, negatives
+
+
+def flip_pixels(pixels: torch.Tensor, axis: str) -> torch.Tensor:
+    """(B, 3, H, W) images flipped along ``axis`` ("horizontal": left <-> right, "vertical": top <-> bottom)."""
+    return pixels.flip(dims=[3] if axis == "horizontal" else [2])
+
+
 def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int) -> float:
     """Learning-rate factor: linear warm-up, then a cosine to 0 at ``max_steps``.
 
@@ -409,6 +461,10 @@ def pretrain_tower(
     seed: int = 0,
     max_train_samples: int | None = None,
     show_progress: bool = True,
+    hard_negatives: tuple[str, ...] | list[str] = (),
+    negatives_per_caption: int = 1,
+    flip: tuple[str, ...] | list[str] = (),
+    eval_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train an image tower contrastively against a CLIP text tower and save the tower to ``output_dir``.
 
@@ -422,6 +478,16 @@ def pretrain_tower(
         image_size: side of the square training images (default: the config's ``image_size``, else 64); a
             SigLIP2 tower's own image processor sizes its patches from ``patch_size`` and ``num_patches`` instead.
         max_steps: optimizer steps (the cosine schedule's length); ``max_minutes`` stops earlier if set.
+        hard_negatives: kinds of hard negative captions (``caption_rewrites.NEGATIVE_KINDS``: swap_attributes,
+            swap_objects, swap_relation, change_attribute); each step, every image's caption brings up to
+            ``negatives_per_caption`` of its own (drawn among those that apply), and they join every image's
+            negatives in the image-to-text half of the loss (:func:`contrastive_loss`). Empty: none.
+        flip: relation-aware augmentation: for each axis ("horizontal", "vertical"), each image whose captions can
+            all be mirrored (``caption_rewrites.mirror_caption``) is flipped along it with probability
+            1 / (1 + len(flip)) per step, its captions (and their negatives) mirrored with it.
+        eval_file: a held-out image folder's metadata.jsonl: after training, the binding scores
+            (``caption_rewrites.binding_scores``, ``clip`` objective only) of its images' first captions go into the
+            summary as ``binding``.
 
     Returns:
         A summary: steps, first and final loss (means of the first / last 20 steps, or of a quarter of the steps
@@ -440,10 +506,40 @@ def pretrain_tower(
     # the PIL backend: needs no torchvision, and prints no notice about it
     from transformers import CLIPImageProcessorPil
 
+    from modeling_clipcap.caption_rewrites import check_negative_kinds
+
+    hard_negatives = check_negative_kinds(list(hard_negatives))
+    flip = tuple(flip)
+    if negatives_per_caption < 1:
+        raise ValueError(f"negatives_per_caption must be >= 1, got {negatives_per_caption}.")
     config = tower_config(vision_config)
-    tokenizer, text_cfg, caption_ids = build_text_side(tokenizer_name, captions, text_config)
+    views, negatives = caption_views(captions, flip, hard_negatives, seed)
+    # one tokenized row per caption and negative of every view; rows[i][v][j] / negative_rows[i][v][j] index them
+    texts: list[list[str]] = [
+        [] for _ in captions
+    ]  # per image, all its texts (build_text_side pads them to one width)
+    rows: list[list[list[int]]] = []
+    negative_rows: list[list[list[list[int]]]] = []
+    for i, (image_views, image_negatives) in enumerate(zip(views, negatives)):
+        rows.append([])
+        negative_rows.append([])
+        for view, view_negatives in zip(image_views, image_negatives):
+            rows[i].append([len(texts[i]) + j for j in range(len(view))])
+            texts[i].extend(view)
+            negative_rows[i].append([])
+            for caption_negatives in view_negatives:
+                negative_rows[i][-1].append(
+                    list(range(len(texts[i]), len(texts[i]) + len(caption_negatives)))
+                )
+                texts[i].extend(caption_negatives)
+    tokenizer, text_cfg, caption_ids = build_text_side(tokenizer_name, texts, text_config)
     model = ContrastiveDualEncoder(config, text_cfg, projection_dim, objective)
     patches = vision_family(config).pixels == "patches"
+    if patches and flip:
+        raise ValueError(
+            f"flip augmentation needs image pixels; the {config.model_type} tower reads patches."
+        )
+    flippable = [[v for v in range(1, len(image_views)) if image_views[v]] for image_views in views]
     if patches:  # SigLIP2: its own processor, run once per image (patches, their mask and the grid's shape)
         image_processor = default_image_processor(config)
         patch_inputs = load_patches(paths, image_processor, show_progress=show_progress)
@@ -465,12 +561,30 @@ def pretrain_tower(
             order = list(range(len(paths)))
             rng.shuffle(order)
         batch, order = order[:batch_size], order[batch_size:]
+        # each image's view this step: 0 (as it is) or one of its flips, each with probability 1 / (1 + len(flip))
+        chosen = [
+            rng.choice([0, *flippable[i]])
+            if flippable[i] and rng.random() < len(flip) / (1 + len(flip))
+            else 0
+            for i in batch
+        ]
         if patches:
             image_inputs = {key: value[batch] for key, value in patch_inputs.items()}
         else:
             mean, std = image_processor.image_mean, image_processor.image_std
-            image_inputs = {"pixel_values": normalize(pixels[batch], mean, std)}
-        input_ids = torch.stack([caption_ids[i][rng.randrange(caption_ids[i].shape[0])] for i in batch])
+            batch_pixels = pixels[batch]
+            for axis_index, axis in enumerate(flip, start=1):
+                rows_flipped = [b for b, v in enumerate(chosen) if v == axis_index]
+                if rows_flipped:
+                    batch_pixels[rows_flipped] = flip_pixels(batch_pixels[rows_flipped], axis)
+            image_inputs = {"pixel_values": normalize(batch_pixels, mean, std)}
+        picked = [rng.randrange(len(rows[i][v])) for i, v in zip(batch, chosen)]
+        text_rows = [caption_ids[i][rows[i][v][j]] for i, v, j in zip(batch, chosen, picked)]
+        for i, v, j in zip(batch, chosen, picked):  # hard negatives of each image's caption join the columns
+            own = negative_rows[i][v][j]
+            for k in rng.sample(own, min(negatives_per_caption, len(own))):
+                text_rows.append(caption_ids[i][k])
+        input_ids = torch.stack(text_rows)
         image_to_text, text_to_image = model(
             input_ids=input_ids,
             attention_mask=text_attention_mask(input_ids, text_cfg.eos_token_id),
@@ -494,6 +608,9 @@ def pretrain_tower(
     model.eval()
     out_dir = Path(output_dir)
     save_tower(model, image_processor, tokenizer, out_dir)
+    binding = None
+    if eval_file is not None and objective == "clip" and not patches:
+        binding = evaluate_binding(model, image_processor, tokenizer, eval_file, image_size)
     window = max(1, min(20, len(losses) // 4))  # steps averaged for the first / final loss
     summary = {
         "tower": config.model_type,
@@ -504,12 +621,62 @@ def pretrain_tower(
         "first_loss": float(np.mean(losses[:window])) if losses else None,
         "final_loss": float(np.mean(losses[-window:])) if losses else None,
         "final_in_batch_image_to_text_accuracy": float(np.mean(accuracies[-window:])) if accuracies else None,
+        "hard_negatives": list(hard_negatives),
+        "negatives_per_caption": negatives_per_caption if hard_negatives else 0,
+        "flip": list(flip),
+        "binding": binding,
         "seconds": round(time.time() - start, 1),
         "tower_parameters": sum(p.numel() for p in model.vision.parameters()),
         "output_dir": str(out_dir),
     }
     (out_dir / "pretrain_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@torch.no_grad()
+def evaluate_binding(
+    model: ContrastiveDualEncoder,
+    image_processor: Any,
+    tokenizer: Any,
+    eval_file: str | Path,
+    image_size: int,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """``caption_rewrites.binding_scores`` of the trained dual encoder (``clip`` objective) on a held-out image
+    folder: every image's first caption against its swapped versions."""
+    from modeling_clipcap.caption_rewrites import binding_scores
+
+    paths, captions = read_metadata(eval_file)
+    first = [caps[0] for caps in captions]
+    pixels = load_pixels(paths, image_size, show_progress=False)
+    mean, std = image_processor.image_mean, image_processor.image_std
+    images = torch.cat(
+        [
+            model.encode_image(normalize(pixels[i : i + batch_size], mean, std))
+            for i in range(0, len(paths), batch_size)
+        ]
+    )
+
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        ids = [
+            [
+                tokenizer.bos_token_id,
+                *tokenizer(t, add_special_tokens=False)["input_ids"],
+                tokenizer.eos_token_id,
+            ]
+            for t in texts
+        ]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([x + [tokenizer.eos_token_id] * (width - len(x)) for x in ids])
+        mask = text_attention_mask(input_ids, tokenizer.eos_token_id)
+        return torch.cat(
+            [
+                model.encode_text(input_ids[i : i + batch_size], mask[i : i + batch_size])
+                for i in range(0, len(texts), batch_size)
+            ]
+        )
+
+    return {"eval_file": str(eval_file), "images": len(paths), **binding_scores(images, first, encode_text)}
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -526,6 +693,9 @@ SETTINGS = (
     "max_steps",
     "max_minutes",
     "seed",
+    "hard_negatives",
+    "negatives_per_caption",
+    "flip",
 )
 
 
@@ -569,6 +739,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_minutes", type=float, default=None, help="stop after this many minutes")
     p.add_argument("--max_train_samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--hard_negatives",
+        nargs="*",
+        default=None,
+        metavar="KIND",
+        help="hard negative captions in the loss (NegCLIP): any of swap_attributes swap_objects swap_relation "
+        "change_attribute (no KIND: none)",
+    )
+    p.add_argument(
+        "--negatives_per_caption",
+        type=int,
+        default=None,
+        help="hard negatives per caption and step (default 1)",
+    )
+    p.add_argument(
+        "--flip",
+        nargs="*",
+        default=None,
+        choices=FLIP_AXES,
+        help="relation-aware flips: horizontal (left <-> right in the captions) and/or vertical (above <-> below)",
+    )
+    p.add_argument(
+        "--eval_file",
+        default=None,
+        help="a held-out image folder's metadata.jsonl: report the binding (ARO-style swap) scores on it",
+    )
     add_bool_argument(p, "progress", default=True, help="progress bars")
     return p
 
@@ -610,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             image_dir=args.image_dir,
             max_train_samples=args.max_train_samples,
             show_progress=args.progress,
+            eval_file=args.eval_file,
             **{key: settings[key] for key in SETTINGS},
         )
     except (FileNotFoundError, ValueError) as err:
