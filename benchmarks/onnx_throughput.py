@@ -13,7 +13,8 @@ Two parts (both by default):
   split through the one captioning path (``caption_items``, batch 32, the model's generation config), with
   images/s, the share of captions equal to PyTorch fp32's, exact match with the references and CIDEr-D.
 
-    python benchmarks/onnx_throughput.py --threads 1 --batch_size 32 --demo /work/demo_base
+    python benchmarks/onnx_throughput.py --threads 1 --batch_size 32 --num_beams 1,5 --demo /work/demo_base
+    python benchmarks/onnx_throughput.py --num_beams 1,5 --original 4  # and the original code's speed
     python benchmarks/onnx_throughput.py --quick          # batch 4, 8 tokens, 64 demo images
 """
 
@@ -129,7 +130,18 @@ def real_size(args: argparse.Namespace) -> list[dict[str, Any]]:
                 outputs[name] = variant.generate(pixel_values=pixel_values, **options).tolist()
 
             runs[name] = run
+        if args.original and args.tokens != CAPTION_TOKENS:
+            raise SystemExit(
+                f"--original writes {CAPTION_TOKENS} tokens per caption: use --tokens {CAPTION_TOKENS}"
+            )
+        if args.original:  # the original code's algorithm (caption_throughput.run_original), a few images
+            from caption_throughput import run_original
+
+            few = pixel_values[: args.original]
+            runs["original"] = lambda few=few, num_beams=num_beams: run_original(model, few, num_beams)
         seconds = interleaved_best(runs, args.repeats)
+        if args.original:
+            original_rate = args.original / seconds.pop("original")
         for name in variants:
             rows.append(
                 {
@@ -142,6 +154,8 @@ def real_size(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "seconds": seconds[name],
                 }
             )
+            if args.original:
+                rows[-1]["x original"] = rows[-1]["img/s"] / original_rate
         base = next(r for r in rows if r["variant"] == "pytorch fp32" and r["num_beams"] == num_beams)
         for row in rows:
             if row["num_beams"] == num_beams:
@@ -222,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo_images", type=int, default=None, help="caption only the first N test images")
     parser.add_argument("--demo_max_new_tokens", type=int, default=None)
     parser.add_argument("--no_real_size", action="store_true", help="skip the real-size part")
+    parser.add_argument(
+        "--original",
+        type=int,
+        default=0,
+        help="also time the original code's algorithm (one image at a time, no cache; caption_throughput.py) on "
+        "this many images, interleaved with the variants, and report each variant's speed-up over it",
+    )
     parser.add_argument("--quick", action="store_true", help="batch 4, 8 tokens, one repeat, 64 demo images")
     args = parser.parse_args(argv)
     args.num_beams = [int(b) for b in args.num_beams.split(",")]
@@ -246,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads",
                 "img/s",
                 "x pytorch fp32",
+                "x original",
                 "same tokens",
             ],
             "ViT-B/32 + GPT-2 124M, random weights, exactly 20 tokens",

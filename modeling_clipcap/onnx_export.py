@@ -353,6 +353,11 @@ def export_onnx(
 
     if isinstance(model, (str, os.PathLike)):
         source = Path(model)
+        if source.resolve() == Path(output_dir).resolve():
+            raise ExportError(
+                f"--output_dir {output_dir} is the model folder itself; export to another folder (the export "
+                "writes its own config.json and processor files)."
+            )
         if not (source / "config.json").is_file():
             raise ExportError(
                 f"--model {source}: no config.json there; pass a folder written by save_pretrained."

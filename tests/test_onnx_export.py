@@ -288,6 +288,8 @@ def test_export_refuses_models_it_cannot_export(tokenizer, tmp_path):
     with pytest.raises(ExportError, match="no vision tower"):
         export_onnx(model, tmp_path, processor=build_tiny_processor(tokenizer))
     assert main(["export", "--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")]) == 2
+    with pytest.raises(ExportError, match="is the model folder itself"):
+        export_onnx(tmp_path, tmp_path)
 
 
 def test_missing_onnx_packages_name_the_extra(tokenizer, tmp_path, monkeypatch):
