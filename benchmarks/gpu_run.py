@@ -238,17 +238,15 @@ def part_coco(models: dict[str, Any], device: torch.device, args: Any) -> list[d
 
 
 def part_compiled(models: dict[str, Any], device: torch.device, args: Any) -> list[dict[str, Any]]:
-    """Greedy with a static cache + ``torch.compile`` against eager, same batch and dtype."""
-    from transformers import CompileConfig
+    """Greedy with a static cache + ``torch.compile`` (``modeling_clipcap.compiled_decoding``) against eager."""
+    from modeling_clipcap.compiled_decoding import compiled_decoding_kwargs
 
     rows = []
     for dtype_name in [d for d in args.compile_dtypes.split(",") if d]:
         model = models[dtype_name]
         batch = parse_int_list(args.batches)[0]
         pv = pixels(model, batch, seed=7).to(device)
-        config = CompileConfig(fullgraph=False, dynamic=False)
-        config._compile_all_devices = True  # transformers compiles on CUDA only unless told
-        options = {"cache_implementation": "static", "compile_config": config}
+        options = compiled_decoding_kwargs(model)
         eager_ids = caption(model, pv, 1, args.tokens)
         synchronize(device)
         t0 = time.perf_counter()

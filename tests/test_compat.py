@@ -182,13 +182,14 @@ def test_the_suite_turns_transformers_deprecation_notices_into_failures(pytester
 
 
 def test_compile_config_still_has_the_cpu_switch():
-    """benchmarks/caption_throughput.py sets ``CompileConfig._compile_all_devices`` (private, no public switch)
-    to compile the decoding step on CPU; this names the release that drops it."""
+    """``compat.allow_compile_on_all_devices`` (used by ``compiled_decoding.compiled_decoding_kwargs``) sets
+    ``CompileConfig._compile_all_devices`` (private, no public switch) to compile the decoding step on CPU; this
+    names the release that drops it."""
     from transformers import CompileConfig
 
     assert hasattr(CompileConfig(), "_compile_all_devices"), (
         f"transformers {transformers.__version__} dropped CompileConfig._compile_all_devices: update the "
-        "compiled row of benchmarks/caption_throughput.py and docs/compatibility.md"
+        "compat.allow_compile_on_all_devices and docs/compatibility.md"
     )
 
 
