@@ -2,8 +2,8 @@
 """Peak memory and step time of training a bigger language model: frozen, LoRA, full fine-tuning, each with and
 without activation (gradient) checkpointing, at a fixed batch, one run.
 
-    python benchmarks/training_memory.py --language_models qwen2-0.5b --batch 2 --tokens 24 --steps 2
-    python benchmarks/training_memory.py --language_models gpt2 --batch 8 --tokens 24
+    python benchmarks/training_memory.py --language_models qwen2-0.5b --batch 2 --tokens 16 --steps 2
+    python benchmarks/training_memory.py --language_models gpt2 --batch 2 --tokens 16 --steps 3
     python benchmarks/training_memory.py --quick    # GPT-2 only, 2 steps
 
 (the two commands docs/performance.md reports: one JSON per language model, ``--output``).
