@@ -2,8 +2,8 @@
 """Peak memory and step time of training a bigger language model: frozen, LoRA, full fine-tuning, each with and
 without activation (gradient) checkpointing, at a fixed batch, one run.
 
-    python benchmarks/training_memory.py --language_models qwen2-0.5b --batch 2 --tokens 24 --steps 2
-    python benchmarks/training_memory.py --language_models gpt2 --batch 8 --tokens 24
+    python benchmarks/training_memory.py --language_models qwen2-0.5b --batch 2 --tokens 16 --steps 2
+    python benchmarks/training_memory.py --language_models gpt2 --batch 2 --tokens 16 --steps 3
     python benchmarks/training_memory.py --quick    # GPT-2 only, 2 steps
 
 (the two commands docs/performance.md reports: one JSON per language model, ``--output``).
@@ -14,9 +14,9 @@ tied embeddings: 494M parameters), ``gpt2`` GPT-2 small (124M). The ClipCap mode
 image embeddings (512-d, the CLIP ViT-B/32 width) through the paper's MLP mapper (K=10), as train.py does with
 a frozen tower. Every step is what train.py does: forward with the loss on the caption tokens only, backward,
 AdamW over the trainable parameters (``training_utils.optimizer_parameter_groups``), in fp32 or, with
-``--precision bf16``, under bf16 autocast (Accelerate's ``--mixed_precision bf16``; fp32 master weights). On a
-CPU without native bf16 units (docs/performance.md: AVX2 only) bf16 matmuls are emulated about 100x slower, so
-the default is fp32 there. LoRA is ``modeling_clipcap.adapters`` (rank 16,
+``--precision bf16``, under bf16 autocast (Accelerate's ``--mixed_precision bf16``; fp32 master weights). The
+default is fp32: on a CPU without native bf16 units (docs/performance.md) bf16 matmuls are emulated and far
+slower, and on a loaded machine a bf16 run of the 0.5B model did not finish in the time it had. LoRA is ``modeling_clipcap.adapters`` (rank 16,
 every linear layer of the LM), checkpointing ``adapters.enable_activation_checkpointing``.
 
 Each configuration runs in a fresh subprocess; its peak memory is the kernel's peak resident set size of that
