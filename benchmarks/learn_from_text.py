@@ -109,7 +109,6 @@ def write_style2_split(data: Path, work: Path, split: str = "test") -> Path:
     rows = demo.read_captions(data / split / "metadata.jsonl")
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
-            row["file_name"] = str((data / split / row["file_name"]).resolve())
             row["captions"] = synthetic_data.make_captions_style2(row["objects"], row["relation"])
             f.write(json.dumps(row) + "\n")
     return out
@@ -124,7 +123,7 @@ def run_swap(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[s
         store = datastore(demo_dir, work, corpus, env)
         eval_dir = work / f"swap_{name}_{Path(corpus).stem}"
         demo.run([sys.executable, "-m", "modeling_clipcap.cli", "evaluate", "--model", str(model_dir), "--data",
-                  str(split_dir / "metadata.jsonl"), "--split", "test", "--output_dir", str(eval_dir),
+                  str(split_dir / "metadata.jsonl"), "--split", "test", "--image_dir", str(demo_dir / "data" / "test"), "--output_dir", str(eval_dir),
                   "--batch_size", "64", "--num_beams", "1", "--no_meteor", "--datastore", str(store),
                   "--no_progress"], env)  # fmt: skip
         scores = json.loads((eval_dir / "metrics.json").read_text())

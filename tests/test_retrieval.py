@@ -228,6 +228,7 @@ def test_saved_retrieval_model_loads_with_automodel_and_remote_code(
     from transformers import AutoModel, AutoProcessor
 
     processor = build_tiny_processor(copy.deepcopy(tiny_tokenizer))
+    retrieval_model.generation_config.max_new_tokens = 5  # what clipcap caption and the pipeline decode with
     retrieval_model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
     loaded = AutoModel.from_pretrained(tmp_path / "m").eval()

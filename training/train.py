@@ -376,7 +376,8 @@ def attach_retrieval(
             raise ValueError(
                 "--text_only with retrieval needs a text datastore (clipcap index --modality text)."
             )
-        store.attach(towers) if store.towers is None else None
+        if store.towers is None:
+            store.attach(towers)
         retrieved = store.search(rows.embeddings.numpy(), k, exclude_captions=rows.captions)
         rows.prompts = [retrieval_prompt(r, template) for r in retrieved]
     else:
