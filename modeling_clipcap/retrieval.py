@@ -75,8 +75,15 @@ def _hash_module(hasher: Any, module: torch.nn.Module | None) -> None:
     if module is None:
         return
     config = getattr(module, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        hasher.update(config.to_json_string(use_diff=False).encode())
+    if config is not None and hasattr(config, "to_dict"):
+        # what the module computes, not where it was loaded from: "_name_or_path" (the path as given, relative or
+        # absolute), the writing transformers version and the other private fields are left out
+        fields = {
+            key: value
+            for key, value in config.to_dict().items()
+            if not key.startswith("_") and key not in ("transformers_version", "name_or_path")
+        }
+        hasher.update(json.dumps(fields, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         hasher.update(name.encode())
         _hash_tensor(hasher, tensor)

@@ -106,6 +106,20 @@ def test_index_round_trips_and_matches_brute_force(datastore_dir, towers_dir):
     assert store.retrieve(images(5), 3) == found  # the processor's entry point: images in, captions out
 
 
+def test_the_same_towers_by_another_path_are_accepted(datastore_dir, towers_dir, monkeypatch):
+    """The fingerprint is of what the towers compute, not of the path they were loaded by: the towers named by a
+    relative path (as `clipcap index --model demo_output/clip` records them) match those named absolutely (as
+    train.py's --vision_model_name_or_path may give them)."""
+    from modeling_clipcap.retrieval import Datastore, load_towers
+
+    monkeypatch.chdir(towers_dir.parent)
+    relative = load_towers(towers_dir.name)
+    absolute = load_towers(towers_dir.resolve())
+    assert relative.fingerprint("text") == absolute.fingerprint("text")
+    assert relative.fingerprint("image") == absolute.fingerprint("image")
+    Datastore.load(datastore_dir, towers=relative)  # built from the absolute path: accepted
+
+
 def test_bad_datastores_get_clear_errors(tmp_path, datastore_dir, towers_dir, tiny_tokenizer):
     from modeling_clipcap.cli import main
     from modeling_clipcap.retrieval import Datastore, DatastoreError, load_towers
