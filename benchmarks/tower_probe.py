@@ -154,7 +154,7 @@ def probe_tower(tower_dir: Path, data_dir: Path, train_images: int, batch_size: 
     summary = tower_dir / "pretrain_results.json"
     if summary.is_file():
         record["pretraining"] = json.loads(summary.read_text())
-    scores = swap_scores(tower_dir, loaded, data_dir, batch_size)
+    scores = swap_scores(tower_dir, data_dir)
     if scores is None and isinstance(record.get("pretraining", {}).get("binding"), dict):
         scores = record["pretraining"]["binding"]
     for key in ("aro", "swap_attributes", "swap_objects", "swap_relation"):
@@ -192,48 +192,22 @@ def two_object_probes(
     return out
 
 
-@torch.no_grad()
-def swap_scores(
-    tower_dir: Path, loaded: tuple[Any, Any, Any], data_dir: Path, batch_size: int
-) -> dict[str, Any] | None:
-    """``caption_rewrites.binding_scores`` of the tower and its saved text side on ``test``'s two-object images
-    (their first captions); ``None`` when the folder has no ``text_tower/``."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
+def swap_scores(tower_dir: Path, data_dir: Path) -> dict[str, Any] | None:
+    """``caption_rewrites.binding_scores`` of the tower and its saved text side (``retrieval.load_towers``) on
+    ``test``'s two-object images (their first captions); ``None`` when the folder has no text side."""
     from modeling_clipcap.caption_rewrites import binding_scores
+    from modeling_clipcap.retrieval import load_towers
 
-    text_dir = tower_dir / "text_tower"
-    if not (text_dir / "config.json").is_file():
+    towers = load_towers(tower_dir)
+    if not towers.has_text:
         return None
-    text = CLIPTextModelWithProjection.from_pretrained(str(text_dir)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(text_dir))
-    projection = tower_dir / "image_projection.safetensors"
-    weight = load_file(str(projection))["weight"] if projection.is_file() else None
     rows = two_object_rows(data_dir / "test")
-    images = pooled_features(loaded, data_dir / "test", rows, batch_size)
-    if weight is not None:
-        images = images @ weight.t()
-    images = torch.nn.functional.normalize(images, dim=-1)
-
-    def encode_text(texts: list[str]) -> torch.Tensor:
-        ids = [
-            [
-                tokenizer.bos_token_id,
-                *tokenizer(t, add_special_tokens=False)["input_ids"],
-                tokenizer.eos_token_id,
-            ]
-            for t in texts
-        ]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [tokenizer.eos_token_id] * (width - len(x)) for x in ids])
-        is_eos = (input_ids == tokenizer.eos_token_id).long()
-        mask = ((is_eos.cumsum(dim=1) - is_eos) == 0).long()
-        return torch.nn.functional.normalize(
-            text(input_ids=input_ids, attention_mask=mask).text_embeds, dim=-1
-        )
-
-    return binding_scores(images, [r["captions"][0] for r in rows], encode_text)
+    images = torch.from_numpy(towers.encode_images([data_dir / "test" / r["file_name"] for r in rows]))
+    return binding_scores(
+        images,
+        [r["captions"][0] for r in rows],
+        lambda texts: torch.from_numpy(towers.encode_texts(texts)),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
