@@ -13,7 +13,9 @@ arguments and the demo's ``train_steps``, ``clipcap evaluate`` on test and test_
 Variants (cumulative where it makes sense): ``lm``: the GPT-2 first reads ``data/corpus/captions.txt``
 (``--lm_steps``); ``retrieval``: that LM + ``--retrieval_k`` captions retrieved from ``corpus/datastore.txt``;
 ``text_only``: that LM, ClipCap trained from ``corpus/captions.txt`` alone (noise estimated on the validation
-pairs); ``text_only_retrieval``: both. The swap (``--swap VARIANT``) writes ``test`` with references in the
+pairs); ``text_only_retrieval``: both; ``pairs_text``: that LM, ClipCap trained on the pairs and on
+``corpus/captions.txt`` as text rows (``--text_file``); ``pairs_text_retrieval``: with retrieval. ``--tag T``
+names a run ``<variant>_T`` and ``--train_args "..."`` adds training flags (e.g. ``--modality_shift``). The swap (``--swap VARIANT``) writes ``test`` with references in the
 generator's second phrasing style (``synthetic_data.make_captions_style2``, which no training data uses), indexes
 ``corpus/datastore_style2.txt``, and evaluates the retrieval model against those references with the first
 datastore and then with the second, without retraining. Each run writes ``WORK/results/<name>.json``.
@@ -36,7 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import demo  # noqa: E402
 import synthetic_data  # noqa: E402
 
-VARIANTS = ("lm", "retrieval", "text_only", "text_only_retrieval")
+VARIANTS = ("lm", "retrieval", "text_only", "text_only_retrieval", "pairs_text", "pairs_text_retrieval")
 
 
 def lm_dir(demo_dir: Path, work: Path, steps: int, positions: int, env: dict[str, str]) -> Path:
@@ -49,6 +51,8 @@ def lm_dir(demo_dir: Path, work: Path, steps: int, positions: int, env: dict[str
     tokenizer = AutoTokenizer.from_pretrained(demo_dir / "tokenizer")
     config = demo.read_preset(demo.PRESET)["config"]["text_config"]
     demo.write_random_gpt2(config, tokenizer, work / "gpt2", 0, positions)
+    if steps == 0:  # --lm_steps 0: the random GPT-2 as it is
+        return work / "gpt2"
     demo.run([sys.executable, str(REPO_ROOT / "training" / "pretrain_lm.py"), "--model_name_or_path",
               str(work / "gpt2"), "--train_file", str(demo_dir / "data" / "corpus" / "captions.txt"),
               "--output_dir", str(out), "--max_steps", str(steps), "--no_progress"], env)  # fmt: skip
@@ -68,7 +72,8 @@ def run_variant(name: str, args: argparse.Namespace, env: dict[str, str]) -> dic
     demo_dir, work = Path(args.demo_dir), Path(args.work_dir)
     data = demo_dir / "data"
     text_model = lm_dir(demo_dir, work, args.lm_steps, 128, env)
-    model_dir = work / f"model_{name}"
+    run_name = f"{name}_{args.tag}" if args.tag else name
+    model_dir = work / f"model_{run_name}"
     cmd = demo.train_command(
         data, model_dir, work / "embedding_cache", {"train_steps": args.train_steps, "seed": 0}
     )
@@ -84,21 +89,26 @@ def run_variant(name: str, args: argparse.Namespace, env: dict[str, str]) -> dic
         cmd += ["--text_only", "--towers", str(demo_dir / "clip"), "--train_file",
                 str(data / "corpus" / "captions.txt"), "--noise_sample_file",
                 str(data / "validation" / "metadata.jsonl")]  # fmt: skip
+    if name.startswith("pairs_text"):
+        cmd += ["--text_file", str(data / "corpus" / "captions.txt"), "--towers", str(demo_dir / "clip"),
+                "--noise_sample_file", str(data / "validation" / "metadata.jsonl")]  # fmt: skip
+    cmd += args.train_args.split()
     start = time.time()
     if not (model_dir / "config.json").is_file():
         demo.run(cmd, env)
     train_seconds = round(time.time() - start, 1)
     cfg = {"num_beams": 1}
-    splits, _ = demo.evaluate_splits(model_dir, data, work / f"evaluate_{name}", cfg, False, env, store)
+    splits, _ = demo.evaluate_splits(model_dir, data, work / f"evaluate_{run_name}", cfg, False, env, store)
     result = {
-        "variant": name,
+        "variant": run_name,
+        "train_args": args.train_args,
         "train_seconds": train_seconds,
         "splits": splits,
         "load_average": os.getloadavg(),
     }
     results = work / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{run_name}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -168,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_steps", type=int, default=1200)
     p.add_argument("--retrieval_k", type=int, default=2)
     p.add_argument("--retrieval_template", default="{captions}")
+    p.add_argument("--tag", default="", help="run name suffix (model_<variant>_<tag>)")
+    p.add_argument("--train_args", default="", help="extra training/train.py flags, e.g. --modality_shift")
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     env = demo.stage_env(Path(args.work_dir), 1)

@@ -10,6 +10,12 @@ embeddings (a standard deviation of 0.126 per coordinate), the default here when
 :func:`estimate_noise_std` measures the gap on a small paired sample instead: the root mean square, over the
 sample's image-caption pairs and the embedding's coordinates, of the difference between the normalised image
 embedding and the normalised embedding of one of its captions.
+
+Isotropic noise of the gap's size is a poor model of the gap itself: most of it is one shared direction (the mean
+image-minus-caption difference), and noise spreads its norm over every coordinate, so the decoder rarely sees a
+shift of that size along that direction. With a paired sample, ``shift`` moves every caption embedding by the
+sample's mean difference (onto the image side) and the noise is the RMS of what is left
+(``estimate_noise_std(...)["residual_std"]``): the training embeddings then sit where the images do.
 """
 
 from __future__ import annotations
@@ -29,10 +35,16 @@ __all__ = ["DEFAULT_NOISE_STD", "NoisyTextEmbeddings", "estimate_noise_std"]
 
 class NoisyTextEmbeddings(torch.utils.data.Dataset):
     """Caption rows for text-only training: row ``i`` -> ``{"image_embeds": (P,) the caption's normalised text
-    embedding plus fresh N(0, noise_std^2) noise per coordinate, "caption": str}``."""
+    embedding (plus ``shift`` (P,), the mean modality gap, when given) plus fresh N(0, noise_std^2) noise per
+    coordinate, "caption": str}``."""
 
     def __init__(
-        self, embeddings: Any, captions: Sequence[str], noise_std: float, prompts: Sequence[str] | None = None
+        self,
+        embeddings: Any,
+        captions: Sequence[str],
+        noise_std: float,
+        prompts: Sequence[str] | None = None,
+        shift: Any = None,
     ):
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
@@ -43,13 +55,18 @@ class NoisyTextEmbeddings(torch.utils.data.Dataset):
             )
         self.captions = list(captions)
         self.noise_std = float(noise_std)
+        self.shift = None if shift is None else torch.as_tensor(np.asarray(shift), dtype=torch.float32)
+        if self.shift is not None and self.shift.shape != self.embeddings.shape[1:]:
+            raise ValueError(
+                f"shift {tuple(self.shift.shape)} does not match the embeddings' width {self.embeddings.shape[1]}."
+            )
         self.prompts = list(prompts) if prompts is not None else None  # per row (retrieval augmentation)
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        embed = self.embeddings[i]
+        embed = self.embeddings[i] if self.shift is None else self.embeddings[i] + self.shift
         row = {"image_embeds": embed + self.noise_std * torch.randn_like(embed), "caption": self.captions[i]}
         return row if self.prompts is None else row | {"prompt": self.prompts[i]}
 
@@ -57,7 +74,8 @@ class NoisyTextEmbeddings(torch.utils.data.Dataset):
 def estimate_noise_std(towers: Any, images: Sequence[Any], captions: Sequence[str]) -> dict[str, float]:
     """The modality gap of ``towers`` (``retrieval.Towers``) on paired ``images`` and ``captions`` (one caption per
     image): ``{"noise_std": RMS per-coordinate difference of the normalised embeddings, "mean_cosine": mean
-    image-caption cosine, "pairs": n}``."""
+    image-caption cosine, "pairs": n, "gap_norm": norm of the mean difference, "residual_std": RMS per-coordinate
+    difference once the mean difference is taken off, "shift": the mean difference (P,) as a list}``."""
     if len(images) == 0 or len(images) != len(captions):
         raise ValueError(
             f"a paired sample needs as many images as captions (got {len(images)} and {len(captions)})."
@@ -65,8 +83,12 @@ def estimate_noise_std(towers: Any, images: Sequence[Any], captions: Sequence[st
     image = towers.encode_images(list(images))
     text = towers.encode_texts(list(captions))
     difference = image - text
+    shift = difference.mean(axis=0)
     return {
         "noise_std": float(np.sqrt(np.mean(difference**2))),
         "mean_cosine": float(np.mean(np.sum(image * text, axis=1))),
         "pairs": len(images),
+        "gap_norm": float(np.linalg.norm(shift)),
+        "residual_std": float(np.sqrt(np.mean((difference - shift) ** 2))),
+        "shift": [float(x) for x in shift],
     }

@@ -80,13 +80,17 @@ def test_quick_demo_end_to_end(tmp_path):
     samples = metrics["samples"]
     assert len(samples) >= demo.QUICK["num_samples"]
     assert all(isinstance(s["prediction"], str) for s in samples)
-    # It learned, on this reduced budget (measured: loss 6.32 -> 3.63, test CIDEr-D 1.11, exact match 0.083,
-    # 2 different captions; a model that learned nothing writes one caption for every image): floors at
-    # about half of that.
+    # It learned, on this reduced budget (measured with the corpus recipe, 30 LM steps then 100 ClipCap steps
+    # over pairs + text rows: loss 2.88 -> 0.65, test CIDEr-D 2.23, exact match 0.067 (4 of 60), 32 different
+    # captions; a model that learned nothing writes one caption for every image): floors at about half of that.
     training = metrics["training"]
+    assert (
+        "text rows of" in training["training_data"] and training["text_rows"]["noise_std"] > 0
+    )  # the default recipe
+    assert (out / "gpt2_read" / "config.json").is_file()  # the LM read the corpus first
     assert training["final_train_loss"] < 0.75 * training["first_train_loss"], training
     test = metrics["splits"]["test"]
-    assert test["metrics"]["CIDEr"] >= 0.6 and test["exact_match"]["all"]["rate"] >= 0.05, test
+    assert test["metrics"]["CIDEr"] >= 1.0 and test["exact_match"]["all"]["rate"] >= 0.03, test
     predictions = json.loads((out / "evaluate" / "test" / "predictions.json").read_text())
     assert len({p["caption"] for p in predictions}) >= 2
 

@@ -442,3 +442,91 @@ def test_train_with_a_datastore_then_evaluate_with_another(
     assert main(["evaluate", "--model", str(tmp_path / "out"), "--data", str(pics / "metadata.jsonl"),
                  "--datastore", str(datastore_dir), "--output_dir", str(out), "--no_meteor", "--no_progress"]) == 0  # fmt: skip
     assert json.loads((out / "metrics.json").read_text())["config"]["datastore"] == str(datastore_dir)
+
+
+def test_text_rows_shift_by_the_mean_gap_and_the_estimate_matches_by_hand():
+    """NoisyTextEmbeddings with a shift and no noise gives embedding + shift; estimate_noise_std's shift is the mean
+    image-minus-caption difference and its residual is what is left (never more than the whole gap)."""
+    from modeling_clipcap.text_only import NoisyTextEmbeddings, estimate_noise_std
+
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(6, 4)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    offset = np.array([0.3, -0.2, 0.0, 0.1], dtype=np.float32)
+    image = text + offset + 0.01 * rng.normal(size=(6, 4)).astype(np.float32)
+
+    class Towers:  # stands in for retrieval.Towers: fixed embeddings per input
+        def encode_images(self, items):
+            return image[items]
+
+        def encode_texts(self, items):
+            return text[items]
+
+    gap = estimate_noise_std(Towers(), list(range(6)), list(range(6)))
+    np.testing.assert_allclose(gap["shift"], (image - text).mean(axis=0), atol=1e-6)
+    assert gap["gap_norm"] == pytest.approx(float(np.linalg.norm((image - text).mean(axis=0))), rel=1e-5)
+    # the offset is shared: little is left after the shift
+    assert gap["residual_std"] < 0.05 < gap["noise_std"]
+    rows = NoisyTextEmbeddings(text, [f"c{i}" for i in range(6)], 0.0, shift=gap["shift"])
+    np.testing.assert_allclose(rows[2]["image_embeds"].numpy(), text[2] + np.asarray(gap["shift"]), atol=1e-6)
+    assert torch.equal(
+        NoisyTextEmbeddings(text, ["c"] * 6, 0.0)[2]["image_embeds"], torch.from_numpy(text[2])
+    )
+    with pytest.raises(ValueError, match="shift"):
+        NoisyTextEmbeddings(text, ["c"] * 6, 0.0, shift=[0.0, 1.0])
+
+
+def test_text_file_adds_text_rows_to_paired_training(tmp_path, towers_dir, tiny_tokenizer):
+    """train.py --text_file: the pairs are read (their images encoded) and the corpus joins them as noisy text
+    rows (with --modality_shift: moved by the paired sample's mean gap); the mapper moves and the model captions."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import train
+    from conftest import tiny_text_config
+    from transformers import GPT2LMHeadModel
+
+    from modeling_clipcap import ClipCapForConditionalGeneration
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_text_config(len(tiny_tokenizer))).save_pretrained(tmp_path / "lm")
+    tiny_tokenizer.save_pretrained(tmp_path / "lm")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CAPTIONS * 3) + "\n")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    with open(pics / "metadata.jsonl", "w") as f:
+        for i, (pic, caption) in enumerate(zip(images(4, seed=3), CAPTIONS)):
+            pic.save(pics / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "captions": [caption, caption.upper()]}) + "\n")
+    common = [
+        "--text_model_name_or_path", str(tmp_path / "lm"), "--train_file", str(pics / "metadata.jsonl"),
+        "--validation_file", str(pics / "metadata.jsonl"), "--max_train_steps", "4",
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--num_warmup_steps", "0",
+        "--mapping_type", "mlp", "--prefix_length", "2", "--max_new_tokens", "4", "--no_eval_meteor",
+        "--embedding_cache_dir", str(tmp_path / "cache"), "--vision_model_name_or_path", str(towers_dir),
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    summary = train.main(common + [
+        "--text_file", str(corpus), "--noise_sample_file", str(pics / "metadata.jsonl"), "--modality_shift",
+        "--output_dir", str(out),
+    ])  # fmt: skip
+    assert summary["training_data"].endswith(f"+ {len(CAPTIONS) * 3} text rows of {corpus}")
+    assert "(4 images, 8 captions)" in summary["training_data"]
+    rows = summary["text_rows"]
+    assert rows["modality_shift"] and rows["noise_std"] == rows["residual_std"] and rows["gap_norm"] > 0
+    assert summary["images_encoded_per_rank"][0] >= 4  # the training images are read, unlike --text_only
+    model = ClipCapForConditionalGeneration.from_pretrained(out)
+    assert model.config.normalize_prefix
+    torch.manual_seed(0)
+    fresh = ClipCapForConditionalGeneration.from_vision_text_pretrained(
+        str(towers_dir), str(tmp_path / "lm"), mapping_type="mlp", prefix_length=2, normalize_prefix=True
+    )
+    moved = [
+        not torch.allclose(a, b) for a, b in zip(model.model.mapping_network.parameters(),
+                                                 fresh.model.mapping_network.parameters())
+    ]  # fmt: skip
+    assert all(moved)
+    assert model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=3).shape[0] == 2
+    with pytest.raises(SystemExit):  # --text_file and --text_only contradict each other
+        train.parse_args(common + ["--text_file", str(corpus), "--text_only", "--output_dir", str(out)])
+    with pytest.raises(SystemExit):  # the shift is measured on pairs
+        train.parse_args(common + ["--text_file", str(corpus), "--modality_shift", "--output_dir", str(out)])

@@ -52,8 +52,9 @@ QUICK: dict[str, Any] = {
     "test_size": 60,
     "test_novel_size": 30,
     "clip_steps": 30,  # batch 64: the images 15 steps of the former batch 128 saw
-    "train_steps": 40,
+    "train_steps": 100,  # the text rows outnumber the 600 images' captions here: 40 steps learnt too little
     "num_samples": 6,
+    "lm_steps": 30,
 }
 
 
@@ -254,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool_argument(
         g, "text_only", default=None, help="ClipCap from the corpus alone (default: demo.json's)"
     )
+    add_bool_argument(
+        g,
+        "corpus_text",
+        default=None,
+        help="ClipCap learns the corpus as text rows alongside the pairs (train.py --text_file; default: demo.json's)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -285,6 +292,7 @@ def resolve(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any
         "retrieval_template": "{captions}",
         "datastore_file": "datastore.txt",
         "text_only": False,
+        "corpus_text": False,
     }
     defaults.update(settings)
     if args.quick:
@@ -352,13 +360,17 @@ def learn_from_text(
 
 
 def text_training_flags(data_dir: Path, out: Path, cfg: dict[str, Any], datastore: Path | None) -> list[str]:
-    """train.py's flags for retrieval (``--datastore``, ``--retrieval_k``, ``--retrieval_template``) and, for the
-    ``text_only`` benchmark recipe, ``--text_only`` on the corpus (its ``--train_file`` comes last and wins) with
-    the noise estimated on the validation pairs."""
+    """train.py's flags for retrieval (``--datastore``, ``--retrieval_k``, ``--retrieval_template``); with
+    ``corpus_text``, the corpus as text rows next to the pairs (``--text_file``); for the ``text_only`` benchmark
+    recipe, ``--text_only`` on the corpus (its ``--train_file`` comes last and wins). The text rows' noise is
+    estimated on the validation pairs."""
     flags: list[str] = []
     if datastore is not None:
         flags += ["--datastore", str(datastore), "--retrieval_k", str(cfg["retrieval_k"])]
         flags += ["--retrieval_template", str(cfg["retrieval_template"])]
+    if cfg["corpus_text"] and not cfg["text_only"]:
+        flags += ["--text_file", str(data_dir / "corpus" / "captions.txt"), "--towers", str(out / "clip"),
+                  "--noise_sample_file", str(data_dir / "validation" / "metadata.jsonl")]  # fmt: skip
     if cfg["text_only"]:
         flags += ["--text_only", "--towers", str(out / "clip"), "--train_file",
                   str(data_dir / "corpus" / "captions.txt"),

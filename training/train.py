@@ -140,10 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--retrieval_template", help="The prompt; {captions} is replaced by the retrieved captions."
     )
     add_bool_argument(g, "text_only", help="Train from captions alone: text embeddings + noise, no image.")
-    g.add_argument("--towers", help="--text_only: the towers (default: --vision_model_name_or_path).")
-    g.add_argument("--noise_std", type=float, help="--text_only noise (default: estimated, else 0.126).")
-    g.add_argument("--noise_sample_file", help="--text_only: paired captions to estimate --noise_std from.")
+    g.add_argument(
+        "--text_file",
+        help="Captions without images (a caption file or a .txt, one a line) learnt alongside the pairs of "
+        "--train_file, through their text embeddings + noise as in --text_only.",
+    )
+    g.add_argument(
+        "--text_repeat",
+        type=int,
+        default=1,
+        help="--text_file: times each text row is seen per epoch (default 1).",
+    )
+    g.add_argument(
+        "--towers", help="--text_only/--text_file: the towers (default: --vision_model_name_or_path)."
+    )
+    g.add_argument("--noise_std", type=float, help="Text rows' noise (default: estimated, else 0.126).")
+    g.add_argument(
+        "--noise_sample_file", help="Paired captions to estimate --noise_std (and the shift) from."
+    )
     g.add_argument("--noise_sample_size", type=int, default=256, help="Images of --noise_sample_file read.")
+    add_bool_argument(
+        g,
+        "modality_shift",
+        help="Move text rows by the mean image-minus-caption gap of --noise_sample_file (noise: what is left).",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--train_file", help="Karpathy JSON, metadata JSONL/CSV, or a folder.")
@@ -251,9 +271,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--datastore needs --retrieval_k N (captions retrieved per image), e.g. --retrieval_k 4."
         )
-    if args.text_only and not (args.towers or args.vision_model_name_or_path):
+    if args.text_only and args.text_file:
         parser.error(
-            "--text_only needs --towers (or --vision_model_name_or_path): the towers with a text side."
+            "--text_file adds text to paired training; --text_only trains on --train_file's text alone."
+        )
+    if args.text_repeat < 1:
+        parser.error(f"--text_repeat must be >= 1, got {args.text_repeat}.")
+    if args.modality_shift and not args.noise_sample_file:
+        parser.error("--modality_shift is measured on paired captions: give --noise_sample_file too.")
+    if (args.text_only or args.text_file) and not (args.towers or args.vision_model_name_or_path):
+        parser.error(
+            "--text_only/--text_file need --towers (or --vision_model_name_or_path): the towers with a text side."
         )
     if args.text_only and args.streaming:
         parser.error("--text_only reads its captions in memory; drop --streaming.")
@@ -315,34 +343,47 @@ def build_model_and_processor(
     return model, processor
 
 
-def text_only_rows(args: argparse.Namespace, towers: Any) -> tuple[Any, dict[str, Any]]:
-    """``--text_only``: every caption of ``--train_file`` (a caption file, or a .txt of one caption a line; no image
-    is opened) as its text embedding plus noise (``text_only.NoisyTextEmbeddings``); returns the rows and what the
-    noise was (``--noise_std``, else estimated on ``--noise_sample_size`` pairs of ``--noise_sample_file``, else
-    CapDec's 0.126)."""
+def text_only_rows(
+    args: argparse.Namespace, towers: Any, source: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Text rows: every caption of ``source`` (default ``--train_file``; a caption file, or a .txt of one caption a
+    line; no image is opened) as its text embedding plus noise (``text_only.NoisyTextEmbeddings``); returns the
+    rows and what the noise was (``--noise_std``, else estimated on ``--noise_sample_size`` pairs of
+    ``--noise_sample_file``, else CapDec's 0.126). ``--modality_shift``: the rows are also moved by the sample's
+    mean gap, and the noise is the gap's residual."""
     from modeling_clipcap.retrieval import read_caption_source
     from modeling_clipcap.text_only import DEFAULT_NOISE_STD, NoisyTextEmbeddings, estimate_noise_std
 
-    _, captions, _ = read_caption_source(args.train_file, args.train_split, args.image_dir)
-    if args.max_train_samples is not None:
+    source = source or args.train_file
+    _, captions, _ = read_caption_source(
+        source, args.train_split if source == args.train_file else None, args.image_dir
+    )
+    if args.max_train_samples is not None and args.text_only:
         captions = captions[: args.max_train_samples]
     if not captions:
-        raise ValueError(f"--train_file {args.train_file}: no captions to train on.")
+        raise ValueError(f"{source}: no captions to train on.")
     noise: dict[str, Any] = {"noise_std": args.noise_std, "source": "--noise_std"}
-    if args.noise_std is None and args.noise_sample_file:
+    shift = None
+    if args.noise_sample_file and (args.noise_std is None or args.modality_shift):
         keys, sample_captions, images = read_caption_source(args.noise_sample_file, None, args.image_dir)
         first: dict[str, int] = {}
         for i, key in enumerate(keys):
             if len(first) < args.noise_sample_size:
                 first.setdefault(key, i)
         rows = list(first.values())
-        noise = estimate_noise_std(towers, [images[i] for i in rows], [sample_captions[i] for i in rows])
-        noise["source"] = f"estimated on {args.noise_sample_file}"
+        gap = estimate_noise_std(towers, [images[i] for i in rows], [sample_captions[i] for i in rows])
+        shift = gap.pop("shift") if args.modality_shift else None
+        gap.pop("shift", None)
+        if args.noise_std is None:
+            noise = gap | {"source": f"estimated on {args.noise_sample_file}"}
+            if args.modality_shift:
+                noise["noise_std"] = gap["residual_std"]
+        noise["modality_shift"] = shift is not None
     elif args.noise_std is None:
         noise = {"noise_std": DEFAULT_NOISE_STD, "source": "CapDec's default (variance 0.016)"}
-    logger.info(f"text-only training: {len(captions)} captions, noise {noise}")
+    logger.info(f"text rows: {len(captions)} captions of {source}, noise {noise}")
     embeddings = towers.encode_texts(captions, show_progress=True)
-    return NoisyTextEmbeddings(embeddings, captions, noise["noise_std"]), noise
+    return NoisyTextEmbeddings(embeddings, captions, noise["noise_std"], shift=shift), noise
 
 
 def attach_retrieval(
@@ -363,24 +404,25 @@ def attach_retrieval(
     if not args.datastore:
         raise ValueError(f"retrieval_k={k}: give --datastore DIR (built by clipcap index) to retrieve from.")
     store = Datastore.load(args.datastore)
+    text_rows = data["train"] if args.text_only else data.get("text_rows")
+    if text_rows is not None:
+        from modeling_clipcap.processing_clipcap import retrieval_prompt
+
+        if store.info["modality"] != "text":
+            raise ValueError(
+                "text rows (--text_only/--text_file) with retrieval need a text datastore (clipcap index "
+                "--modality text)."
+            )
+        if store.towers is None:
+            store.attach(towers)
+        retrieved = store.search(text_rows.embeddings.numpy(), k, exclude_captions=text_rows.captions)
+        text_rows.prompts = [retrieval_prompt(r, template) for r in retrieved]
     if "train_images" in data:
         images = data["train_images"]
         data["train"].prompts, _ = retrieve_for_training(
             store, images["image"], images["image_id"], k, template, show_progress=True
         )
-    elif args.text_only:
-        from modeling_clipcap.processing_clipcap import retrieval_prompt
-
-        rows = data["train"]
-        if store.info["modality"] != "text":
-            raise ValueError(
-                "--text_only with retrieval needs a text datastore (clipcap index --modality text)."
-            )
-        if store.towers is None:
-            store.attach(towers)
-        retrieved = store.search(rows.embeddings.numpy(), k, exclude_captions=rows.captions)
-        rows.prompts = [retrieval_prompt(r, template) for r in retrieved]
-    else:
+    elif not args.text_only:
         raise ValueError(
             "retrieval training reads images through the embedding cache (a frozen tower, no stream)."
         )
@@ -700,7 +742,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Model (with adapters) and data
     towers, noise = None, None
-    if args.text_only:
+    if args.text_only or args.text_file:
         from modeling_clipcap.retrieval import load_towers
 
         towers = load_towers(args.towers or args.vision_model_name_or_path)
@@ -726,7 +768,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mapping_input=model.config.mapping_input,
         ),
     )
+    if args.text_file:
+        data["text_rows"], noise = text_only_rows(args, towers, args.text_file)
     val_retrieved = attach_retrieval(args, model, processor, data, towers)
+    if args.text_file:  # learn from text as well as pairs: the caption rows join the image rows
+        data["train"] = torch.utils.data.ConcatDataset(
+            [data["train"]] + [data["text_rows"]] * args.text_repeat
+        )
+        data["description"] += f" + {len(data['text_rows'])} text rows of {args.text_file}"
+        if args.text_repeat > 1:
+            data["description"] += f" (x{args.text_repeat})"
     train_dataloader, val_dataloaders = make_dataloaders(
         data,
         processor,
@@ -843,7 +894,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     summary["hyperparameters"]["max_train_steps"] = max_train_steps
     if noise is not None:
-        summary["text_only"] = {k: v for k, v in noise.items()}
+        summary["text_only" if args.text_only else "text_rows"] = {k: v for k, v in noise.items()}
     if args.datastore:
         summary["datastore"] = str(args.datastore)
     summary["train_seconds"] = round(time.time() - start, 1)
