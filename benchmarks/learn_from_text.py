@@ -60,11 +60,13 @@ def lm_dir(demo_dir: Path, work: Path, steps: int, positions: int, env: dict[str
 
 
 def datastore(demo_dir: Path, work: Path, corpus: str, env: dict[str, str]) -> Path:
+    """A datastore of ``data/corpus/<corpus>``, or with ``corpus="train"`` of the training images' own captions
+    (keyed by image: retrieval training leaves each image's own captions out, as SmallCap does)."""
+    source = demo_dir / "data" / ("train/metadata.jsonl" if corpus == "train" else f"corpus/{corpus}")
     out = work / f"datastore_{Path(corpus).stem}"
     if not (out / "datastore.json").is_file():
         demo.run([sys.executable, "-m", "modeling_clipcap.cli", "index", "--model", str(demo_dir / "clip"),
-                  "--data", str(demo_dir / "data" / "corpus" / corpus), "--output_dir", str(out),
-                  "--no_progress"], env)  # fmt: skip
+                  "--data", str(source), "--output_dir", str(out), "--no_progress"], env)  # fmt: skip
     return out
 
 
@@ -82,8 +84,9 @@ def run_variant(name: str, args: argparse.Namespace, env: dict[str, str]) -> dic
             "--no_eval_meteor"]  # fmt: skip
     store = None
     if "retrieval" in name:
-        store = datastore(demo_dir, work, "datastore.txt", env)
-        cmd += ["--datastore", str(store), "--retrieval_k", str(args.retrieval_k),
+        store = datastore(demo_dir, work, "datastore.txt", env)  # what the model captions with
+        train_store = datastore(demo_dir, work, args.train_datastore, env)
+        cmd += ["--datastore", str(train_store), "--retrieval_k", str(args.retrieval_k),
                 "--retrieval_template", args.retrieval_template]  # fmt: skip
     if name.startswith("text_only"):
         cmd += ["--text_only", "--towers", str(demo_dir / "clip"), "--train_file",
@@ -178,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_steps", type=int, default=1200)
     p.add_argument("--retrieval_k", type=int, default=2)
     p.add_argument("--retrieval_template", default="{captions}")
+    p.add_argument(
+        "--train_datastore",
+        default="datastore.txt",
+        help="what retrieval variants retrieve from in training: a corpus file, or 'train' (the training images' "
+        "own captions, each image's left out); evaluation always retrieves from corpus/datastore.txt",
+    )
     p.add_argument("--tag", default="", help="run name suffix (model_<variant>_<tag>)")
     p.add_argument("--train_args", default="", help="extra training/train.py flags, e.g. --modality_shift")
     p.add_argument("--report", action="store_true")

@@ -528,5 +528,9 @@ def test_text_file_adds_text_rows_to_paired_training(tmp_path, towers_dir, tiny_
     assert model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=3).shape[0] == 2
     with pytest.raises(SystemExit):  # --text_file and --text_only contradict each other
         train.parse_args(common + ["--text_file", str(corpus), "--text_only", "--output_dir", str(out)])
+    with pytest.raises(ValueError, match="embedding cache"):  # text rows join image embeddings, not images
+        train.main(
+            common + ["--text_file", str(corpus), "--no_embedding_cache", "--output_dir", str(out / "x")]
+        )
     with pytest.raises(SystemExit):  # the shift is measured on pairs
         train.parse_args(common + ["--text_file", str(corpus), "--modality_shift", "--output_dir", str(out)])

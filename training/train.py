@@ -769,6 +769,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
     )
     if args.text_file:
+        if args.streaming or "image_embeds" not in data["train"][0]:
+            raise ValueError(
+                "--text_file joins text rows to image embeddings: it needs the frozen image tower's embedding "
+                "cache (no --streaming, freeze_vision, --embedding_cache) or precomputed image_embeds."
+            )
         data["text_rows"], noise = text_only_rows(args, towers, args.text_file)
     val_retrieved = attach_retrieval(args, model, processor, data, towers)
     if args.text_file:  # learn from text as well as pairs: the caption rows join the image rows
