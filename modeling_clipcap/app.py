@@ -33,9 +33,11 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -623,6 +625,9 @@ def _page_handler(
         table_value = {"headers": headers, "data": results_table(results, clip is not None)}
         return gallery, text, table_value, [str(json_path), str(csv_path)], status
 
+    # the download folder lives as long as the page: removed when the handler goes, or at interpreter exit
+    run_page.output_root = output_root
+    weakref.finalize(run_page, shutil.rmtree, str(output_root), True)
     return run_page
 
 

@@ -503,3 +503,20 @@ def test_space_app_builds_the_same_app_on_a_model_id(saved_model, monkeypatch):
         line for line in (space / "requirements.txt").read_text().splitlines() if not line.startswith("#")
     ]
     assert f"./modeling_clipcap-{version}-py3-none-any.whl[app]" in lines
+
+
+def test_page_download_folder_is_removed_with_its_page():
+    """Each page keeps its JSON/CSV downloads in a temporary folder; it goes when the page's handler goes (and at
+    exit), instead of piling up in the temp dir."""
+    import gc
+
+    from modeling_clipcap import app
+
+    handler = app._page_handler(gr, None, None, None, None, [])
+    root = handler.output_root
+    (root / "1").mkdir()
+    (root / "1" / "captions.json").write_text("[]")
+    assert root.is_dir()
+    del handler
+    gc.collect()
+    assert not root.exists()
