@@ -534,3 +534,50 @@ def test_text_file_adds_text_rows_to_paired_training(tmp_path, towers_dir, tiny_
         )
     with pytest.raises(SystemExit):  # the shift is measured on pairs
         train.parse_args(common + ["--text_file", str(corpus), "--modality_shift", "--output_dir", str(out)])
+
+
+def test_pretrain_lm_loss_matches_transformers_and_training_lowers_it(tmp_path, tiny_tokenizer, caplog):
+    """training/pretrain_lm.py: its next-token loss equals the LM's own ``labels=`` loss (padding ignored), a short
+    run lowers it and saves an LM that loads with AutoModelForCausalLM, and transformers does not warn about the
+    loss type."""
+    import logging
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import pretrain_lm
+    from conftest import tiny_text_config
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(tiny_text_config(len(tiny_tokenizer))).eval()
+    pad = tiny_tokenizer.eos_token_id
+    inputs = pretrain_lm.collate(pretrain_lm.encode(CAPTIONS[:4], tiny_tokenizer, 16), pad)
+    assert (inputs["labels"] == -100).any()  # captions of different lengths: some padding
+    with torch.no_grad():
+        logits = lm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        terms = [  # by hand: -log p(token t+1 | tokens <= t) over the real tokens
+            -torch.log_softmax(logits[b, t], -1)[inputs["labels"][b, t + 1]]
+            for b in range(logits.shape[0])
+            for t in range(logits.shape[1] - 1)
+            if inputs["labels"][b, t + 1] != -100
+        ]
+        expected = torch.stack(terms).mean()
+        assert torch.allclose(pretrain_lm.next_token_loss(lm, inputs), expected, atol=1e-5)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()  # a warning given earlier in this process would not repeat
+    lm.save_pretrained(tmp_path / "lm")
+    tiny_tokenizer.save_pretrained(tmp_path / "lm")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CAPTIONS * 4) + "\n")
+    out = tmp_path / "read"
+    with caplog.at_level(logging.WARNING):
+        summary = pretrain_lm.pretrain_lm(
+            pretrain_lm.build_parser().parse_args([
+                "--model_name_or_path", str(tmp_path / "lm"), "--train_file", str(corpus), "--output_dir", str(out),
+                "--max_steps", "30", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
+                "--num_warmup_steps", "0", "--no_progress",
+            ])
+        )  # fmt: skip
+    assert summary["final_loss"] < 0.85 * summary["first_loss"], summary  # measured: 5.14 -> 3.88
+    assert not [r for r in caplog.records if "loss_type" in r.getMessage()]
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == lm.config.n_layer

@@ -70,6 +70,16 @@ def encode(texts: list[str], tokenizer: Any, max_length: int) -> list[list[int]]
     return [[bos, *x[: max_length - 2], tokenizer.eos_token_id] for x in ids]
 
 
+def next_token_loss(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean next-token cross-entropy of ``model`` on ``inputs`` (``input_ids`` / ``attention_mask`` / ``labels``
+    (B, T), padding labelled -100): what ``model(labels=...).loss`` gives, computed here from the logits, so that
+    language models whose class name transformers maps to no loss (GPT-2's ``GPT2LMHeadModel``) do not warn."""
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits  # (B, T, V)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), inputs["labels"][:, 1:].flatten(), ignore_index=-100
+    )
+
+
 def collate(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` (B, T) and ``labels`` (padding -100)."""
     width = max(len(r) for r in rows)
@@ -112,7 +122,7 @@ def pretrain_lm(args: argparse.Namespace) -> dict[str, Any]:
             rng.shuffle(order)
         batch, order = order[: args.per_device_train_batch_size], order[args.per_device_train_batch_size :]
         inputs = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in batch], pad_id).items()}
-        loss = model(**inputs).loss
+        loss = next_token_loss(model, inputs)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
