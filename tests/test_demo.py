@@ -73,6 +73,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert metrics["recipe"] == "clip" and metrics["clip_pretraining"]["steps"] == demo.QUICK["clip_steps"]
     text = (report / "report.md").read_text()
     assert "CIDEr-D" in text and "test_novel" in text and "samples.png" in text
+    assert "ClipCap learnt it as text rows next to the pairs" in text  # the report says what the corpus did
     from PIL import Image
 
     with Image.open(report / "samples.png") as grid:

@@ -663,14 +663,30 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def render_report(metrics: dict[str, Any], out: Path) -> str:
     """The human-readable report (markdown)."""
-    beams = metrics["settings"]["num_beams"]
+    settings = metrics["settings"]
+    beams = settings["num_beams"]
     decoding = "greedy decoding" if beams == 1 else f"beam search with {beams} beams"
+    text = []  # what the unpaired corpus (data/corpus/) was used for
+    if int(settings.get("lm_steps") or 0):
+        text.append(f"the language model first read it ({settings['lm_steps']} steps)")
+    if settings.get("text_only"):
+        text.append("ClipCap learnt from it alone (text-only, no image-caption pair)")
+    elif settings.get("corpus_text"):
+        text.append("ClipCap learnt it as text rows next to the pairs")
+    if int(settings.get("retrieval_k") or 0):
+        text.append(
+            f"{settings['retrieval_k']} captions retrieved from {settings['datastore_file']} per image"
+        )
     lines = [
         "# ClipCap demo report",
         "",
         f"Recipe: **{metrics['recipe']}** (see docs/demo.md). Synthetic shapes data set, "
-        f"{metrics['settings']['train_size']} training images, {decoding}.",
+        f"{settings['train_size']} training images, {decoding}.",
         "",
+    ]
+    if text:
+        lines += ["Unpaired text (data/corpus/): " + "; ".join(text) + ".", ""]
+    lines += [
         "## Caption metrics (pycocoevalcap; CIDEr-D on its raw scale, 0-10)",
         "",
         "| split | images | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | exact match | 1 object | 2 objects |",
