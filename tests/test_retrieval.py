@@ -69,6 +69,45 @@ def images(n: int, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def write_lm_corpus_and_pairs(
+    tmp_path: Path, tokenizer, corpus_repeat: int, image_seed: int = 0, two_captions: bool = False
+) -> tuple[Path, Path, Path]:
+    """Text training's inputs: a tiny random GPT-2 saved with ``tokenizer`` (``lm/``), ``corpus.txt`` (CAPTIONS x
+    ``corpus_repeat``) and 4 paired images (``pics/metadata.jsonl``; with ``two_captions`` each also has its
+    caption upper-cased). Returns the three paths."""
+    from conftest import tiny_text_config
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_text_config(len(tokenizer))).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CAPTIONS * corpus_repeat) + "\n")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    with open(pics / "metadata.jsonl", "w") as f:
+        for i, (pic, caption) in enumerate(zip(images(4, seed=image_seed), CAPTIONS)):
+            pic.save(pics / f"{i}.png")
+            captions = [caption, caption.upper()] if two_captions else [caption]
+            f.write(json.dumps({"file_name": f"{i}.png", "captions": captions}) + "\n")
+    return tmp_path / "lm", corpus, pics / "metadata.jsonl"
+
+
+def fresh_model(towers_dir: Path, lm: Path):
+    """What text training starts from (seed 0): ``towers_dir``'s image tower, the ``lm``, a 2-token MLP mapper."""
+    from modeling_clipcap import ClipCapForConditionalGeneration
+
+    torch.manual_seed(0)
+    return ClipCapForConditionalGeneration.from_vision_text_pretrained(
+        str(towers_dir), str(lm), mapping_type="mlp", prefix_length=2, normalize_prefix=True
+    )
+
+
+def moved(trained: torch.nn.Module, start: torch.nn.Module) -> list[bool]:
+    """Per parameter: does ``trained`` differ from ``start``?"""
+    return [not torch.allclose(a, b) for a, b in zip(trained.parameters(), start.parameters())]
+
+
 @pytest.fixture(scope="module")
 def towers_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return build_tiny_towers(tmp_path_factory.mktemp("towers"), tiny_tokenizer)
@@ -325,27 +364,15 @@ def test_text_only_training_runs_and_moves_the_mapper(tmp_path, towers_dir, tiny
     estimated on a paired sample), and the saved model captions images."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     import train
-    from conftest import tiny_text_config
-    from transformers import GPT2LMHeadModel
 
     from modeling_clipcap import ClipCapForConditionalGeneration
 
-    torch.manual_seed(0)
-    GPT2LMHeadModel(tiny_text_config(len(tiny_tokenizer))).save_pretrained(tmp_path / "lm")
-    tiny_tokenizer.save_pretrained(tmp_path / "lm")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CAPTIONS * 4) + "\n")
-    pics = tmp_path / "pics"
-    pics.mkdir()
-    with open(pics / "metadata.jsonl", "w") as f:
-        for i, (pic, caption) in enumerate(zip(images(4), CAPTIONS)):
-            pic.save(pics / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "captions": [caption]}) + "\n")
+    lm, corpus, pairs = write_lm_corpus_and_pairs(tmp_path, tiny_tokenizer, corpus_repeat=4)
     out = tmp_path / "out"
     summary = train.main([
-        "--text_only", "--towers", str(towers_dir), "--text_model_name_or_path", str(tmp_path / "lm"),
-        "--train_file", str(corpus), "--noise_sample_file", str(pics / "metadata.jsonl"),
-        "--validation_file", str(pics / "metadata.jsonl"), "--output_dir", str(out), "--max_train_steps", "6",
+        "--text_only", "--towers", str(towers_dir), "--text_model_name_or_path", str(lm),
+        "--train_file", str(corpus), "--noise_sample_file", str(pairs),
+        "--validation_file", str(pairs), "--output_dir", str(out), "--max_train_steps", "6",
         "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--num_warmup_steps", "0",
         "--mapping_type", "mlp", "--prefix_length", "2", "--max_new_tokens", "4", "--no_eval_meteor",
         "--embedding_cache_dir", str(tmp_path / "cache"),
@@ -354,15 +381,8 @@ def test_text_only_training_runs_and_moves_the_mapper(tmp_path, towers_dir, tiny
     assert summary["images_encoded_per_rank"] == [4]  # the validation images only
     model = ClipCapForConditionalGeneration.from_pretrained(out)
     assert model.config.normalize_prefix and model.config.joint_embed_dim is None  # CLIP ViT: projected
-    torch.manual_seed(0)
-    fresh = ClipCapForConditionalGeneration.from_vision_text_pretrained(
-        str(towers_dir), str(tmp_path / "lm"), mapping_type="mlp", prefix_length=2, normalize_prefix=True
-    )
-    moved = [
-        not torch.allclose(a, b) for a, b in zip(model.model.mapping_network.parameters(),
-                                                 fresh.model.mapping_network.parameters())
-    ]  # fmt: skip
-    assert all(moved)
+    fresh = fresh_model(towers_dir, lm)
+    assert all(moved(model.model.mapping_network, fresh.model.mapping_network))
     tower = fresh.vision_model.state_dict()
     assert all(torch.equal(v, tower[k]) for k, v in model.vision_model.state_dict().items())  # frozen
     ids = model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=3)
@@ -481,32 +501,22 @@ def test_text_file_adds_text_rows_to_paired_training(tmp_path, towers_dir, tiny_
     rows (with --modality_shift: moved by the paired sample's mean gap); the mapper moves and the model captions."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     import train
-    from conftest import tiny_text_config
-    from transformers import GPT2LMHeadModel
 
     from modeling_clipcap import ClipCapForConditionalGeneration
 
-    torch.manual_seed(0)
-    GPT2LMHeadModel(tiny_text_config(len(tiny_tokenizer))).save_pretrained(tmp_path / "lm")
-    tiny_tokenizer.save_pretrained(tmp_path / "lm")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CAPTIONS * 3) + "\n")
-    pics = tmp_path / "pics"
-    pics.mkdir()
-    with open(pics / "metadata.jsonl", "w") as f:
-        for i, (pic, caption) in enumerate(zip(images(4, seed=3), CAPTIONS)):
-            pic.save(pics / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "captions": [caption, caption.upper()]}) + "\n")
+    lm, corpus, pairs = write_lm_corpus_and_pairs(
+        tmp_path, tiny_tokenizer, corpus_repeat=3, image_seed=3, two_captions=True
+    )
     common = [
-        "--text_model_name_or_path", str(tmp_path / "lm"), "--train_file", str(pics / "metadata.jsonl"),
-        "--validation_file", str(pics / "metadata.jsonl"), "--max_train_steps", "4",
+        "--text_model_name_or_path", str(lm), "--train_file", str(pairs),
+        "--validation_file", str(pairs), "--max_train_steps", "4",
         "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--num_warmup_steps", "0",
         "--mapping_type", "mlp", "--prefix_length", "2", "--max_new_tokens", "4", "--no_eval_meteor",
         "--embedding_cache_dir", str(tmp_path / "cache"), "--vision_model_name_or_path", str(towers_dir),
     ]  # fmt: skip
     out = tmp_path / "out"
     summary = train.main(common + [
-        "--text_file", str(corpus), "--noise_sample_file", str(pics / "metadata.jsonl"), "--modality_shift",
+        "--text_file", str(corpus), "--noise_sample_file", str(pairs), "--modality_shift",
         "--output_dir", str(out),
     ])  # fmt: skip
     assert summary["training_data"].endswith(f"+ {len(CAPTIONS) * 3} text rows of {corpus}")
@@ -516,15 +526,8 @@ def test_text_file_adds_text_rows_to_paired_training(tmp_path, towers_dir, tiny_
     assert summary["images_encoded_per_rank"][0] >= 4  # the training images are read, unlike --text_only
     model = ClipCapForConditionalGeneration.from_pretrained(out)
     assert model.config.normalize_prefix
-    torch.manual_seed(0)
-    fresh = ClipCapForConditionalGeneration.from_vision_text_pretrained(
-        str(towers_dir), str(tmp_path / "lm"), mapping_type="mlp", prefix_length=2, normalize_prefix=True
-    )
-    moved = [
-        not torch.allclose(a, b) for a, b in zip(model.model.mapping_network.parameters(),
-                                                 fresh.model.mapping_network.parameters())
-    ]  # fmt: skip
-    assert all(moved)
+    fresh = fresh_model(towers_dir, lm)
+    assert all(moved(model.model.mapping_network, fresh.model.mapping_network))
     assert model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=3).shape[0] == 2
     with pytest.raises(SystemExit):  # --text_file and --text_only contradict each other
         train.parse_args(common + ["--text_file", str(corpus), "--text_only", "--output_dir", str(out)])

@@ -372,8 +372,8 @@ def text_only_rows(
                 first.setdefault(key, i)
         rows = list(first.values())
         gap = estimate_noise_std(towers, [images[i] for i in rows], [sample_captions[i] for i in rows])
-        shift = gap.pop("shift") if args.modality_shift else None
-        gap.pop("shift", None)
+        mean_gap = gap.pop("shift")  # (P,): kept out of the summary
+        shift = mean_gap if args.modality_shift else None
         if args.noise_std is None:
             noise = gap | {"source": f"estimated on {args.noise_sample_file}"}
             if args.modality_shift:
