@@ -82,19 +82,17 @@ def run_variant(name: str, args: argparse.Namespace, env: dict[str, str]) -> dic
     cmd += ["--config", str(demo.PRESET), "--vision_model_name_or_path", str(demo_dir / "clip"),
             "--text_model_name_or_path", str(text_model), "--tokenizer_name", str(demo_dir / "tokenizer"),
             "--no_eval_meteor"]  # fmt: skip
-    store = None
+    store = train_store = None
     if "retrieval" in name:
         store = datastore(demo_dir, work, "datastore.txt", env)  # what the model captions with
         train_store = datastore(demo_dir, work, args.train_datastore, env)
-        cmd += ["--datastore", str(train_store), "--retrieval_k", str(args.retrieval_k),
-                "--retrieval_template", args.retrieval_template]  # fmt: skip
-    if name.startswith("text_only"):
-        cmd += ["--text_only", "--towers", str(demo_dir / "clip"), "--train_file",
-                str(data / "corpus" / "captions.txt"), "--noise_sample_file",
-                str(data / "validation" / "metadata.jsonl")]  # fmt: skip
-    if name.startswith("pairs_text"):
-        cmd += ["--text_file", str(data / "corpus" / "captions.txt"), "--towers", str(demo_dir / "clip"),
-                "--noise_sample_file", str(data / "validation" / "metadata.jsonl")]  # fmt: skip
+    recipe = {
+        "retrieval_k": args.retrieval_k,
+        "retrieval_template": args.retrieval_template,
+        "text_only": name.startswith("text_only"),
+        "corpus_text": name.startswith("pairs_text"),
+    }
+    cmd += demo.text_training_flags(data, demo_dir, recipe, train_store)  # the demo's own flags
     cmd += args.train_args.split()
     start = time.time()
     if not (model_dir / "config.json").is_file():

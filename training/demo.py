@@ -368,13 +368,15 @@ def text_training_flags(data_dir: Path, out: Path, cfg: dict[str, Any], datastor
     if datastore is not None:
         flags += ["--datastore", str(datastore), "--retrieval_k", str(cfg["retrieval_k"])]
         flags += ["--retrieval_template", str(cfg["retrieval_template"])]
-    if cfg["corpus_text"] and not cfg["text_only"]:
-        flags += ["--text_file", str(data_dir / "corpus" / "captions.txt"), "--towers", str(out / "clip"),
-                  "--noise_sample_file", str(data_dir / "validation" / "metadata.jsonl")]  # fmt: skip
-    if cfg["text_only"]:
-        flags += ["--text_only", "--towers", str(out / "clip"), "--train_file",
-                  str(data_dir / "corpus" / "captions.txt"),
-                  "--noise_sample_file", str(data_dir / "validation" / "metadata.jsonl")]  # fmt: skip
+    if cfg["text_only"] or cfg["corpus_text"]:
+        corpus = str(data_dir / "corpus" / "captions.txt")
+        flags += [
+            "--towers",
+            str(out / "clip"),
+            "--noise_sample_file",
+            str(data_dir / "validation" / "metadata.jsonl"),
+        ]
+        flags += ["--text_only", "--train_file", corpus] if cfg["text_only"] else ["--text_file", corpus]
     return flags
 
 
