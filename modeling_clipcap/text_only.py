@@ -11,11 +11,11 @@ embeddings (a standard deviation of 0.126 per coordinate), the default here when
 sample's image-caption pairs and the embedding's coordinates, of the difference between the normalised image
 embedding and the normalised embedding of one of its captions.
 
-Isotropic noise of the gap's size is a poor model of the gap itself: most of it is one shared direction (the mean
-image-minus-caption difference), and noise spreads its norm over every coordinate, so the decoder rarely sees a
-shift of that size along that direction. With a paired sample, ``shift`` moves every caption embedding by the
-sample's mean difference (onto the image side) and the noise is the RMS of what is left
-(``estimate_noise_std(...)["residual_std"]``): the training embeddings then sit where the images do.
+Isotropic noise models the gap poorly where much of it is one shared direction (the mean image-minus-caption
+difference): noise spreads its norm over every coordinate, so the decoder rarely sees a shift of that size along
+that direction. With a paired sample, ``shift`` moves every caption embedding by the sample's mean difference
+(onto the image side) and the noise is the RMS of what is left (``estimate_noise_std(...)["residual_std"]``). On
+the demo's towers the mean difference is small (norm 0.08 of a 0.35 gap) and the shift changed little.
 """
 
 from __future__ import annotations
